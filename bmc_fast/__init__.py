@@ -1,0 +1,1 @@
+"""bmc-fast: long-context biomedical CLIP training."""

@@ -1,0 +1,101 @@
+"""Pre-norm CLIP Vision Transformer with open_clip's parameter names.
+
+Parameter names follow open_clip's ``VisionTransformer`` (``conv1``, ``class_embedding``,
+``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.{ln_1,attn,ln_2,mlp}``, ``ln_post``,
+``proj``) so that ViT-L/14 checkpoints map onto it key for key. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bmc_fast.config import VisionConfig
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI CLIP and DFN checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s packed parameter names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape  # (batch, tokens, width)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (b, n, 3d)
+        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, d/h)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, h, n, d/h)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        act = QuickGELU() if cfg.act == "quick_gelu" else nn.GELU()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = SelfAttention(cfg.width, cfg.heads)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(cfg.width, hidden)),
+            ("gelu", act),
+            ("c_proj", nn.Linear(hidden, cfg.width)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """Image (B, 3, H, W) -> embedding (B, output_dim) via the class token."""
+
+    def __init__(self, cfg: VisionConfig, output_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        scale = cfg.width ** -0.5
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size ** 2 + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.transformer = Transformer(cfg)
+        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.proj = nn.Parameter(scale * torch.randn(cfg.width, output_dim))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"pixels must have shape (batch, 3, {size}, {size}), got {tuple(pixels.shape)}")
+        x = self.conv1(pixels)  # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid², width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + grid², width)
+        x = self.transformer(self.ln_pre(x))
+        pooled = self.ln_post(x[:, 0])  # (B, width)
+        return pooled @ self.proj  # (B, output_dim)
