@@ -1,0 +1,58 @@
+"""Shard lists: expand WebDataset patterns and check them before anything expensive starts.
+
+A pattern is brace notation (``dir/shard-{000000..000099}.tar``), a glob (``dir/*.tar``) or several of
+those joined by ``::`` (open_clip's convention). Local shards must exist and hold at least one sample;
+remote URLs (``pipe:``, ``s3://``, ``http(s)://``) are passed through unchecked.
+"""
+from __future__ import annotations
+
+import glob
+import tarfile
+from pathlib import Path
+
+import braceexpand
+
+from bmc_fast.config import ConfigError
+
+REMOTE_PREFIXES = ("pipe:", "s3://", "gs://", "http://", "https://")
+
+
+def expand_shards(pattern: str, flag: str) -> list[str]:
+    """All shard paths named by ``pattern``; raises ``ConfigError`` naming ``flag`` when one is unusable."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part):
+            if url.startswith(REMOTE_PREFIXES):
+                urls.append(url)
+            elif any(ch in url for ch in "*?["):
+                urls.extend(sorted(glob.glob(url)))
+            elif Path(url).is_file():
+                urls.append(url)
+    if not urls:
+        raise ConfigError(f"{flag} {pattern!r} matches no file: check the directory, or name a shard range "
+                          "like 'DIR/shard-{000000..000009}.tar' (python -m bmc_fast.data.synthetic --out DIR "
+                          "writes an example)")
+    for url in urls:
+        if not url.startswith(REMOTE_PREFIXES) and count_samples(url, flag) == 0:
+            raise ConfigError(f"{flag}: shard {url!r} is empty (no samples): remove it from the pattern or "
+                              "rewrite it")
+    return urls
+
+
+def count_samples(path: str, flag: str = "shard") -> int:
+    """Number of samples (distinct keys) in a local WebDataset tar, reading headers only."""
+    if Path(path).stat().st_size == 0:
+        return 0
+    try:
+        with tarfile.open(path) as tar:
+            keys = {_sample_key(m.name) for m in tar if m.isfile()}
+    except tarfile.TarError as error:
+        raise ConfigError(f"{flag}: {path!r} is not a readable tar file ({error})") from error
+    return len(keys)
+
+
+def _sample_key(member: str) -> str:
+    """WebDataset's grouping: the key is the path up to the first '.' of the file name."""
+    directory, _, name = member.rpartition("/")
+    stem = name.split(".", 1)[0]
+    return f"{directory}/{stem}" if directory else stem

@@ -1,0 +1,60 @@
+"""Tokenizers: load a Hugging Face tokenizer directory, or train a small one for the embedded data.
+
+The text tower expects BERT-style framing, ``[CLS] text [SEP]`` padded with ``[PAD]``, as the ModernBERT
+tokenizer produces. ``train_tokenizer`` builds the same kind of tokenizer (byte-level BPE, the same
+special tokens and post-processor) on a corpus, with no download.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from bmc_fast.config import ConfigError
+
+_logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def load_tokenizer(path: str | Path, flag: str = "--tokenizer"):
+    """``AutoTokenizer.from_pretrained(path)`` from a local directory, with errors that name ``flag``."""
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is not a directory: pass a Hugging Face tokenizer directory "
+                          "(one holding tokenizer.json), e.g. ../shared/data/tokenizers/modernbert")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{flag} {str(path)!r} holds no tokenizer (none of {list(TOKENIZER_FILES)}): point it "
+                          "at a directory written by tokenizer.save_pretrained(...)")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    missing = [name for name in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, name) is None]
+    if missing:
+        raise ConfigError(f"{flag} {str(path)!r}: the tokenizer defines no {missing}; the text tower needs "
+                          "[CLS], [SEP] and [PAD] (as in ModernBERT's tokenizer)")
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048, max_length: int = 512):
+    """Train a byte-level BPE tokenizer with ModernBERT's framing; save it to ``out_dir`` and return it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        pad_token="[PAD]", mask_token="[MASK]", model_max_length=max_length)
+    fast.save_pretrained(str(out_dir))
+    _logger.info("trained a %d-id BPE tokenizer, saved to %s", len(fast), out_dir)
+    return fast
