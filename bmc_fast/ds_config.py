@@ -1,0 +1,96 @@
+"""The DeepSpeed JSON is the one source of truth for batch size, optimizer, schedule, precision and ZeRO.
+
+The trainer reads the batch arithmetic from it and checks it against the world size before any model
+is built; it changes one thing: the scheduler's ``total_num_steps`` follows ``--max-steps``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bmc_fast.config import ConfigError
+
+_logger = logging.getLogger(__name__)
+
+FLAG = "--ds_config"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int  # train_batch_size: pairs per optimizer step, all ranks together
+    micro_batch: int  # pairs per rank per forward
+    accumulation: int  # gradient_accumulation_steps
+    world_size: int
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{FLAG} {str(path)!r} does not exist: pass one of ds_configs/zero1.json, zero2.json, "
+                          "zero3.json or your own DeepSpeed JSON")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{FLAG} {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"{FLAG} {str(path)!r} must hold a JSON object")
+    return config
+
+
+def batch_plan(config: dict[str, Any], world_size: int, source: str = FLAG) -> BatchPlan:
+    """Solve train_batch_size = micro × accumulation × world_size from the fields the JSON sets."""
+    total = config.get("train_batch_size")
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accum = config.get("gradient_accumulation_steps")
+    for name, value in (("train_batch_size", total), ("train_micro_batch_size_per_gpu", micro),
+                        ("gradient_accumulation_steps", accum)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+    if total is None and micro is None:
+        raise ConfigError(f"{source}: set train_batch_size (pairs per step, all ranks) in the DeepSpeed JSON")
+    if total is None:
+        accum = accum or 1
+        total = micro * accum * world_size
+    elif micro is None:
+        accum = accum or 1
+        if total % (accum * world_size):
+            raise ConfigError(
+                f"{source}: train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} × "
+                f"world size {world_size}: set train_batch_size to a multiple of {accum * world_size} or change "
+                "the number of ranks")
+        micro = total // (accum * world_size)
+    elif accum is None:
+        if total % (micro * world_size):
+            raise ConfigError(f"{source}: train_batch_size {total} is not divisible by "
+                              f"train_micro_batch_size_per_gpu {micro} × world size {world_size}")
+        accum = total // (micro * world_size)
+    if total != micro * accum * world_size:
+        raise ConfigError(f"{source}: train_batch_size {total} != micro {micro} × accum {accum} × world size "
+                          f"{world_size}: fix one of the three fields")
+    return BatchPlan(total, micro, accum, world_size)
+
+
+def with_total_steps(config: dict[str, Any], max_steps: int | None) -> tuple[dict[str, Any], int]:
+    """Return (config whose LR schedule spans the run, the run's step count).
+
+    ``max_steps=None`` takes the schedule's own ``total_num_steps``.
+    """
+    config = copy.deepcopy(config)
+    params = config.get("scheduler", {}).get("params", {})
+    scheduled = params.get("total_num_steps")
+    if max_steps is None:
+        if scheduled is None:
+            raise ConfigError(f"{FLAG}: the JSON's scheduler sets no total_num_steps; pass --max-steps")
+        return config, int(scheduled)
+    if scheduled is not None and scheduled != max_steps:
+        _logger.info("LR schedule: total_num_steps %s -> %d to follow --max-steps", scheduled, max_steps)
+        params["total_num_steps"] = max_steps
+        warmup = params.get("warmup_num_steps")
+        if isinstance(warmup, int) and warmup >= max_steps:
+            raise ConfigError(f"{FLAG}: warmup_num_steps {warmup} >= --max-steps {max_steps}: shorten the "
+                              "warmup or train longer")
+    return config, max_steps

@@ -1,0 +1,148 @@
+"""Zero-shot image-text retrieval, as BMC-LongCLIP reports it.
+
+    python -m bmc_fast.evaluate --checkpoint RUN_DIR --data 'DIR/shard-{000000..000001}.tar'
+
+Recall@k: cosine similarity of L2-normalised embeddings; each text query has exactly one matching
+image (its pair) and vice versa. A query scores a hit at k when fewer than k *other* candidates score
+at least as high as its match — ties count against the query, so a collapsed model (all embeddings
+equal) scores 0, not 100. With fewer than k candidates every query is a hit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (1, 5, 10, 100)
+
+
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
+                     ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Recall@k in percent for pairs (image_features[i], text_features[i]), both (N, D).
+
+    Returns ``{"t2i_r1": ..., "t2i_r100": ..., "i2t_r1": ..., "i2t_r100": ...}`` (keys follow ``ks``).
+    """
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(f"image_features and text_features must both be (N, D); got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if image_features.shape[0] < 1:
+        raise ValueError("retrieval needs at least one pair, got N = 0")
+    image = F.normalize(image_features.double(), dim=-1)
+    text = F.normalize(text_features.double(), dim=-1)
+    similarity = text @ image.T  # (N texts, N images)
+    metrics = {}
+    for name, scores in (("t2i", similarity), ("i2t", similarity.T)):
+        matched = scores.diagonal().unsqueeze(1)  # (N, 1) score of each query's own pair
+        rank = (scores >= matched).sum(dim=1) - 1  # other candidates scoring at least as high
+        for k in ks:
+            metrics[f"{name}_r{k}"] = 100.0 * (rank < k).double().mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def extract_features(model, loader, device: torch.device, dtype: torch.dtype = torch.float32,
+                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (image (N, E), text (N, E)) features of every pair in ``loader``, in fp32 on the CPU."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    images, texts = [], []
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        pixels = batch["pixels"].to(device=device, dtype=dtype)
+        images.append(model.encode_image(pixels, normalize=True).float().cpu())
+        texts.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                       normalize=True).float().cpu())
+    model.train(was_training)
+    return torch.cat(images), torch.cat(texts)
+
+
+def load_run(run_dir: str | Path, tag: str | None = None):
+    """(model in eval mode with fp32 weights, tokenizer, ModelConfig) from a training run directory."""
+    from bmc_fast.config import ConfigError, ModelConfig
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+    from bmc_fast.model import BMCLongCLIP
+
+    run_dir = Path(run_dir)
+    config_path, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
+    if not config_path.is_file() or not (checkpoints / "latest").is_file():
+        raise ConfigError(f"--checkpoint {str(run_dir)!r} is not a finished run directory (it needs config.json "
+                          "and checkpoints/latest, as bmc_fast/train.py writes them)")
+    model_cfg = ModelConfig.from_dict(json.loads(config_path.read_text())["model"], source=str(config_path))
+    tokenizer = load_tokenizer(run_dir / "tokenizer", flag="--checkpoint")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    model = BMCLongCLIP(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _non_persistent(model)]
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint in {str(checkpoints)!r} does not fit the run's model config: "
+                          f"missing {missing}, unexpected {unexpected}")
+    return model.eval(), tokenizer, model_cfg
+
+
+def _non_persistent(model: torch.nn.Module) -> set[str]:
+    persistent = set(model.state_dict())
+    return {name for name, _ in model.named_buffers() if name not in persistent}
+
+
+def evaluate_shards(model, tokenizer, model_cfg, data: str, batch_size: int = 64, workers: int = 1,
+                    flag: str = "--data") -> dict:
+    """Retrieval metrics of ``model`` on every pair of the shards named by ``data``."""
+    from bmc_fast.config import ConfigError
+    from bmc_fast.data.loader import make_loader
+    from bmc_fast.data.shards import count_samples, expand_shards
+
+    urls = expand_shards(data, flag)
+    n = sum(count_samples(u, flag) for u in urls)
+    if n < 2:
+        raise ConfigError(f"{flag} {data!r} holds {n} sample(s); retrieval needs at least 2")
+    loader = make_loader(urls, tokenizer, context_length=model_cfg.context_length,
+                         image_size=model_cfg.vision.image_size, batch_size=batch_size, train=False, workers=workers)
+    image, text = extract_features(model, loader, torch.device("cpu"), progress=True)
+    return {"n": image.shape[0], **retrieval_recall(image, text)}
+
+
+def format_table(rows: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:
+    """Markdown table: one row per named result, T2I then I2T recall columns."""
+    header = ["run", "N"] + [f"T2I R@{k}" for k in ks] + [f"I2T R@{k}" for k in ks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in rows.items():
+        cells = [name, str(m.get("n", ""))] + [f"{m[f't2i_r{k}']:.1f}" for k in ks] + [f"{m[f'i2t_r{k}']:.1f}" for k in ks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run.")
+    parser.add_argument("--checkpoint", required=True, help="run directory written by bmc_fast/train.py")
+    parser.add_argument("--data", required=True, help="WebDataset shards, e.g. 'DIR/shard-{000000..000001}.tar'")
+    parser.add_argument("--json", default=None, help="output JSON (default RUN_DIR/eval.json)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag)
+    metrics = evaluate_shards(model, tokenizer, model_cfg, args.data, args.batch_size, args.workers)
+    out = Path(args.json) if args.json else Path(args.checkpoint) / "eval.json"
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **metrics}, indent=2))
+    sys.stdout.write(format_table({Path(args.checkpoint).name: metrics}) + f"\n\nwrote {out}\n")
+    return metrics
+
+
+if __name__ == "__main__":
+    from bmc_fast.config import ConfigError
+
+    try:
+        main()
+    except ConfigError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,290 @@
+"""Contrastive training of BMC-LongCLIP on a DeepSpeed engine (the library half of ``train.py``).
+
+``prepare`` checks every input (flags, shards, tokenizer, DeepSpeed JSON against the world size)
+before anything is built; ``run`` then builds the model and engine, trains for ``max_steps``
+optimizer steps, evaluates retrieval every ``eval_every`` steps and at the end, and saves DeepSpeed
+checkpoints. Rank 0 writes the run directory:
+
+    config.json        resolved train / model / DeepSpeed config, world size, library versions
+    tokenizer/         the tokenizer the run used
+    metrics.jsonl      one JSON line per log step and per evaluation
+    tensorboard/       the same scalars for TensorBoard
+    checkpoints/       DeepSpeed checkpoints (``latest`` names the newest tag)
+    summary.json       final loss, throughput and retrieval metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bmc_fast.config import ConfigError, ModelConfig, load_model_config
+from bmc_fast.data.shards import count_samples, expand_shards
+from bmc_fast.ds_config import BatchPlan, batch_plan, load_ds_config, with_total_steps
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    ds_config: str  # DeepSpeed JSON: batch size, optimizer, LR schedule, precision, ZeRO stage
+    preset: str = "tiny"  # model preset name (bmc_fast/model_configs) or JSON path
+    train_data: str | None = None  # WebDataset shards; with eval_data unset too: the embedded synthetic data
+    eval_data: str | None = None  # WebDataset shards for retrieval evaluation (>= 2 pairs)
+    tokenizer: str | None = None  # Hugging Face tokenizer directory (required with train_data)
+    context_length: int | None = None  # text tokens kept per caption; None: the preset's
+    max_steps: int | None = None  # optimizer steps; None: the DeepSpeed scheduler's total_num_steps
+    eval_every: int = 100  # retrieval evaluation every K steps, and always at the end (0: only at the end)
+    save_every: int = 0  # DeepSpeed checkpoint every K steps, and always at the end (0: only at the end)
+    log_every: int = 10  # steps between metric lines
+    output_dir: str | None = None  # run directory; default runs/<preset>-ctx<context>-seed<seed>
+    overwrite: bool = False  # replace an existing run directory
+    seed: int = 0  # model init and data order; also picks the embedded dataset
+    workers: int = 1  # DataLoader worker processes per rank
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "context_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("eval_every", "save_every", "workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.train_data is None and self.eval_data is not None:
+            raise ConfigError("--eval-data was given without --train-data: pass both, or neither for the "
+                              "embedded synthetic data")
+        if self.train_data is not None and self.tokenizer is None:
+            raise ConfigError("--train-data needs --tokenizer DIR (a Hugging Face tokenizer directory, e.g. "
+                              "../shared/data/tokenizers/modernbert)")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_size: int
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        """Read the launcher's variables; a lone ``python train.py`` becomes a 1-rank world on loopback."""
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        world = int(os.environ["WORLD_SIZE"])
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world, local_size)
+
+
+@dataclass
+class Prepared:
+    """Everything ``prepare`` checked and resolved; nothing here has touched a model yet."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: Path
+    ds_config: dict[str, Any]
+    plan: BatchPlan
+    max_steps: int
+    train_urls: list[str]
+    eval_urls: list[str]
+    n_eval: int
+    tokenizer: Any
+    model_cfg: ModelConfig
+
+
+def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
+    """Check every input and resolve defaults; raises ``ConfigError`` naming the flag at the first problem."""
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+
+    ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
+    plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
+    model_cfg = load_model_config(cfg.preset, context_length=cfg.context_length)  # validates the preset early
+
+    if cfg.train_data is None:
+        from bmc_fast.data.default_data import ensure_default_data
+
+        default = ensure_default_data(seed=cfg.seed)
+        cfg = dataclasses.replace(cfg, train_data=default.train, eval_data=default.eval,
+                                  tokenizer=cfg.tokenizer or default.tokenizer)
+        _logger.info("no --train-data: using the embedded synthetic dataset %s", Path(default.train).parent.parent)
+    train_urls = expand_shards(cfg.train_data, "--train-data")
+    eval_urls, n_eval = [], 0
+    if cfg.eval_data is not None:
+        eval_urls = expand_shards(cfg.eval_data, "--eval-data")
+        n_eval = sum(count_samples(url, "--eval-data") for url in eval_urls)
+        if n_eval < 2:
+            raise ConfigError(f"--eval-data {cfg.eval_data!r} holds {n_eval} pair(s); retrieval needs at least 2: "
+                              "point it at a larger evaluation split")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model_cfg = model_cfg.with_tokenizer(tokenizer)
+
+    run_dir = Path(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
+    if (run_dir / "config.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {str(run_dir)!r} already holds a run: choose another directory or pass "
+                          "--overwrite to replace it")
+    cfg = dataclasses.replace(cfg, output_dir=str(run_dir), max_steps=max_steps,
+                              context_length=model_cfg.context_length)
+    return Prepared(cfg, env, run_dir, ds_config, plan, max_steps, train_urls, eval_urls, n_eval, tokenizer,
+                    model_cfg)
+
+
+def run(prepared: Prepared) -> dict[str, Any]:
+    """Train; returns the summary (also written to ``summary.json`` on rank 0)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from tqdm import tqdm
+
+    from bmc_fast.data.loader import make_loader
+    from bmc_fast.loss import ContrastiveLoss
+    from bmc_fast.model import BMCLongCLIP, param_groups
+    from bmc_fast.run_logging import MetricsWriter
+
+    p, cfg, env = prepared, prepared.cfg, prepared.env
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    device = _configure_device(accelerator, env)
+    _start_run_dir(p)
+
+    torch.manual_seed(cfg.seed)
+    model = BMCLongCLIP(p.model_cfg)
+    n_params = sum(t.numel() for t in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=p.ds_config)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    _logger.info("model %s: %.2fM parameters; ZeRO stage %d, %s, %d rank(s) on %s over %s; batch %d = %d micro × %d "
+                 "accum × %d ranks; %d steps", cfg.preset, n_params / 1e6, engine.zero_optimization_stage(), dtype,
+                 env.world_size, device, accelerator.communication_backend_name(), p.plan.global_batch,
+                 p.plan.micro_batch, p.plan.accumulation, env.world_size, p.max_steps)
+
+    loss_fn = ContrastiveLoss(env.rank, env.world_size)
+    image_size, context = p.model_cfg.vision.image_size, p.model_cfg.context_length
+    train_loader = make_loader(p.train_urls, p.tokenizer, context_length=context, image_size=image_size,
+                               batch_size=p.plan.micro_batch, train=True, rank=env.rank, world_size=env.world_size,
+                               workers=cfg.workers, seed=cfg.seed)
+    eval_loader = (make_loader(p.eval_urls, p.tokenizer, context_length=context, image_size=image_size,
+                               batch_size=p.plan.micro_batch, train=False, workers=cfg.workers)
+                   if p.eval_urls else None)
+
+    writer = MetricsWriter(p.run_dir, enabled=env.rank == 0)
+    batches = iter(train_loader)
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    window = torch.zeros(4, dtype=torch.float64)  # loss sum, loss count, real tokens, padded tokens
+    window_start = run_start = time.perf_counter()
+    window_steps, last_train, last_eval = 0, {}, {}
+    progress = tqdm(total=p.max_steps, desc="train", disable=env.rank != 0, dynamic_ncols=True)
+    for step in range(1, p.max_steps + 1):
+        for _ in range(p.plan.accumulation):
+            batch = next(batches)
+            image, text, scale = engine(batch["pixels"].to(device, dtype), batch["input_ids"].to(device),
+                                        batch["attention_mask"].to(device))
+            loss = loss_fn(image, text, scale)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()
+            mask = batch["attention_mask"]  # still on the CPU: counting is free
+            window += torch.tensor([0, 1, mask.sum().item(), mask.numel()], dtype=torch.float64)
+        window_steps += 1
+        progress.update(1)
+        if step % cfg.log_every == 0 or step == p.max_steps:
+            window[0] = loss_sum.item()
+            totals = _all_reduce_cpu(window, device)
+            seconds = time.perf_counter() - window_start
+            last_train = {
+                "loss": totals[0].item() / totals[1].item(),
+                "lr": engine.get_lr()[0],
+                "logit_scale": scale.item(),
+                "samples_per_s": window_steps * p.plan.global_batch / seconds,
+                "tokens_per_s": totals[2].item() / seconds,  # real tokens, padding excluded
+                "padding_fraction": 1 - totals[2].item() / totals[3].item(),
+            }
+            writer.write(step, last_train)
+            progress.set_postfix(loss=f"{last_train['loss']:.3f}", scale=f"{last_train['logit_scale']:.1f}")
+            window.zero_()
+            loss_sum.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if eval_loader is not None and (step == p.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            last_eval = _evaluate(engine.module, eval_loader, device, dtype)
+            writer.write(step, last_eval, prefix="eval")
+            _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, last_eval["t2i_r1"],
+                         last_eval["i2t_r1"], p.n_eval)
+            window_start = time.perf_counter()  # keep evaluation out of the throughput
+        if step == p.max_steps or (cfg.save_every and step % cfg.save_every == 0):
+            engine.save_checkpoint(str(p.run_dir / "checkpoints"), tag=f"step{step:07d}", client_state={"step": step})
+    progress.close()
+    writer.close()
+
+    summary = {"steps": p.max_steps, "seconds": time.perf_counter() - run_start, "train": last_train,
+               "eval": last_eval, "n_eval": p.n_eval, "world_size": env.world_size}
+    if env.rank == 0:
+        (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _logger.info("done: %s", p.run_dir)
+    torch.distributed.barrier()
+    return summary
+
+
+def _configure_device(accelerator, env: DistEnv) -> torch.device:
+    device = torch.device(accelerator.device_name(env.local_rank))
+    if device.type == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_size))
+        _logger.info("device cpu: %d thread(s) per rank", torch.get_num_threads())
+    else:
+        accelerator.set_device(env.local_rank)
+        _logger.info("device %s", device)
+    return device
+
+
+def _start_run_dir(p: Prepared) -> None:
+    """Rank 0 (re)creates the run directory and writes config.json and the tokenizer; all ranks wait."""
+    if p.env.rank == 0:
+        if p.cfg.overwrite and p.run_dir.exists():
+            shutil.rmtree(p.run_dir)
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        p.tokenizer.save_pretrained(str(p.run_dir / "tokenizer"))
+        (p.run_dir / "config.json").write_text(json.dumps(_resolved_config(p), indent=2))
+    torch.distributed.barrier()
+
+
+def _resolved_config(p: Prepared) -> dict[str, Any]:
+    import deepspeed
+    import transformers
+
+    return {
+        "train": dataclasses.asdict(p.cfg),
+        "model": p.model_cfg.to_dict(),
+        "deepspeed": p.ds_config,
+        "batch": dataclasses.asdict(p.plan),
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+def _evaluate(model, loader, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    from bmc_fast.evaluate import extract_features, retrieval_recall
+
+    image, text = extract_features(model, loader, device, dtype)
+    return retrieval_recall(image, text)
+
+
+def _all_reduce_cpu(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small float64 CPU tensor over ranks (through ``device`` when the backend needs it)."""
+    reduced = values.to(device)
+    torch.distributed.all_reduce(reduced)
+    return reduced.cpu()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
