@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,16 +28,12 @@ def _launcher() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_one(context_length: int, run_dir: Path, args: argparse.Namespace) -> None:
+    from bmc_fast.training import free_port
+
     train_script = Path(__file__).with_name("train.py")
     command = _launcher() + [
-        "--num_gpus", str(args.ranks), "--master_port", str(_free_port()), str(train_script),
+        "--num_gpus", str(args.ranks), "--master_port", str(free_port()), str(train_script),
         "--ds_config", args.ds_config, "--context-length", str(context_length), "--seed", str(args.seed),
         "--output-dir", str(run_dir), "--overwrite", "--eval-every", "0", "--log-every", "25",
     ]

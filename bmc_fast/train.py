@@ -17,9 +17,13 @@ if __name__ == "__main__" and not __package__:
     sys.path = [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 
 from bmc_fast.config import ConfigError  # noqa: E402
 from bmc_fast.training import DistEnv, TrainConfig, prepare, run  # noqa: E402
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,19 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero2.json",
                         help="DeepSpeed JSON: batch size, optimizer, LR schedule, precision, ZeRO stage")
-    parser.add_argument("--preset", default="tiny", help="model preset name or JSON path")
+    parser.add_argument("--preset", default=_DEFAULTS["preset"], help="model preset name or JSON path")
     parser.add_argument("--train-data", help="WebDataset shards; omit (with --eval-data) for the embedded data")
     parser.add_argument("--eval-data", help="WebDataset shards for retrieval evaluation")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer directory")
     parser.add_argument("--context-length", type=int, help="text tokens per caption (77, 154, 512)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (default: the JSON's total_num_steps)")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (0: end only)")
-    parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: end only)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between metric lines")
+    parser.add_argument("--eval-every", type=int, default=_DEFAULTS["eval_every"],
+                        help="steps between evaluations (0: end only)")
+    parser.add_argument("--save-every", type=int, default=_DEFAULTS["save_every"],
+                        help="steps between checkpoints (0: end only)")
+    parser.add_argument("--log-every", type=int, default=_DEFAULTS["log_every"], help="steps between metric lines")
     parser.add_argument("--output-dir", help="run directory (default runs/<preset>-ctx<N>-seed<S>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument("--seed", type=int, default=0, help="init and data-order seed")
-    parser.add_argument("--workers", type=int, default=1, help="data loader processes per rank")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its latest checkpoint")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="init and data-order seed")
+    parser.add_argument("--workers", type=int, default=_DEFAULTS["workers"], help="data loader processes per rank")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -49,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank")  # the launcher also sets LOCAL_RANK in the environment, which is what we read
     env = DistEnv.from_environ()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenisation happens in loader workers
     from bmc_fast.run_logging import setup_logging
 
     setup_logging(env.rank)

@@ -44,10 +44,11 @@ class TrainConfig:
     context_length: int | None = None  # text tokens kept per caption; None: the preset's
     max_steps: int | None = None  # optimizer steps; None: the DeepSpeed scheduler's total_num_steps
     eval_every: int = 100  # retrieval evaluation every K steps, and always at the end (0: only at the end)
-    save_every: int = 0  # DeepSpeed checkpoint every K steps, and always at the end (0: only at the end)
+    save_every: int = 500  # DeepSpeed checkpoint every K steps, and always at the end (0: only at the end)
     log_every: int = 10  # steps between metric lines
     output_dir: str | None = None  # run directory; default runs/<preset>-ctx<context>-seed<seed>
     overwrite: bool = False  # replace an existing run directory
+    resume: bool = False  # continue the run in output_dir from its latest checkpoint
     seed: int = 0  # model init and data order; also picks the embedded dataset
     workers: int = 1  # DataLoader worker processes per rank
 
@@ -61,6 +62,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass one")
         if self.train_data is None and self.eval_data is not None:
             raise ConfigError("--eval-data was given without --train-data: pass both, or neither for the "
                               "embedded synthetic data")
@@ -81,7 +84,7 @@ class DistEnv:
         """Read the launcher's variables; a lone ``python train.py`` becomes a 1-rank world on loopback."""
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         world = int(os.environ["WORLD_SIZE"])
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world, local_size)
@@ -131,9 +134,11 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     model_cfg = model_cfg.with_tokenizer(tokenizer)
 
     run_dir = Path(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
-    if (run_dir / "config.json").exists() and not cfg.overwrite:
-        raise ConfigError(f"--output-dir {str(run_dir)!r} already holds a run: choose another directory or pass "
-                          "--overwrite to replace it")
+    if cfg.resume:
+        _check_resumable(run_dir, model_cfg)
+    elif (run_dir / "config.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {str(run_dir)!r} already holds a run: choose another directory, pass "
+                          "--resume to continue it or --overwrite to replace it")
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run_dir, ds_config, plan, max_steps, train_urls, eval_urls, n_eval, tokenizer,
@@ -161,6 +166,11 @@ def run(prepared: Prepared) -> dict[str, Any]:
     model = BMCLongCLIP(p.model_cfg)
     n_params = sum(t.numel() for t in model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=p.ds_config)
+    first_step = 1
+    if cfg.resume:
+        load_path, client_state = engine.load_checkpoint(str(p.run_dir / "checkpoints"))  # the `latest` tag
+        first_step = client_state["step"] + 1
+        _logger.info("resumed from %s at step %d", Path(load_path).parent.name, first_step - 1)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     _logger.info("model %s: %.2fM parameters; ZeRO stage %d, %s, %d rank(s) on %s over %s; batch %d = %d micro × %d "
                  "accum × %d ranks; %d steps", cfg.preset, n_params / 1e6, engine.zero_optimization_stage(), dtype,
@@ -182,8 +192,9 @@ def run(prepared: Prepared) -> dict[str, Any]:
     window = torch.zeros(4, dtype=torch.float64)  # loss sum, loss count, real tokens, padded tokens
     window_start = run_start = time.perf_counter()
     window_steps, last_train, last_eval = 0, {}, {}
-    progress = tqdm(total=p.max_steps, desc="train", disable=env.rank != 0, dynamic_ncols=True)
-    for step in range(1, p.max_steps + 1):
+    progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
+                    dynamic_ncols=True)
+    for step in range(first_step, p.max_steps + 1):
         for _ in range(p.plan.accumulation):
             batch = next(batches)
             image, text, scale = engine(batch["pixels"].to(device, dtype), batch["input_ids"].to(device),
@@ -231,6 +242,17 @@ def run(prepared: Prepared) -> dict[str, Any]:
         _logger.info("done: %s", p.run_dir)
     torch.distributed.barrier()
     return summary
+
+
+def _check_resumable(run_dir: Path, model_cfg: ModelConfig) -> None:
+    if not (run_dir / "checkpoints" / "latest").is_file():
+        raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoints/latest to resume from; drop --resume "
+                          "to start a new run")
+    saved = json.loads((run_dir / "config.json").read_text())["model"]
+    differs = sorted(k for k, v in model_cfg.to_dict().items() if saved.get(k) != v)
+    if differs:
+        raise ConfigError(f"--resume: the run in {str(run_dir)!r} used a different model ({differs} differ); "
+                          "resume with the same --preset, --context-length and --tokenizer")
 
 
 def _configure_device(accelerator, env: DistEnv) -> torch.device:
@@ -284,7 +306,8 @@ def _all_reduce_cpu(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return reduced.cpu()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
