@@ -1,0 +1,86 @@
+"""Gathered-negative loss across real gloo processes equals the single-process global-batch loss.
+
+Each rank runs the real tiny BMCLongCLIP in float64 on its slice of one global batch, then averages
+parameter gradients over ranks as DeepSpeed does; the result must equal one process training on the
+whole batch. Per-rank losses must also equal open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bmc_fast.config import load_model_config
+from bmc_fast.loss import ContrastiveLoss
+from bmc_fast.model import BMCLongCLIP
+from helpers import free_port
+
+N = 6  # global batch: 3 per rank with 2 ranks, 2 per rank with 3
+
+
+def _make_inputs(tokenizer, path):
+    cfg = load_model_config("tiny", text={"num_hidden_layers": 2}, vision={"layers": 2}).with_tokenizer(tokenizer)
+    model = BMCLongCLIP(cfg).double()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.5)
+    lengths = torch.tensor([3, 40, 17, 64, 9, 28])  # real randomness in the padding pattern
+    mask = (torch.arange(64) < lengths[:, None]).long()
+    ids = torch.randint(5, len(tokenizer), (N, 64)) * mask + tokenizer.pad_token_id * (1 - mask)
+    pixels = torch.randn(N, 3, cfg.vision.image_size, cfg.vision.image_size, dtype=torch.float64)
+    torch.save({"cfg": cfg, "state": model.state_dict(), "pixels": pixels, "ids": ids, "mask": mask}, path)
+
+
+def _forward_backward(data, rank, world):
+    model = BMCLongCLIP(data["cfg"]).double()
+    model.load_state_dict(data["state"])
+    b = N // world
+    rows = slice(rank * b, (rank + 1) * b)
+    image, text, scale = model(data["pixels"][rows], data["ids"][rows], data["mask"][rows])
+    loss = ContrastiveLoss(rank, world)(image, text, scale)
+    loss.backward()
+    return model, loss, (image.detach(), text.detach(), scale.detach())
+
+
+def _worker(rank, world, port, inputs, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    data = torch.load(inputs, weights_only=False)
+    model, loss, features = _forward_backward(data, rank, world)
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)  # DeepSpeed's gradient averaging
+        grads[name] = grad / world
+
+    from open_clip.loss import ClipLoss
+
+    image, text, scale = (t.clone().requires_grad_() for t in features)
+    ours_on_features = ContrastiveLoss(rank, world)(image, text, scale)
+    theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(image, text, scale)
+    torch.save({"loss": loss.detach(), "grads": grads, "ours": ours_on_features.detach(),
+                "open_clip": theirs.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_reproduce_the_global_batch(world, small_data, tmp_path):
+    pytest.importorskip("open_clip")
+    inputs = tmp_path / "inputs.pt"
+    _make_inputs(small_data["tokenizer"], inputs)
+    mp.spawn(_worker, args=(world, free_port(), str(inputs), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+    data = torch.load(inputs, weights_only=False)
+    model, global_loss, _ = _forward_backward(data, rank=0, world=1)
+
+    rank_losses = torch.stack([r["loss"] for r in results])
+    torch.testing.assert_close(rank_losses.mean(), global_loss.detach(), rtol=1e-12, atol=1e-12)
+    for r in results:
+        torch.testing.assert_close(r["ours"], r["open_clip"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r["loss"], r["ours"], rtol=1e-12, atol=1e-12)
+    for name, param in model.named_parameters():
+        for r in results:  # after averaging, every rank holds the same, global-batch gradient
+            torch.testing.assert_close(r["grads"][name], param.grad, rtol=1e-7, atol=1e-10,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    assert any(param.grad.abs().max() > 0 for name, param in model.named_parameters() if "text" in name)

@@ -1,0 +1,108 @@
+"""The WebDataset loader: shard splitting, batch contents, tokenisation, transforms."""
+import json
+import tarfile
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD, EpochShardList, image_transform, make_loader
+from bmc_fast.data.shards import expand_shards
+
+
+def _urls_seen(dataset, workers):
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [item["url"] for item in loader]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 1)])
+def test_each_epoch_reads_every_shard_once_across_ranks_and_workers(world, workers):
+    urls = [f"shard-{i}.tar" for i in range(12)]
+    per_rank = [_urls_seen(EpochShardList(urls, rank, world, seed=5, repeat=False), workers) for rank in range(world)]
+    seen = [u for rank_urls in per_rank for u in rank_urls]
+    assert sorted(seen) == sorted(urls)
+
+
+def test_epochs_reshuffle_shards():
+    urls = [f"shard-{i}.tar" for i in range(20)]
+    stream = iter(EpochShardList(urls, seed=1))
+    first = [next(stream)["url"] for _ in range(20)]
+    second = [next(stream)["url"] for _ in range(20)]
+    assert sorted(first) == sorted(second) == sorted(urls)
+    assert first != second
+
+
+def test_eval_loader_yields_every_pair_once_in_order(small_data):
+    urls = expand_shards(small_data["eval"], "--eval-data")
+    loader = make_loader(urls, small_data["tokenizer"], context_length=512, image_size=64, batch_size=10,
+                         train=False, workers=0)
+    batches = list(loader)
+    assert [b["pixels"].shape[0] for b in batches] == [10, 10, 10, 2]
+    with tarfile.open(urls[0]) as tar:
+        captions = [tar.extractfile(m).read().decode().strip() for m in tar if m.name.endswith(".txt")]
+    ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, 512 - b["input_ids"].shape[1]),
+                                             value=small_data["tokenizer"].pad_token_id) for b in batches])
+    decoded = small_data["tokenizer"].batch_decode(ids, skip_special_tokens=True)
+    assert [d.strip() for d in decoded] == captions
+
+
+@pytest.mark.parametrize("context_length", [77, 512])
+def test_train_batches_are_full_and_truncated_to_context(small_data, context_length):
+    urls = expand_shards(small_data["train"], "--train-data")
+    loader = make_loader(urls, small_data["tokenizer"], context_length=context_length, image_size=64, batch_size=16,
+                         train=True, rank=1, world_size=2, workers=1, seed=0)
+    batches = iter(loader)
+    for _ in range(10):  # more than one epoch of this rank's 128 samples
+        batch = next(batches)
+        assert batch["pixels"].shape == (16, 3, 64, 64) and batch["pixels"].dtype == torch.float32
+        assert batch["input_ids"].shape == batch["attention_mask"].shape
+        assert batch["input_ids"].shape[1] <= context_length
+        real = batch["attention_mask"].sum(1)
+        assert (batch["input_ids"][:, 0] == small_data["tokenizer"].cls_token_id).all()
+        last = batch["input_ids"].gather(1, (real - 1)[:, None]).squeeze(1)
+        assert (last == small_data["tokenizer"].sep_token_id).all()  # truncation keeps [SEP]
+    if context_length == 77:
+        assert (real == 77).all()  # every synthetic caption is longer than 77 tokens
+
+
+def test_eval_transform_is_resize_centre_crop_normalise():
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 80), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 40, 80))  # left half blue: a flip would move it
+    out = image_transform(64, train=False)(image)
+    assert out.shape == (3, 64, 64)
+    blue = (torch.tensor([0.0, 0.0, 1.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out[:, 32, 5], blue, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[:, 32, 58], red, atol=1e-3, rtol=0)
+
+
+def test_train_transform_never_flips():
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 80), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 40, 80))
+    transform = image_transform(64, train=True)
+    for _ in range(30):
+        out = transform(image)
+        assert out[2, 32, 2] > out[0, 32, 2]  # left edge stays blue
+        assert out[0, 32, 61] > out[2, 32, 61]  # right edge stays red
+
+
+def test_grayscale_and_rgba_become_rgb():
+    from PIL import Image
+
+    for mode in ("L", "RGBA", "LA"):
+        out = image_transform(64, train=False)(Image.new(mode, (70, 90)))
+        assert out.shape == (3, 64, 64)
+
+
+def test_synthetic_json_describes_the_caption(small_data):
+    urls = expand_shards(small_data["train"], "--train-data")
+    with tarfile.open(urls[0]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    key = sorted(members)[0].split(".")[0]
+    meta = json.loads(members[f"{key}.json"])
+    caption = members[f"{key}.txt"].decode()
+    assert caption[meta["findings_start_char"]:].startswith("Findings:")

@@ -1,0 +1,179 @@
+"""Bad input fails fast: one ConfigError naming the flag, the value and the fix, before any model exists."""
+import io
+import json
+import tarfile
+
+import pytest
+
+import bmc_fast.model
+from bmc_fast import train
+from bmc_fast.config import ConfigError
+from bmc_fast.data import synthetic
+from bmc_fast.ds_config import batch_plan, with_total_steps
+from helpers import REPO
+
+ZERO2 = str(REPO / "ds_configs" / "zero2.json")
+
+
+@pytest.fixture(autouse=True)
+def one_rank_world(monkeypatch):
+    """A 1-rank launcher environment; and any attempt to build a model fails the test."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29599").items():
+        monkeypatch.setenv(key, value)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the input was checked")
+
+    monkeypatch.setattr(bmc_fast.model.BMCLongCLIP, "__init__", no_model)
+
+
+def _args(small_data, tmp_path, **flags):
+    base = {"--ds_config": ZERO2, "--train-data": small_data["train"], "--eval-data": small_data["eval"],
+            "--tokenizer": small_data["tokenizer_dir"], "--output-dir": str(tmp_path / "run"), "--max-steps": "50"}
+    base.update(flags)
+    return [x for kv in base.items() for x in kv]
+
+
+def test_pattern_matching_nothing(small_data, tmp_path):
+    pattern = str(tmp_path / "nowhere" / "shard-{000000..000003}.tar")
+    with pytest.raises(ConfigError, match=r"--train-data '.*nowhere.*' matches no file: .*shard-\{000000\.\.000009\}"):
+        train.main(_args(small_data, tmp_path, **{"--train-data": pattern}))
+
+
+@pytest.mark.parametrize("kind", ["zero_bytes", "no_members"])
+def test_empty_shard(small_data, tmp_path, kind):
+    empty = tmp_path / "empty.tar"
+    if kind == "zero_bytes":
+        empty.write_bytes(b"")
+    else:
+        tarfile.open(empty, "w").close()
+    pattern = small_data["train"] + "::" + str(empty)
+    with pytest.raises(ConfigError, match=r"--train-data: shard '.*empty.tar' is empty \(no samples\): remove it"):
+        train.main(_args(small_data, tmp_path, **{"--train-data": pattern}))
+
+
+def test_eval_set_smaller_than_two(small_data, tmp_path):
+    shard = tmp_path / "one.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.txt", b"caption"), ("a.png", b"\x89PNG")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConfigError, match=r"--eval-data '.*one.tar' holds 1 pair\(s\); retrieval needs at least 2"):
+        train.main(_args(small_data, tmp_path, **{"--eval-data": str(shard)}))
+
+
+def test_batch_not_divisible_by_world_size(small_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"--ds_config .*zero2.json: train_batch_size 64 is not divisible by "
+                                          r"gradient_accumulation_steps 1 × world size 3: set train_batch_size to a "
+                                          r"multiple of 3"):
+        train.main(_args(small_data, tmp_path))
+
+
+def test_tokenizer_directory_without_tokenizer(small_data, tmp_path):
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(ConfigError, match=r"--tokenizer '.*tok' holds no tokenizer"):
+        train.main(_args(small_data, tmp_path, **{"--tokenizer": str(tmp_path / "tok")}))
+
+
+def test_tokenizer_directory_missing(small_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"--tokenizer '.*missing' is not a directory"):
+        train.main(_args(small_data, tmp_path, **{"--tokenizer": str(tmp_path / "missing")}))
+
+
+def test_train_data_without_tokenizer(small_data, tmp_path):
+    args = _args(small_data, tmp_path)
+    i = args.index("--tokenizer")
+    del args[i:i + 2]
+    with pytest.raises(ConfigError, match="--train-data needs --tokenizer DIR"):
+        train.main(args)
+
+
+def test_existing_run_directory_is_not_overwritten(small_data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--output-dir .* already holds a run: .* --resume .* --overwrite"):
+        train.main(_args(small_data, tmp_path))
+
+
+def test_unknown_flag_is_an_error(small_data, tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(_args(small_data, tmp_path) + ["--max-step", "3"])  # no abbreviations either
+
+
+def test_warmup_longer_than_run(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="warmup_num_steps 40 >= --max-steps 10"):
+        train.main(_args(small_data, tmp_path, **{"--max-steps": "10"}))
+
+
+@pytest.mark.parametrize("fields,world,want", [
+    ({"train_batch_size": 128}, 2, (128, 64, 1)),
+    ({"train_batch_size": 128, "gradient_accumulation_steps": 2}, 4, (128, 16, 2)),
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 3}, 2, (48, 8, 3)),
+    ({"train_batch_size": 96, "train_micro_batch_size_per_gpu": 8}, 3, (96, 8, 4)),
+])
+def test_batch_plan_solves_deepspeeds_equation(fields, world, want):
+    plan = batch_plan(fields, world)
+    assert (plan.global_batch, plan.micro_batch, plan.accumulation) == want
+
+
+def test_batch_plan_rejects_inconsistent_fields():
+    with pytest.raises(ConfigError, match="train_batch_size 100 != micro 8 × accum 2 × world size 4"):
+        batch_plan({"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}, 4)
+
+
+def test_schedule_follows_max_steps():
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    resolved, steps = with_total_steps(config, 77)
+    assert steps == 77 and resolved["scheduler"]["params"]["total_num_steps"] == 77
+    assert config["scheduler"]["params"]["total_num_steps"] != 77  # the loaded JSON is not mutated
+    assert with_total_steps(config, None)[1] == config["scheduler"]["params"]["total_num_steps"]
+
+
+def test_synthetic_generator_cli(tmp_path):
+    synthetic.main(["--out", str(tmp_path), "--seed", "1", "--train-samples", "5", "--eval-samples", "3",
+                    "--samples-per-shard", "2"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["train"].endswith("shard-{000000..000002}.tar")
+    assert len(list((tmp_path / "train").glob("*.tar"))) == 3 and len(list((tmp_path / "eval").glob("*.tar"))) == 2
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "paper_16k_zero2"])
+def test_shipped_ds_configs_parse_in_deepspeed_and_follow_the_recipe(name):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+    parsed = DeepSpeedConfig(config)  # DeepSpeed's own validation: unknown keys are errors there
+    expected_stage = int(name[4]) if name.startswith("zero") else 2
+    assert parsed.zero_optimization_stage == expected_stage
+    optimizer = config["optimizer"]
+    assert optimizer["type"] == "AdamW" and optimizer["params"]["betas"] == [0.9, 0.95]
+    assert optimizer["params"]["weight_decay"] > 0
+    assert config["gradient_clipping"] == 1.0
+    assert config["scheduler"]["type"] == "WarmupCosineLR"
+    assert "enabled" in config["bf16"]
+
+
+def test_paper_recipe_batch_plan():
+    config = json.loads((REPO / "ds_configs" / "paper_16k_zero2.json").read_text())
+    assert config["optimizer"]["params"]["lr"] == 5e-4 and config["bf16"]["enabled"]
+    plan = batch_plan(config, world_size=64)  # 8 nodes × 8 GPUs
+    assert (plan.global_batch, plan.micro_batch) == (16384, 256)
+    with pytest.raises(ConfigError, match="train_batch_size 16384 is not divisible"):
+        batch_plan(config, world_size=24)
+
+
+def test_resume_without_a_checkpoint(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="--resume: '.*run' has no checkpoints/latest to resume from"):
+        train.main(_args(small_data, tmp_path) + ["--resume"])
+
+
+def test_resume_with_another_model(small_data, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step0000006")
+    (run / "config.json").write_text(json.dumps({"model": {"context_length": 77}}))
+    with pytest.raises(ConfigError, match=r"--resume: the run in .* used a different model \(\[.*'context_length'"):
+        train.main(_args(small_data, tmp_path) + ["--resume"])
