@@ -4,7 +4,7 @@
 
 Runs ``python -m bmc_fast.demo`` once per seed (each seed draws its own synthetic dataset, model
 init and data order), then writes ``benchmarks/results/context_ablation.json`` and ``.md`` with the
-per-seed Recall@k of context 77 and 512, the T2I R@1 ratio, and the machine.
+per-seed Recall@k of context 77 and 512, the T2I R@1 ratio, and the machine, and a bar chart ``.png``.
 """
 from __future__ import annotations
 
@@ -30,12 +30,42 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Grouped bars: T2I and I2T R@1 at context 77 and 512, one group per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = list(result["seeds"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.2
+    for k, (ctx, metric, colour) in enumerate([("ctx77", "t2i_r1", "#bbbbbb"), ("ctx77", "i2t_r1", "#888888"),
+                                               ("ctx512", "t2i_r1", "#4c8bd6"), ("ctx512", "i2t_r1", "#1f4e8c")]):
+        values = [result["seeds"][s][ctx][metric] for s in seeds]
+        ax.bar([i + (k - 1.5) * width for i in range(len(seeds))], values, width,
+               label=f"{ctx[3:]} tokens, {metric[:3].upper()}", color=colour)
+    ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    ax.set_ylabel("Recall@1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Context length: findings after a ~110-token preamble", fontsize=10)
+    ax.legend(fontsize=8, ncols=2, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/bench_context", help="where the demo runs go")
     parser.add_argument("--out", default=str(RESULTS / "context_ablation"), help="output path without suffix")
+    parser.add_argument("--plot-only", action="store_true", help="redraw OUT.png from an existing OUT.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        result = json.loads(out.with_suffix(".json").read_text())
+        plot(result, out.with_suffix(".png"))
+        return result
 
     per_seed, started = {}, time.perf_counter()
     for seed in args.seeds:
@@ -51,9 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ctx512_t2i_r1_mean": statistics.mean(r["ctx512"]["t2i_r1"] for r in per_seed.values()),
         "ctx77_t2i_r1_mean": statistics.mean(r["ctx77"]["t2i_r1"] for r in per_seed.values()),
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
     lines = [f"Context-length ablation ({result['what']}). Machine: {result['machine']['cores']} cores, "
              f"{result['machine']['accelerator']}, torch {result['machine']['torch']}.", "",
              "| seed | ctx77 T2I R@1 | ctx512 T2I R@1 | ctx77 I2T R@1 | ctx512 I2T R@1 | T2I ratio |",

@@ -45,3 +45,47 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
+
+class ThroughputWindow:
+    """Loss and throughput since the last read, summed over ranks when read (one small all-reduce)."""
+
+    def __init__(self, device, global_batch: int):
+        import torch
+
+        self.device, self.global_batch = device, global_batch
+        self._loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        self._counts = torch.zeros(3, dtype=torch.float64)  # micro-batches, real tokens, padded tokens
+        self._steps = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start timing from now (call after work that must not count, such as an evaluation)."""
+        self._start = time.perf_counter()
+
+    def add_micro_batch(self, loss, attention_mask) -> None:
+        import torch
+
+        self._loss += loss.detach()
+        mask = attention_mask  # on the CPU: counting is free
+        self._counts += torch.tensor([1, mask.sum().item(), mask.numel()], dtype=torch.float64)
+
+    def end_step(self) -> None:
+        self._steps += 1
+
+    def read(self) -> dict[str, float]:
+        """``loss`` (mean over ranks and micro-batches), ``samples_per_s``, real ``tokens_per_s``,
+        ``padding_fraction``; then starts a new window."""
+        import torch
+
+        totals = torch.cat([self._loss.double().reshape(1).cpu(), self._counts]).to(self.device)
+        torch.distributed.all_reduce(totals)
+        loss_sum, micro_batches, real, padded = totals.cpu().tolist()
+        seconds = time.perf_counter() - self._start
+        scalars = {"loss": loss_sum / micro_batches, "samples_per_s": self._steps * self.global_batch / seconds,
+                   "tokens_per_s": real / seconds, "padding_fraction": 1 - real / padded}
+        self._loss.zero_()
+        self._counts.zero_()
+        self._steps = 0
+        self.restart_clock()
+        return scalars

@@ -154,7 +154,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     from bmc_fast.data.loader import make_loader
     from bmc_fast.loss import ContrastiveLoss
     from bmc_fast.model import BMCLongCLIP, param_groups
-    from bmc_fast.run_logging import MetricsWriter
+    from bmc_fast.run_logging import MetricsWriter, ThroughputWindow
 
     p, cfg, env = prepared, prepared.cfg, prepared.env
     accelerator = get_accelerator()
@@ -187,11 +187,9 @@ def run(prepared: Prepared) -> dict[str, Any]:
                    if p.eval_urls else None)
 
     writer = MetricsWriter(p.run_dir, enabled=env.rank == 0)
+    window = ThroughputWindow(device, p.plan.global_batch)
     batches = iter(train_loader)
-    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-    window = torch.zeros(4, dtype=torch.float64)  # loss sum, loss count, real tokens, padded tokens
-    window_start = run_start = time.perf_counter()
-    window_steps, last_train, last_eval = 0, {}, {}
+    run_start, last_train, last_eval = time.perf_counter(), {}, {}
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
     for step in range(first_step, p.max_steps + 1):
@@ -202,34 +200,19 @@ def run(prepared: Prepared) -> dict[str, Any]:
             loss = loss_fn(image, text, scale)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach()
-            mask = batch["attention_mask"]  # still on the CPU: counting is free
-            window += torch.tensor([0, 1, mask.sum().item(), mask.numel()], dtype=torch.float64)
-        window_steps += 1
+            window.add_micro_batch(loss, batch["attention_mask"])
+        window.end_step()
         progress.update(1)
         if step % cfg.log_every == 0 or step == p.max_steps:
-            window[0] = loss_sum.item()
-            totals = _all_reduce_cpu(window, device)
-            seconds = time.perf_counter() - window_start
-            last_train = {
-                "loss": totals[0].item() / totals[1].item(),
-                "lr": engine.get_lr()[0],
-                "logit_scale": scale.item(),
-                "samples_per_s": window_steps * p.plan.global_batch / seconds,
-                "tokens_per_s": totals[2].item() / seconds,  # real tokens, padding excluded
-                "padding_fraction": 1 - totals[2].item() / totals[3].item(),
-            }
+            last_train = {**window.read(), "lr": engine.get_lr()[0], "logit_scale": scale.item()}
             writer.write(step, last_train)
             progress.set_postfix(loss=f"{last_train['loss']:.3f}", scale=f"{last_train['logit_scale']:.1f}")
-            window.zero_()
-            loss_sum.zero_()
-            window_steps, window_start = 0, time.perf_counter()
         if eval_loader is not None and (step == p.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             last_eval = _evaluate(engine.module, eval_loader, device, dtype)
             writer.write(step, last_eval, prefix="eval")
             _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, last_eval["t2i_r1"],
                          last_eval["i2t_r1"], p.n_eval)
-            window_start = time.perf_counter()  # keep evaluation out of the throughput
+            window.restart_clock()  # keep evaluation out of the throughput
         if step == p.max_steps or (cfg.save_every and step % cfg.save_every == 0):
             engine.save_checkpoint(str(p.run_dir / "checkpoints"), tag=f"step{step:07d}", client_state={"step": step})
     progress.close()
@@ -297,13 +280,6 @@ def _evaluate(model, loader, device: torch.device, dtype: torch.dtype) -> dict[s
 
     image, text = extract_features(model, loader, device, dtype)
     return retrieval_recall(image, text)
-
-
-def _all_reduce_cpu(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum a small float64 CPU tensor over ranks (through ``device`` when the backend needs it)."""
-    reduced = values.to(device)
-    torch.distributed.all_reduce(reduced)
-    return reduced.cpu()
 
 
 def free_port() -> int:
