@@ -1,6 +1,15 @@
-"""Fused contrastive-loss kernels, importable as ``bmc_fast.kernels``.
+"""Fused contrastive losses for CLIP-style training, importable as ``bmc_fast.kernels``.
 
-This package depends on torch and triton only, so it can be dropped into any CLIP codebase. The fused
-similarity + symmetric cross-entropy kernels land here (issue 3); until then the trainer uses the
-plain-torch loss in ``bmc_fast.loss``.
+Depends on torch (and triton for the CUDA kernels) only, so it drops into any CLIP codebase::
+
+    from bmc_fast.kernels import FusedClipLoss      # instead of open_clip.loss.ClipLoss
+    loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+
+Layers: ``contrastive_triton`` / ``contrastive_torch`` (kernels and their tiled torch twin),
+``contrastive`` (math, references, autograd, functional API), ``modules`` (open_clip-shaped modules).
 """
+from .contrastive import SINGLE_PROCESS, clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
+from .modules import FusedClipLoss, FusedSigLipLoss
+
+__all__ = ["FusedClipLoss", "FusedSigLipLoss", "SINGLE_PROCESS", "clip_loss", "clip_loss_ref", "siglip_loss",
+           "siglip_loss_ref"]

@@ -1,0 +1,293 @@
+"""Triton kernels for the fused contrastive losses (forward statistics and feature gradients).
+
+Two kernels serve both losses (``SIGMOID`` selects SigLIP's, else CLIP's softmax):
+
+- ``_forward_kernel``: program g owns a group of row tiles of S = s·A Bᵀ + bias (A: local images,
+  B: gathered texts). For each (row tile, column tile) it forms the logit tile from ``BLOCK_K``-wide
+  slices of A and B (fp32 accumulation), keeps the rows' online max / Σexp / Σexp·X (softmax) or
+  Σloss / Σ∂ℓ/∂S·X / Σ∂ℓ/∂S (sigmoid), and merges the tile's column max / Σexp / Σexp·X into the
+  group's own partial-column buffer (read-modify-write; no other program touches it, so no atomics).
+- ``_backward_kernel``: program p owns a row tile of A and accumulates out[rows] = Σ_cols
+  s·∂L/∂S(rows, cols) · B[cols], recomputing each logit tile. Called twice per backward (dA with
+  A = images, B = texts; dB with the roles swapped), so the backward is two logit recomputations
+  plus the two gradient products, deterministic and atomic-free.
+
+Logit tiles live in registers only. Offsets are int64. Scale and bias are read from device
+pointers: launchers never synchronise with the host. Under ``TRITON_INTERPRET=1`` (CPU tests) bf16
+and fp16 tiles are upcast to fp32 before ``tl.dot``, because the interpreter cannot multiply them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tiles: 64×64 logits with 32-wide feature slices fit every dtype in registers on A100/H100-class
+# SMs; the forward groups row tiles so the partial-column buffer stays at 3 × groups × N floats.
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+MAX_GROUPS = 256
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@triton.jit
+def _logit_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                stride_a0, stride_a1, stride_b0, stride_b1,
+                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """X = A[rows] · B[cols]ᵀ as a (BLOCK_M, BLOCK_N) fp32 tile; masked rows/cols read zeros."""
+    x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        a = tl.load(a_ptr + rows[:, None] * stride_a0 + ks[None, :] * stride_a1,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+        bt = tl.load(b_ptr + cols[None, :] * stride_b0 + ks[:, None] * stride_b1,
+                     mask=col_mask[None, :] & k_mask[:, None], other=0.0)  # (BK, BN)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        x += tl.dot(a, bt, input_precision=INPUT_PRECISION)
+    return x
+
+
+@triton.jit
+def _forward_kernel(
+    a_ptr,  # (n_a, D) local image features
+    b_ptr,  # (n_b, D) gathered text features
+    scale_ptr,  # () fp32 logit scale s (already exponentiated)
+    bias_ptr,  # () fp32 logit bias; read only if HAS_BIAS
+    row_out_ptr,  # (3, n_a) fp32. softmax: lse, Σ softmax·X, unused; sigmoid: Σℓ, Σ∂ℓ/∂S·X, Σ∂ℓ/∂S
+    col_out_ptr,  # (3, groups, n_b) fp32 partial columns (softmax): max, Σexp(S−max), Σexp(S−max)·X
+    n_a, n_b, D,
+    stride_a0, stride_a1,  # strides of A in elements
+    stride_b0, stride_b1,  # strides of B in elements
+    diag_offset,  # the positive pair of row i is column i + diag_offset
+    tiles_per_group,  # row tiles handled by one program
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    group = tl.program_id(0).to(tl.int64)
+    n_groups = tl.num_programs(0).to(tl.int64)
+    s = tl.load(scale_ptr).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    for t in range(0, tiles_per_group):
+        rows = (group * tiles_per_group + t) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < n_a
+        acc0 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # softmax: running max; sigmoid: Σℓ
+        acc1 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # softmax: Σexp(S−max);  sigmoid: Σ∂ℓ/∂S·X
+        acc2 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # softmax: Σexp(S−max)·X; sigmoid: Σ∂ℓ/∂S
+        if not SIGMOID:
+            acc0 = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        for c0 in range(0, n_b, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_mask = cols < n_b
+            x = _logit_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_a0, stride_a1, stride_b0,
+                            stride_b1, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            logits = s * x + bias
+            valid = row_mask[:, None] & col_mask[None, :]
+            if SIGMOID:
+                z = tl.where(cols[None, :] == rows[:, None] + diag_offset, 1.0, -1.0)
+                t_ = z * logits
+                loss = tl.maximum(-t_, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t_)))  # softplus(−zS), stable
+                dlds = -z * tl.sigmoid(-t_)
+                acc0 += tl.sum(tl.where(valid, loss, 0.0), axis=1)
+                acc1 += tl.sum(tl.where(valid, dlds * x, 0.0), axis=1)
+                acc2 += tl.sum(tl.where(valid, dlds, 0.0), axis=1)
+            else:
+                row_logits = tl.where(col_mask[None, :], logits, float("-inf"))
+                new_max = tl.maximum(acc0, tl.max(row_logits, axis=1))
+                alpha = tl.exp(acc0 - new_max)
+                p = tl.exp(row_logits - new_max[:, None])
+                acc1 = acc1 * alpha + tl.sum(p, axis=1)
+                acc2 = acc2 * alpha + tl.sum(p * x, axis=1)
+                acc0 = new_max
+                # This tile's columns, merged into the group's partial-column buffer.
+                col_logits = tl.where(valid, logits, float("-inf"))
+                offs = group * n_b + cols
+                plane = n_groups * n_b
+                old_max = tl.load(col_out_ptr + offs, mask=col_mask, other=float("-inf"))
+                old_sum = tl.load(col_out_ptr + plane + offs, mask=col_mask, other=0.0)
+                old_wx = tl.load(col_out_ptr + 2 * plane + offs, mask=col_mask, other=0.0)
+                col_max = tl.maximum(old_max, tl.max(col_logits, axis=0))
+                q = tl.exp(col_logits - col_max[None, :])
+                keep = tl.exp(old_max - col_max)
+                tl.store(col_out_ptr + offs, col_max, mask=col_mask)
+                tl.store(col_out_ptr + plane + offs, old_sum * keep + tl.sum(q, axis=0), mask=col_mask)
+                tl.store(col_out_ptr + 2 * plane + offs, old_wx * keep + tl.sum(q * x, axis=0), mask=col_mask)
+        if SIGMOID:
+            tl.store(row_out_ptr + rows, acc0, mask=row_mask)
+            tl.store(row_out_ptr + n_a + rows, acc1, mask=row_mask)
+            tl.store(row_out_ptr + 2 * n_a + rows, acc2, mask=row_mask)
+        else:
+            tl.store(row_out_ptr + rows, acc0 + tl.log(acc1), mask=row_mask)
+            tl.store(row_out_ptr + n_a + rows, acc2 / acc1, mask=row_mask)
+
+
+@triton.jit
+def _backward_kernel(
+    a_ptr,  # (n_a, D) rows whose gradient this call produces
+    b_ptr,  # (n_b, D) the other side
+    out_ptr,  # (n_a, D) fp32, zero-initialised: s · ∂L/∂S · B
+    scale_ptr, bias_ptr,  # () fp32 logit scale and bias (bias read only if HAS_BIAS)
+    a_lse_ptr,  # (n_a,) softmax: log-sum-exp of each A row's softmax (unused for sigmoid)
+    a_coef_ptr,  # softmax: (n_a,) weight of the A-row softmax term; sigmoid: () weight of the loss
+    b_lse_ptr,  # (n_b,) softmax: log-sum-exp of each B column's softmax (read only if HAS_B_TERM)
+    b_coef_ptr,  # (n_b,) weight of the B-column softmax term (read only if HAS_B_TERM)
+    diag_coef_ptr,  # () softmax: weight subtracted on positive pairs
+    n_a, n_b, D,
+    stride_a0, stride_a1, stride_b0, stride_b1, stride_o0, stride_o1,  # strides in elements
+    diag_offset,  # the positive pair of A row i is B row i + diag_offset
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_B_TERM: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < n_a
+    s = tl.load(scale_ptr).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    if SIGMOID:
+        coef = tl.load(a_coef_ptr).to(tl.float32)
+    else:
+        a_lse = tl.load(a_lse_ptr + rows, mask=row_mask, other=0.0)
+        a_coef = tl.load(a_coef_ptr + rows, mask=row_mask, other=0.0)
+        diag_coef = tl.load(diag_coef_ptr).to(tl.float32)
+    for c0 in range(0, n_b, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_mask = cols < n_b
+        x = _logit_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_a0, stride_a1, stride_b0,
+                        stride_b1, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        logits = s * x + bias
+        positive = cols[None, :] == rows[:, None] + diag_offset
+        if SIGMOID:
+            z = tl.where(positive, 1.0, -1.0)
+            dlds = -coef * z * tl.sigmoid(-z * logits)
+        else:
+            dlds = a_coef[:, None] * tl.exp(logits - a_lse[:, None])
+            if HAS_B_TERM:
+                b_lse = tl.load(b_lse_ptr + cols, mask=col_mask, other=0.0)
+                b_coef = tl.load(b_coef_ptr + cols, mask=col_mask, other=0.0)
+                dlds += b_coef[None, :] * tl.exp(logits - b_lse[None, :])
+            dlds -= tl.where(positive, diag_coef, 0.0)
+        dx = tl.where(row_mask[:, None] & col_mask[None, :], dlds * s, 0.0)  # (BM, BN) ∂L/∂X
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < D
+            b_tile = tl.load(b_ptr + cols[:, None] * stride_b0 + ks[None, :] * stride_b1,
+                             mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
+            if UPCAST:
+                grad = tl.dot(dx, b_tile.to(tl.float32), input_precision=INPUT_PRECISION)
+            else:
+                grad = tl.dot(dx.to(b_tile.dtype), b_tile)
+            o_ptrs = out_ptr + rows[:, None] * stride_o0 + ks[None, :] * stride_o1
+            o_mask = row_mask[:, None] & k_mask[None, :]
+            tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + grad, mask=o_mask)
+
+
+def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast tiles to fp32 before tl.dot, input precision for fp32 dots)."""
+    upcast = dtype == torch.float32 or _interpreted()
+    # fp32 inputs follow torch's own matmul setting: exact unless the user allowed TF32.
+    tf32 = dtype == torch.float32 and not _interpreted() and torch.backends.cuda.matmul.allow_tf32
+    return upcast, "tf32" if tf32 else "ieee"
+
+
+def _check_launch(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Launch preconditions, named: the kernels index raw pointers, so a mismatch would read garbage."""
+    if a.device.type != "cuda" and not _interpreted():
+        raise ValueError(f"Triton kernels need CUDA tensors (got {a.device}); set TRITON_INTERPRET=1 to run "
+                         "them on the CPU")
+    if a.ndim != 2 or b_mat.ndim != 2 or a.shape[1] != b_mat.shape[1]:
+        raise ValueError(f"features must be 2-D with one width; got {tuple(a.shape)} and {tuple(b_mat.shape)}")
+    if a.dtype != b_mat.dtype or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"features must share a dtype among float16, bfloat16, float32; got {a.dtype}, {b_mat.dtype}")
+    for name, value in (("features", b_mat), ("scale", scale), ("bias", bias)):
+        if value is not None and value.device != a.device:
+            raise ValueError(f"{name} on {value.device}, features on {a.device}: one device for all")
+    for name, value in (("scale", scale), ("bias", bias)):
+        if value is not None and (value.numel() != 1 or not value.is_floating_point()):
+            raise ValueError(f"{name} must be a one-element floating tensor, got shape {tuple(value.shape)}")
+
+
+def _bias_args(scale: torch.Tensor, bias: torch.Tensor | None):
+    return (bias if bias is not None else scale), bias is not None
+
+
+def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    max_groups: int = MAX_GROUPS):
+    """Same contract as ``contrastive_torch.softmax_forward``."""
+    _check_launch(image, texts, scale, bias)
+    n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
+    n_tiles = triton.cdiv(n_a, BLOCK_M)
+    tiles_per_group = triton.cdiv(n_tiles, min(n_tiles, max_groups))  # bounds the partial-column buffer
+    groups = triton.cdiv(n_tiles, tiles_per_group)
+    row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
+    col_out = torch.empty(3, groups, n_b, device=image.device, dtype=torch.float32)
+    col_out[0].fill_(float("-inf"))
+    col_out[1:].zero_()
+    bias_arg, has_bias = _bias_args(scale, bias)
+    upcast, precision = _dot_mode(image.dtype)
+    _forward_kernel[(groups,)](
+        image, texts, scale, bias_arg, row_out, col_out, n_a, n_b, d,
+        image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), 0, tiles_per_group,
+        SIGMOID=False, HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    col_max = col_out[0].max(dim=0).values  # merge the groups' partial columns
+    keep = torch.exp(col_out[0] - col_max[None, :]).nan_to_num_(0.0)
+    return row_out[0], row_out[1], col_max, (col_out[1] * keep).sum(0), (col_out[2] * keep).sum(0)
+
+
+def sigmoid_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    diag_offset: int):
+    """Same contract as ``contrastive_torch.sigmoid_forward``: one program per row tile (no column state)."""
+    _check_launch(image, texts, scale, bias)
+    n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
+    row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
+    bias_arg, has_bias = _bias_args(scale, bias)
+    upcast, precision = _dot_mode(image.dtype)
+    _forward_kernel[(triton.cdiv(n_a, BLOCK_M),)](
+        image, texts, scale, bias_arg, row_out, row_out, n_a, n_b, d,
+        image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), diag_offset, 1,
+        SIGMOID=True, HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return row_out[0], row_out[1], row_out[2]
+
+
+def _backward_one(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset, diag_coef):
+    out = torch.zeros(a.shape, device=a.device, dtype=torch.float32)
+    bias_arg, has_bias = _bias_args(scale, bias)
+    has_b_term = b_coef is not None
+    dummy = a_coef  # a valid pointer for arguments the constexpr flags leave unread
+    upcast, precision = _dot_mode(a.dtype)
+    _backward_kernel[(triton.cdiv(a.shape[0], BLOCK_M),)](
+        a, b_mat, out, scale, bias_arg,
+        a_lse if a_lse is not None else dummy, a_coef, b_lse if has_b_term else dummy,
+        b_coef if has_b_term else dummy, diag_coef if diag_coef is not None else dummy,
+        a.shape[0], b_mat.shape[0], a.shape[1],
+        a.stride(0), a.stride(1), b_mat.stride(0), b_mat.stride(1), out.stride(0), out.stride(1), diag_offset,
+        SIGMOID=sigmoid, HAS_BIAS=has_bias, HAS_B_TERM=has_b_term, UPCAST=upcast, INPUT_PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+def backward(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
+             sigmoid: bool, a_lse: torch.Tensor | None, a_coef: torch.Tensor, b_lse: torch.Tensor | None,
+             b_coef: torch.Tensor | None, diag_offset: int, diag_coef: torch.Tensor | None, want_b: bool = True):
+    """Same contract as ``contrastive_torch.backward``: (dA, dB or None), fp32."""
+    _check_launch(a, b_mat, scale, bias)
+    d_a = _backward_one(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset, diag_coef)
+    if not want_b:
+        return d_a, None
+    if sigmoid:  # symmetric in A and B, up to the sign of the diagonal offset
+        d_b = _backward_one(b_mat, a, scale, bias, True, None, a_coef, None, None, -diag_offset, None)
+    else:
+        d_b = _backward_one(b_mat, a, scale, bias, False, b_lse, b_coef, a_lse, a_coef, -diag_offset, diag_coef)
+    return d_a, d_b
