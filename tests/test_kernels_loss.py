@@ -1,0 +1,234 @@
+"""Fused contrastive losses, one process: both backends against float64 and open_clip.
+
+The Triton kernels run in the interpreter (TRITON_INTERPRET=1, set in conftest.py) on CPU tensors.
+"""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmc_fast.kernels import (FusedClipLoss, FusedSigLipLoss, clip_loss, clip_loss_ref, siglip_loss,
+                              siglip_loss_ref)
+
+open_clip_loss = pytest.importorskip("open_clip.loss")
+BACKENDS = ["torch", "triton"]
+LOSSES = {"clip": (clip_loss, clip_loss_ref), "siglip": (siglip_loss, siglip_loss_ref)}
+
+
+def _inputs(b, d, scale, bias, dtype=torch.float32, normalize=True):
+    image, text = torch.randn(b, d), torch.randn(b, d)
+    text[: b // 2] += image[: b // 2]  # some pairs correlate, like a trained model's
+    if normalize:
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    tensors = [image, text, torch.tensor(scale)] + ([torch.tensor(bias)] if bias is not None else [])
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+def _loss_and_grads(fn, leaves, **kwargs):
+    loss = fn(*leaves, **kwargs)
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+def _assert_close_to_reference(out, out_pt, out_ref, atol):
+    """flash-attention's rule: our error vs float64 is at most 2× torch's own error in the working dtype."""
+    err = (out.double() - out_ref).abs().max().item()
+    err_pt = (out_pt.double() - out_ref).abs().max().item()
+    assert err <= 2 * err_pt + atol, (err, err_pt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("b,d", [(1, 3), (7, 64), (333, 200)])
+@pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
+def test_loss_and_every_gradient_match_float64(backend, kind, b, d, scale):
+    fn, ref = LOSSES[kind]
+    bias = -10.0 if kind == "siglip" else 2.0
+    leaves = _inputs(b, d, scale, bias)
+    loss, grads = _loss_and_grads(fn, leaves, backend=backend)
+    loss_pt, grads_pt = _loss_and_grads(ref, leaves)  # plain torch in fp32
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    loss_ref, grads_ref = _loss_and_grads(ref, leaves64)
+    assert loss.dtype == torch.float32
+    _assert_close_to_reference(loss, loss_pt, loss_ref, atol=1e-6)
+    for g, g_pt, g_ref in zip(grads, grads_pt, grads_ref):
+        assert g.dtype == torch.float32 and g.shape == g_ref.shape
+        _assert_close_to_reference(g, g_pt, g_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_matches_open_clip(backend):
+    leaves = _inputs(50, 32, 20.0, None)
+    ours = FusedClipLoss(backend=backend)(*leaves, output_dict=True)
+    assert set(ours) == {"contrastive_loss"}
+    theirs = open_clip_loss.ClipLoss()(*leaves)
+    torch.testing.assert_close(ours["contrastive_loss"], theirs, rtol=1e-5, atol=1e-6)
+    ours_grads = torch.autograd.grad(ours["contrastive_loss"], leaves)
+    their_grads = torch.autograd.grad(theirs, leaves)
+    for a, b in zip(ours_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_matches_open_clip(backend):
+    leaves = _inputs(40, 24, 10.0, -10.0)
+    ours = FusedSigLipLoss(backend=backend)(*leaves)
+    theirs = open_clip_loss.SigLipLoss()(*leaves)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(theirs, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_bf16_features_on_the_torch_path(kind):
+    fn, ref = LOSSES[kind]
+    leaves = _inputs(37, 48, 30.0, -5.0, dtype=torch.bfloat16)
+    loss, grads = _loss_and_grads(fn, leaves, backend="torch")
+    assert loss.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 4
+    # Reference: the same bf16-rounded inputs in float64. Losses accumulate in fp32, so only the final
+    # bf16 rounding of the gradients separates us from it.
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    loss_ref, grads_ref = _loss_and_grads(ref, leaves64)
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unnormalised_and_large_logits_stay_exact(backend):
+    """Logits of several hundred: the online max keeps every exp finite."""
+    leaves = _inputs(20, 16, 50.0, None, normalize=False)
+    loss, grads = _loss_and_grads(clip_loss, leaves, backend=backend)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    loss_ref, grads_ref = _loss_and_grads(clip_loss_ref, leaves64)
+    assert torch.isfinite(loss) and loss.item() > 10
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_give_a_non_finite_loss(backend, kind, bad):
+    image, text, scale, bias = _inputs(9, 8, 10.0, -1.0)
+    image = image.detach().clone()
+    image[4, 2] = bad
+    loss = LOSSES[kind][0](image, text, scale, bias, backend=backend)
+    assert not torch.isfinite(loss)
+
+
+def test_auto_backend_is_torch_on_cpu_and_logged_once(caplog):
+    from bmc_fast.kernels import contrastive
+
+    contrastive._logged_choices.clear()
+    leaves = _inputs(4, 8, 10.0, None)
+    with caplog.at_level(logging.INFO, logger="bmc_fast.kernels.contrastive"):
+        clip_loss(*leaves)
+        clip_loss(*leaves)
+    messages = [r.getMessage() for r in caplog.records if "backend=" in r.getMessage()]
+    assert messages == ["fused contrastive loss: backend=torch (requested auto) on cpu"]
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        clip_loss(*_inputs(4, 8, 10.0, None), backend="triton")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_small_ragged_tiles_give_the_same_answer(monkeypatch, kind):
+    """Force 4×5 (forward) and 4×7 (backward) tiles on 23 pairs: tiling must not change the result."""
+    from bmc_fast.kernels import contrastive_torch
+
+    fn = LOSSES[kind][0]
+    leaves = _inputs(23, 16, 14.0, -2.0)
+    loss, grads = _loss_and_grads(fn, leaves, backend="torch")
+    monkeypatch.setattr(contrastive_torch, "MIN_TILE_ROWS", 4)
+    monkeypatch.setattr(contrastive_torch, "DEFAULT_CHUNK_BYTES", 3 * 4 * 4 * 5)
+    assert contrastive_torch.tile_shape(23, 23, 3) == (4, 5)
+    assert contrastive_torch.tile_shape(23, 23, 2) == (4, 7)
+    tiled, tiled_grads = _loss_and_grads(fn, leaves, backend="torch")
+    torch.testing.assert_close(tiled, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(tiled_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tiles_keep_enough_rows_for_efficient_gemms():
+    from bmc_fast.kernels import contrastive_torch
+
+    rows, cols = contrastive_torch.tile_shape(262144, 262144, 3)
+    assert rows == contrastive_torch.MIN_TILE_ROWS and 3 * 4 * rows * cols <= contrastive_torch.DEFAULT_CHUNK_BYTES
+    assert contrastive_torch.tile_shape(1000, 1000, 3) == (1000, 1000)  # small problems: one tile
+
+
+def _bad(**changes):
+    image, text, scale = torch.randn(4, 8), torch.randn(4, 8), torch.tensor(10.0)
+    args = {"image_features": image, "text_features": text, "logit_scale": scale, **changes}
+    return args
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (_bad(text_features=torch.randn(5, 8)), ValueError, r"image_features \(4, 8\) and text_features \(5, 8\)"),
+    (_bad(image_features=torch.randn(4, 8, 1)), ValueError, "must be 2-D"),
+    (_bad(image_features=torch.randn(0, 8), text_features=torch.randn(0, 8)), ValueError, "is empty"),
+    (_bad(text_features=torch.randn(4, 8).double()), TypeError, "image_features is torch.float32 but text_features"),
+    (_bad(image_features=torch.ones(4, 8, dtype=torch.long), text_features=torch.ones(4, 8, dtype=torch.long)),
+     TypeError, "floating dtype"),
+    (_bad(logit_scale=torch.ones(2)), ValueError, r"logit_scale must be a scalar tensor .* got shape \(2,\)"),
+    (_bad(logit_scale=14.3), TypeError, "logit_scale must be a torch.Tensor"),
+    (_bad(logit_bias=torch.ones(3)), ValueError, "logit_bias must be a scalar tensor"),
+    (_bad(text_features=torch.randn(4, 8, device="meta")), ValueError, "text_features is on meta"),
+])
+def test_bad_input_names_the_argument(args, error, match):
+    for fn in (clip_loss, siglip_loss):
+        with pytest.raises(error, match=match):
+            fn(**args)
+
+
+def test_bad_backend_and_float64_triton():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        clip_loss(**_bad(), backend="cuda")
+    with pytest.raises(TypeError, match="backend='triton' takes float16, bfloat16 or float32"):
+        clip_loss(**_bad(image_features=torch.randn(4, 8).double(), text_features=torch.randn(4, 8).double(),
+                         logit_scale=torch.tensor(1.0).double()), backend="triton")
+
+
+def test_module_arguments_are_checked():
+    with pytest.raises(ValueError, match="use_horovod=True is not supported"):
+        FusedClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        FusedClipLoss(rank=0, world_size=2)
+    with pytest.raises(ValueError, match="dist_impl must be"):
+        FusedSigLipLoss(dist_impl="ring")
+
+
+@pytest.mark.parametrize("siglip", [False, True])
+def test_one_line_swap_into_open_clip_create_loss(monkeypatch, siglip):
+    """The README's swap: patch open_clip.factory's loss classes, then open_clip builds ours."""
+    import argparse
+
+    import open_clip.factory
+
+    args = argparse.Namespace(distill=False, model="ViT-B-32", siglip=siglip, horovod=False, local_loss=False,
+                              gather_with_grad=False, rank=0, world_size=1, loss_dist_impl=None)
+    original = open_clip.factory.create_loss(args)
+    monkeypatch.setattr(open_clip.factory, "ClipLoss", FusedClipLoss)  # the swap, as the README shows it
+    monkeypatch.setattr(open_clip.factory, "SigLipLoss", FusedSigLipLoss)
+    fused = open_clip.factory.create_loss(args)
+    assert type(fused) is (FusedSigLipLoss if siglip else FusedClipLoss)
+    leaves = _inputs(12, 16, 10.0, -10.0)
+    torch.testing.assert_close(fused(*leaves), original(*leaves), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_launchers_check_their_inputs():
+    from bmc_fast.kernels import contrastive_triton as kt
+
+    image, texts, scale = torch.randn(4, 8), torch.randn(6, 8), torch.tensor(1.0)
+    with pytest.raises(ValueError, match=r"one width; got \(4, 8\) and \(6, 7\)"):
+        kt.softmax_forward(image, torch.randn(6, 7), scale, None)
+    with pytest.raises(TypeError, match="share a dtype"):
+        kt.sigmoid_forward(image, texts.double(), scale, None, 0)
+    with pytest.raises(ValueError, match="scale must be a one-element floating tensor"):
+        kt.softmax_forward(image, texts, torch.ones(2), None)
