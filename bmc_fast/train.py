@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the run in --output-dir from its latest checkpoint")
     parser.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="init and data-order seed")
     parser.add_argument("--workers", type=int, default=_DEFAULTS["workers"], help="data loader processes per rank")
+    parser.add_argument("--loss-backend", default=_DEFAULTS["loss_backend"], choices=("auto", "triton", "torch"),
+                        help="fused contrastive loss kernels (auto: Triton on CUDA, torch on CPU)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 

@@ -51,6 +51,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
     seed: int = 0  # model init and data order; also picks the embedded dataset
     workers: int = 1  # DataLoader worker processes per rank
+    loss_backend: str = "auto"  # fused contrastive loss: "auto" (Triton on CUDA, torch on CPU), "triton", "torch"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "context_length"):
@@ -60,6 +61,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.loss_backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"--loss-backend must be auto, triton or torch, got {self.loss_backend!r}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
         if self.resume and self.overwrite:
@@ -152,7 +155,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     from tqdm import tqdm
 
     from bmc_fast.data.loader import make_loader
-    from bmc_fast.loss import ContrastiveLoss
+    from bmc_fast.kernels import FusedClipLoss
     from bmc_fast.model import BMCLongCLIP, param_groups
     from bmc_fast.run_logging import MetricsWriter, ThroughputWindow
 
@@ -177,7 +180,9 @@ def run(prepared: Prepared) -> dict[str, Any]:
                  env.world_size, device, accelerator.communication_backend_name(), p.plan.global_batch,
                  p.plan.micro_batch, p.plan.accumulation, env.world_size, p.max_steps)
 
-    loss_fn = ContrastiveLoss(env.rank, env.world_size)
+    # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
+    loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size,
+                            backend=cfg.loss_backend)
     image_size, context = p.model_cfg.vision.image_size, p.model_cfg.context_length
     train_loader = make_loader(p.train_urls, p.tokenizer, context_length=context, image_size=image_size,
                                batch_size=p.plan.micro_batch, train=True, rank=env.rank, world_size=env.world_size,

@@ -1,8 +1,9 @@
 """Gathered-negative loss across real gloo processes equals the single-process global-batch loss.
 
-Each rank runs the real tiny BMCLongCLIP in float64 on its slice of one global batch, then averages
-parameter gradients over ranks as DeepSpeed does; the result must equal one process training on the
-whole batch. Per-rank losses must also equal open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
+Each rank runs the real tiny BMCLongCLIP in float64 on its slice of one global batch with the trainer's
+loss (FusedClipLoss, local_loss + gather_with_grad), then averages parameter gradients over ranks as
+DeepSpeed does; the result must equal one process training on the whole batch. Per-rank losses must
+also equal open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
 """
 import os
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bmc_fast.config import load_model_config
-from bmc_fast.loss import ContrastiveLoss
+from bmc_fast.kernels import FusedClipLoss
 from bmc_fast.model import BMCLongCLIP
 from helpers import free_port
 
@@ -37,7 +38,7 @@ def _forward_backward(data, rank, world):
     b = N // world
     rows = slice(rank * b, (rank + 1) * b)
     image, text, scale = model(data["pixels"][rows], data["ids"][rows], data["mask"][rows])
-    loss = ContrastiveLoss(rank, world)(image, text, scale)
+    loss = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(image, text, scale)
     loss.backward()
     return model, loss, (image.detach(), text.detach(), scale.detach())
 
@@ -56,7 +57,8 @@ def _worker(rank, world, port, inputs, out_dir):
     from open_clip.loss import ClipLoss
 
     image, text, scale = (t.clone().requires_grad_() for t in features)
-    ours_on_features = ContrastiveLoss(rank, world)(image, text, scale)
+    ours_on_features = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
+        image, text, scale)
     theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(image, text, scale)
     torch.save({"loss": loss.detach(), "grads": grads, "ours": ours_on_features.detach(),
                 "open_clip": theirs.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
