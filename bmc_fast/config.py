@@ -34,6 +34,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width
     act: str = "gelu"  # "gelu" or "quick_gelu" (OpenAI / DFN checkpoints)
     ln_eps: float = 1e-5  # LayerNorm epsilon
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio")
@@ -62,6 +63,8 @@ class TextConfig:
     global_attn_every_n_layers: int = 3  # layer i is global when i % n == 0
     max_position_embeddings: int = 8192
     norm_eps: float = 1e-5
+    hidden_activation: str = "gelu"  # activation of the GeGLU MLP (exact GELU, as HF's "gelu")
+    grad_checkpointing: bool = False  # recompute each layer's activations in the backward
     # Token ids come from the tokenizer (None until resolved by `ModelConfig.with_tokenizer`).
     vocab_size: int | None = None
     pad_token_id: int | None = None
@@ -80,7 +83,7 @@ class TextConfig:
         if self.vocab_size is None:
             raise ConfigError("text.vocab_size is unset: resolve the config with a tokenizer first "
                               "(ModelConfig.with_tokenizer)")
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "grad_checkpointing"}
         ids = {k: kwargs.pop(k) for k in ("pad_token_id", "cls_token_id", "sep_token_id")}
         kwargs.update({k: v for k, v in ids.items() if v is not None})
         if ids["cls_token_id"] is not None:
@@ -101,6 +104,10 @@ class ModelConfig:
     text_pooling: str = "mean"  # masked mean over real tokens (the paper's choice)
     init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init
     max_logit_scale: float = math.log(100)  # clamp: exp(logit_scale) <= 100
+    text_unpad: bool = True  # pack the batch's real tokens (no compute on padding); False: padded SDPA
+    attn_backend: str = "auto"  # image tower: "auto" (flash on CUDA bf16/fp16, else sdpa), "flash", "sdpa", "eager"
+    te_precision: str = "none"  # Transformer Engine layers: "none", "bf16", "fp8" (CUDA only)
+    image_proj: str = "pretrained"  # with image weights: keep their projection, or "linear" (fresh init)
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -116,6 +123,10 @@ class ModelConfig:
                               f"{self.text.max_position_embeddings}: lower --context-length")
         if self.text_pooling != "mean":
             raise ConfigError(f"text_pooling must be 'mean', got {self.text_pooling!r}")
+        for name, allowed in (("attn_backend", ("auto", "flash", "sdpa", "eager")),
+                              ("te_precision", ("none", "bf16", "fp8")), ("image_proj", ("pretrained", "linear"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.init_logit_scale > self.max_logit_scale:
             raise ConfigError(f"init_logit_scale {self.init_logit_scale} > max_logit_scale {self.max_logit_scale}")
 

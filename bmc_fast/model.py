@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmc_fast.config import ModelConfig
+from bmc_fast.config import ModelConfig, load_model_config
 from bmc_fast.text_tower import TextTower
 from bmc_fast.vision_tower import VisionTransformer
 
@@ -21,13 +23,22 @@ class BMCLongCLIP(nn.Module):
     ``exp(max_logit_scale)`` (the clamp is in the forward, so it holds under every ZeRO stage).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, image_weights: str | Path | None = None,
+                 text_weights: str | Path | None = None):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
-        self.text = TextTower(cfg.text, cfg.embed_dim)
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.attn_backend)
+        if image_weights is not None:
+            from bmc_fast.weights import load_image_weights
+
+            load_image_weights(self.visual, image_weights, cfg.image_proj)
+        self.text = TextTower(cfg.text, cfg.embed_dim, unpad=cfg.text_unpad, weights=text_weights)
         # Shape (1,), not open_clip's (): DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        if cfg.te_precision != "none":
+            from bmc_fast.te_swap import swap_to_transformer_engine
+
+            swap_to_transformer_engine(self, cfg.te_precision)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(pixels)  # (B, E)
@@ -55,6 +66,28 @@ def _check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
     if input_ids.shape[1] > cfg.context_length:
         raise ValueError(f"text of length {input_ids.shape[1]} exceeds context_length {cfg.context_length}: "
                          "tokenize with truncation to the model's context length")
+    vocab = cfg.text.vocab_size
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bool(bad.any()):  # one host sync per batch: cheap next to a tower's forward
+        raise ValueError(f"token id {int(input_ids[bad][0])} is outside the text tower's vocabulary [0, {vocab}): "
+                         "use the tokenizer the text tower was built for")
+
+
+def create_model(preset_or_json: str, image_weights: str | Path | None = None, text_weights: str | Path | None = None,
+                 **overrides: Any) -> BMCLongCLIP:
+    """Build ``BMCLongCLIP`` from a preset name or JSON path, optionally loading local tower weights.
+
+    ``overrides`` replace config fields (``context_length=154``, ``text_unpad=False``,
+    ``vision={"grad_checkpointing": True}`` ...). A random-init text tower needs ``text.vocab_size``
+    (the presets for real checkpoints set it; ``ModelConfig.with_tokenizer`` fills it from a tokenizer).
+    """
+    cfg = load_model_config(preset_or_json, **overrides)
+    if cfg.text.vocab_size is None:
+        from bmc_fast.config import ConfigError
+
+        raise ConfigError(f"preset {preset_or_json!r} sets no text.vocab_size: pass text={{'vocab_size': N}} or build "
+                          "the config with ModelConfig.with_tokenizer(tokenizer)")
+    return BMCLongCLIP(cfg, image_weights=image_weights, text_weights=text_weights)
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

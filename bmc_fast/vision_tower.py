@@ -2,18 +2,55 @@
 
 Parameter names follow open_clip's ``VisionTransformer`` (``conv1``, ``class_embedding``,
 ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.{ln_1,attn,ln_2,mlp}``, ``ln_post``,
-``proj``) so that ViT-L/14 checkpoints map onto it key for key. Attention runs through
-``torch.nn.functional.scaled_dot_product_attention``.
+``proj``) so that ViT-L/14 checkpoints map onto it key for key (``bmc_fast.weights`` imports open_clip
+and timm state dicts). Attention has three interchangeable backends (``attn_backend``): flash-attn's
+``flash_attn_func`` (CUDA, bf16/fp16), torch SDPA, and an eager softmax(QKᵀ/√d)V; ``auto`` picks flash
+where it can run and SDPA elsewhere, and the choice is logged once per backend.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bmc_fast.config import VisionConfig
+
+_logger = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
+
+
+def resolve_attn_backend(requested: str, x: torch.Tensor) -> str:
+    """The attention backend that runs for ``requested`` on ``x``'s device and dtype; logged once."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    chosen = requested
+    if requested == "auto":
+        chosen = "flash" if x.is_cuda and half and _flash_attn_available() else "sdpa"
+    elif requested == "flash" and not (x.is_cuda and half):
+        raise ValueError(f"attn_backend='flash' needs CUDA bf16/fp16 activations, got {x.dtype} on {x.device}; "
+                         "use 'auto' or 'sdpa'")
+    if (requested, chosen) not in _logged:
+        _logged.add((requested, chosen))
+        _logger.info("image tower attention: %s (requested %s)", chosen, requested)
+    return chosen
+
+
+def _flash_attn_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as error:
+        raise ImportError("attn_backend='flash' needs flash-attn: pip install flash-attn --no-build-isolation "
+                          "(CUDA, Ampere or newer)") from error
+    return flash_attn_func
 
 
 class QuickGELU(nn.Module):
@@ -26,9 +63,10 @@ class QuickGELU(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s packed parameter names."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, backend: str = "auto"):
         super().__init__()
         self.heads = heads
+        self.backend = backend
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: q, k, v
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -37,19 +75,28 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape  # (batch, tokens, width)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (b, n, 3d)
-        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, d/h)
-        out = F.scaled_dot_product_attention(q, k, v)  # (b, h, n, d/h)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, d // self.heads)
+        backend = resolve_attn_backend(self.backend, qkv)
+        if backend == "flash":
+            out = _flash_attn_func()(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (b, n, h, d/h)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, d/h)
+            if backend == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:  # eager
+                weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
+                out = weights.to(v.dtype) @ v
+            out = out.transpose(1, 2)  # (b, n, h, d/h)
+        return self.out_proj(out.reshape(b, n, d))
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
         super().__init__()
         hidden = int(cfg.width * cfg.mlp_ratio)
         act = QuickGELU() if cfg.act == "quick_gelu" else nn.GELU()
         self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = SelfAttention(cfg.width, cfg.heads)
+        self.attn = SelfAttention(cfg.width, cfg.heads, attn_backend)
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(cfg.width, hidden)),
@@ -63,20 +110,24 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg, attn_backend) for _ in range(cfg.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
 
 class VisionTransformer(nn.Module):
     """Image (B, 3, H, W) -> embedding (B, output_dim) via the class token."""
 
-    def __init__(self, cfg: VisionConfig, output_dim: int):
+    def __init__(self, cfg: VisionConfig, output_dim: int, attn_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
         scale = cfg.width ** -0.5
@@ -84,7 +135,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size ** 2 + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.transformer = Transformer(cfg)
+        self.transformer = Transformer(cfg, attn_backend)
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, output_dim))
 
