@@ -2,17 +2,33 @@
 
 The HF class and its parameter names stay untouched (``text.transformer.*`` holds exactly a
 ``ModernBertModel`` state dict), so BioClinical-ModernBERT weights load as they ship.
+
+Two paths compute the same embedding:
+
+- **unpadded** (``text_unpad=True``, default): the batch's real tokens are packed into one sequence
+  (1, T) with ``cu_seqlens``; embeddings, norms and MLPs see real tokens only, RoPE positions restart
+  per caption, and attention stays inside each caption (and inside ModernBERT's sliding window on
+  local layers). It goes through transformers' attention-function interface: on CUDA with flash-attn,
+  HF's own ``flash_attention_2`` (``flash_attn_varlen_func`` on the packed sequence); elsewhere
+  ``bmc_varlen_sdpa``, registered here, which runs SDPA caption by caption with the same window.
+- **padded**: HF's SDPA forward on (B, L) with the attention mask.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bmc_fast.config import TextConfig
+from bmc_fast.config import ConfigError, TextConfig
 
 _logger = logging.getLogger(__name__)
+
+VARLEN_SDPA = "bmc_varlen_sdpa"
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "local_attention",
+                "vocab_size")
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -21,19 +37,57 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                          sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """Attention confined to each packed caption: q, k, v (1, heads, T, d) -> ((1, T, heads, d), None).
+
+    ``sliding_window`` follows ModernBERT's attention module (half window + 1, flash-attn's inclusive
+    convention): key j is visible from query i when |i − j| ≤ sliding_window − 1.
+    """
+    if cu_seq_lens_q is None:
+        raise ValueError(f"{VARLEN_SDPA} attention needs cu_seq_lens_q (the packed captions' boundaries): call the "
+                         "model through bmc_fast's TextTower, or set_attn_implementation('sdpa') on the HF model first")
+    out = torch.empty_like(query)
+    bounds = cu_seq_lens_q.tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        mask = None
+        if sliding_window is not None and stop - start > sliding_window:
+            pos = torch.arange(stop - start, device=query.device)
+            mask = (pos[:, None] - pos[None, :]).abs() <= sliding_window - 1
+        out[:, :, start:stop] = F.scaled_dot_product_attention(
+            query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], attn_mask=mask,
+            dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+
+
 class TextTower(nn.Module):
     """Token ids (B, L) + attention mask (B, L) -> embedding (B, output_dim)."""
 
-    def __init__(self, cfg: TextConfig, output_dim: int, attn_implementation: str = "sdpa"):
+    def __init__(self, cfg: TextConfig, output_dim: int, unpad: bool = True, weights: str | Path | None = None):
         super().__init__()
         from transformers import ModernBertConfig, ModernBertModel
 
-        hf_config = ModernBertConfig(**cfg.to_hf_kwargs(), attn_implementation=attn_implementation)
-        self.cfg = cfg
-        self.transformer = ModernBertModel(hf_config)
-        _logger.info("text tower: ModernBertModel, %d layers (%s), attention=%s", cfg.num_hidden_layers,
+        _register_attention()
+        self.cfg, self.unpad = cfg, unpad
+        if weights is None:
+            self.transformer = ModernBertModel(ModernBertConfig(**cfg.to_hf_kwargs(), attn_implementation="sdpa"))
+        else:
+            self.transformer = _load_pretrained(ModernBertModel, weights, cfg)
+        if cfg.grad_checkpointing:
+            self.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._attention = None  # the unpadded path's attention implementation, chosen at the first forward
+        self.last_token_counts = (0, 0)  # (tokens computed, real tokens) of the last forward
+        hf_config = self.transformer.config
+        _logger.info("text tower: ModernBertModel, %d layers (%s), %s path", cfg.num_hidden_layers,
                      ",".join("g" if t == "full_attention" else "l" for t in hf_config.layer_types),
-                     self.transformer.config._attn_implementation)
+                     "unpadded (packed)" if unpad else "padded SDPA")
         width = cfg.hidden_size
         # open_clip's "mlp" text projection (bias-free), hidden -> hidden -> embed as in BMC-LongCLIP.
         self.proj = nn.Sequential(
@@ -43,6 +97,74 @@ class TextTower(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, project: bool = True) -> torch.Tensor:
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        pooled = masked_mean(hidden, attention_mask)  # (B, H)
+        if self.unpad:
+            pooled = self._pooled_unpadded(input_ids, attention_mask)
+        else:
+            self._use_attention("sdpa")
+            hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+            pooled = masked_mean(hidden, attention_mask)  # (B, H)
+            self.last_token_counts = (input_ids.numel(), int(attention_mask.sum()))
         return self.proj(pooled) if project else pooled
+
+    def _pooled_unpadded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        keep = attention_mask.bool()
+        lengths = keep.sum(dim=1)  # (B,)
+        if bool((lengths == 0).any()):
+            raise ValueError("a caption has no tokens (attention_mask row of zeros); tokenize with [CLS]/[SEP]")
+        packed = input_ids[keep].unsqueeze(0)  # (1, T) real tokens only
+        positions = (keep.long().cumsum(dim=1) - 1)[keep].unsqueeze(0)  # (1, T) restart at 0 per caption
+        cu_seqlens = F.pad(lengths.cumsum(dim=0), (1, 0)).to(torch.int32)  # (B + 1,)
+        longest = int(lengths.max())
+        self._use_attention(self._varlen_attention(packed.device))
+        hidden = self.transformer(
+            input_ids=packed, position_ids=positions,
+            attention_mask={"full_attention": None, "sliding_attention": None},  # packing replaces masks
+            cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest,
+        ).last_hidden_state[0]  # (T, H)
+        caption = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)  # (T,)
+        sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
+        sums.index_add_(0, caption, hidden)
+        self.last_token_counts = (packed.shape[1], packed.shape[1])
+        return sums / lengths[:, None].to(hidden.dtype)
+
+    def _varlen_attention(self, device: torch.device) -> str:
+        if self._attention is None or self._attention[0] != device.type:
+            import importlib.util
+
+            flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+            name = "flash_attention_2" if flash else VARLEN_SDPA
+            if device.type == "cuda" and not flash:
+                _logger.warning("text tower: flash-attn is not installed, so the unpadded path runs SDPA caption "
+                                "by caption on CUDA (correct, slower): pip install flash-attn")
+            _logger.info("text tower: unpadded attention via %s on %s", name, device.type)
+            self._attention = (device.type, name)
+        return self._attention[1]
+
+    def _use_attention(self, name: str) -> None:
+        if self.transformer.config._attn_implementation != name:
+            self.transformer.set_attn_implementation(name)
+
+
+def _load_pretrained(model_class, weights: str | Path, cfg: TextConfig):
+    """``ModernBertModel.from_pretrained`` from a local directory, checked against the preset."""
+    from transformers import AutoConfig
+
+    directory = Path(weights)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"text_weights {str(weights)!r} has no config.json: pass a directory written by "
+                          "save_pretrained (config.json + model.safetensors)")
+    hf_config = AutoConfig.from_pretrained(str(directory))
+    differs = {f: (getattr(hf_config, f, None), getattr(cfg, f)) for f in _ARCH_FIELDS
+               if cfg.vocab_size is not None or f != "vocab_size"}
+    differs = {f: v for f, v in differs.items() if v[0] != v[1]}
+    if differs:
+        raise ConfigError(f"text_weights {str(weights)!r} does not match the preset's text config "
+                          f"(checkpoint, preset): {differs}")
+    model, info = model_class.from_pretrained(str(directory), attn_implementation="sdpa", output_loading_info=True)
+    # A ModernBertForMaskedLM checkpoint also carries its MLM head, which the encoder does not use.
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("head.", "decoder."))]
+    if info["missing_keys"] or unexpected or info.get("mismatched_keys"):
+        raise ConfigError(f"text_weights {str(weights)!r}: missing keys {sorted(info['missing_keys'])}, unexpected "
+                          f"keys {sorted(unexpected)}, mismatched {info.get('mismatched_keys')}")
+    _logger.info("text tower: loaded ModernBertModel weights from %s", directory)
+    return model

@@ -27,7 +27,8 @@ def test_text_tower_is_hf_modernbert_with_masked_mean(model, small_data):
     tokens = _batch(tokenizer, ["short caption", "a much longer caption " * 20, "mid length caption " * 5])
     with torch.no_grad():
         ours = model.encode_text(tokens["input_ids"], tokens["attention_mask"], project=False)
-        # Reference: each caption alone, unpadded, through HF's forward; plain mean over its tokens.
+        # Reference: each caption alone, unpadded, through HF's own SDPA forward; plain mean over its tokens.
+        model.text.transformer.set_attn_implementation("sdpa")
         for i in range(3):
             n = int(tokens["attention_mask"][i].sum())
             alone = model.text.transformer(input_ids=tokens["input_ids"][i:i + 1, :n]).last_hidden_state

@@ -1,0 +1,203 @@
+"""Real-weight import and the unpadded text path, against open_clip, timm and Hugging Face themselves.
+
+Checkpoints are random-init models of the real classes with every tensor perturbed (so that a swapped
+LayerNorm or a transposed projection cannot pass), saved to disk as users would have them.
+"""
+import pytest
+import torch
+
+from bmc_fast import create_model
+from bmc_fast.config import ConfigError, load_model_config
+from bmc_fast.text_tower import TextTower, masked_mean
+from bmc_fast.vision_tower import VisionTransformer
+
+PRESET = "bmc-longclip-l14-512"
+
+
+def _perturbed(state):
+    g = torch.Generator().manual_seed(7)
+    return {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _relative_error(ours, reference):
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def open_clip_vit(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    model = open_clip.create_model("ViT-L-14")  # random init (no hub), GELU
+    model.load_state_dict(_perturbed(model.state_dict()))
+    path = tmp_path_factory.mktemp("open_clip") / "vit-l-14.pt"
+    torch.save(model.state_dict(), path)
+    return model.eval(), path
+
+
+def test_open_clip_vit_l14_loads_and_matches(open_clip_vit):
+    reference, path = open_clip_vit
+    ours = create_model(PRESET, image_weights=path, vision={"act": "gelu"}).eval()  # strict load: no key left over
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = reference.encode_image(images)
+        got = ours.encode_image(images)
+    assert got.shape == (2, 768)
+    assert _relative_error(got, want) < 1e-5
+
+
+def test_timm_names_load_and_match(tmp_path):
+    timm = pytest.importorskip("timm")
+    from bmc_fast.weights import load_image_weights
+
+    model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=768).eval()
+    state = _perturbed(model.state_dict())
+    state["head.bias"] = torch.zeros(768)  # CLIP projections carry no bias
+    model.load_state_dict(state)
+    torch.save(state, tmp_path / "timm.pt")
+    ours = VisionTransformer(load_model_config(PRESET, vision={"act": "gelu"}).vision, 768).eval()
+    load_image_weights(ours, tmp_path / "timm.pt")
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert _relative_error(ours(images), model(images)) < 1e-5
+
+
+def test_image_proj_linear_keeps_a_fresh_projection(open_clip_vit):
+    reference, path = open_clip_vit
+    ours = create_model(PRESET, image_weights=path, image_proj="linear", vision={"act": "gelu"})
+    assert not torch.equal(ours.visual.proj, reference.visual.proj)
+    torch.testing.assert_close(ours.visual.ln_post.weight, reference.visual.ln_post.weight)
+
+
+def test_checkpoint_with_wrong_keys_lists_them(open_clip_vit, tmp_path):
+    _, path = open_clip_vit
+    state = torch.load(path, weights_only=True)
+    del state["visual.ln_pre.bias"]
+    state["visual.extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    cfg = load_model_config(PRESET, vision={"act": "gelu"}).vision
+    from bmc_fast.weights import load_image_weights
+
+    with pytest.raises(ConfigError, match=r"missing \['ln_pre.bias'\], unexpected \['extra.weight'\]"):
+        load_image_weights(VisionTransformer(cfg, 768), bad)
+
+
+# --------------------------------------------------------------------------------------------------- text
+@pytest.fixture(scope="module")
+def bioclinical_dir(tmp_path_factory):
+    from transformers import ModernBertConfig, ModernBertModel
+
+    text = load_model_config(PRESET).text
+    config = ModernBertConfig(**{**text.to_hf_kwargs(), "pad_token_id": 50283, "cls_token_id": 50281,
+                                 "sep_token_id": 50282, "bos_token_id": 50281, "eos_token_id": 50282})
+    model = ModernBertModel(config)
+    model.load_state_dict(_perturbed(model.state_dict()))
+    directory = tmp_path_factory.mktemp("bioclinical")
+    model.save_pretrained(directory)
+    return directory
+
+
+def _caption_batch(lengths, context=512, vocab=50368, pad=50283):
+    ids = torch.full((len(lengths), max(lengths)), pad)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(0, 50280, (n,))
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
+def test_bioclinical_modernbert_matches_hf_padded_sdpa(bioclinical_dir, unpad):
+    from transformers import ModernBertModel
+
+    text_cfg = load_model_config(PRESET).text
+    ours = TextTower(text_cfg, 768, unpad=unpad, weights=bioclinical_dir).eval()
+    reference = ModernBertModel.from_pretrained(bioclinical_dir, attn_implementation="sdpa").eval()
+    ids, mask = _caption_batch([1, 7, 128, 129, 300, 512])  # crosses the 128-token local window
+    with torch.no_grad():
+        want = masked_mean(reference(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        got = ours(ids, mask, project=False)
+    assert _relative_error(got, want) < 1e-5
+    computed, real = ours.last_token_counts
+    assert real == int(mask.sum())
+    assert computed / real <= (1.05 if unpad else 512 * 6 / real)
+
+
+def test_text_weights_with_a_missing_tensor(bioclinical_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(bioclinical_dir, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(weights)
+    del state["layers.3.mlp.Wo.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"missing keys \['layers.3.mlp.Wo.weight'\]"):
+        TextTower(load_model_config(PRESET).text, 768, weights=tmp_path / "ckpt")
+
+
+def test_text_weights_of_another_architecture(bioclinical_dir):
+    text_cfg = load_model_config(PRESET, text={"num_hidden_layers": 12}).text
+    with pytest.raises(ConfigError, match=r"'num_hidden_layers': \(22, 12\)"):
+        TextTower(text_cfg, 768, weights=bioclinical_dir)
+
+
+def test_context_length_above_max_positions():
+    with pytest.raises(ConfigError, match="context_length 9000 > text.max_position_embeddings 8192"):
+        load_model_config(PRESET, context_length=9000)
+
+
+def test_token_id_outside_vocabulary_is_named():
+    model = create_model("tiny", text={"vocab_size": 100, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2})
+    ids = torch.tensor([[1, 5, 250, 2]])
+    with pytest.raises(ValueError, match=r"token id 250 is outside the text tower's vocabulary \[0, 100\)"):
+        model.encode_text(ids, torch.ones_like(ids))
+
+
+# --------------------------------------------------------------------------------------------------- switches
+TINY_TEXT = {"vocab_size": 300, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
+
+
+def test_attention_backends_agree():
+    eager = create_model("tiny", attn_backend="eager", text=TINY_TEXT).eval()
+    sdpa = create_model("tiny", attn_backend="sdpa", text=TINY_TEXT).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.encode_image(images), sdpa.encode_image(images), rtol=1e-5, atol=1e-6)
+    flash = create_model("tiny", attn_backend="flash", text=TINY_TEXT)
+    with pytest.raises(ValueError, match="attn_backend='flash' needs CUDA bf16/fp16"):
+        flash.encode_image(images)
+
+
+def test_unpadded_and_padded_tiny_towers_agree_with_windows():
+    """Local window 16 on captions up to 60 tokens: packing, RoPE restarts and windows all matter."""
+    text = {**TINY_TEXT, "local_attention": 16}
+    unpadded = create_model("tiny", text=text).eval()
+    padded = create_model("tiny", text_unpad=False, text=text).eval()
+    padded.load_state_dict(unpadded.state_dict())
+    ids, mask = _caption_batch([60, 3, 17, 44], vocab=300, pad=0)
+    ids = ids.clamp(max=299)
+    with torch.no_grad():
+        torch.testing.assert_close(unpadded.encode_text(ids, mask), padded.encode_text(ids, mask), rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_activation_checkpointing_keeps_gradients(tower):
+    plain = create_model("tiny", text=TINY_TEXT)
+    overrides = {"text": TINY_TEXT, tower: {**(TINY_TEXT if tower == "text" else {}), "grad_checkpointing": True}}
+    checkpointed = create_model("tiny", **overrides)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    ids, mask = _caption_batch([20, 9], vocab=300, pad=0)
+    ids = ids.clamp(max=299)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        image, text, scale = model(images, ids, mask)
+        (image @ text.T * scale).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
