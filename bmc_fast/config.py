@@ -105,7 +105,7 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init
     max_logit_scale: float = math.log(100)  # clamp: exp(logit_scale) <= 100
     text_unpad: bool = True  # pack the batch's real tokens (no compute on padding); False: padded SDPA
-    attn_backend: str = "auto"  # image tower: "auto" (flash on CUDA bf16/fp16, else sdpa), "flash", "sdpa", "eager"
+    attn_backend: str = "auto"  # image tower and padded text path: "auto", "flash", "sdpa", "eager"
     te_precision: str = "none"  # Transformer Engine layers: "none", "bf16", "fp8" (CUDA only)
     image_proj: str = "pretrained"  # with image weights: keep their projection, or "linear" (fresh init)
 

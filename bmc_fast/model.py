@@ -32,7 +32,8 @@ class BMCLongCLIP(nn.Module):
             from bmc_fast.weights import load_image_weights
 
             load_image_weights(self.visual, image_weights, cfg.image_proj)
-        self.text = TextTower(cfg.text, cfg.embed_dim, unpad=cfg.text_unpad, weights=text_weights)
+        self.text = TextTower(cfg.text, cfg.embed_dim, unpad=cfg.text_unpad, weights=text_weights,
+                              attn_backend=cfg.attn_backend)
         # Shape (1,), not open_clip's (): DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
         if cfg.te_precision != "none":

@@ -11,7 +11,8 @@ Two paths compute the same embedding:
   local layers). It goes through transformers' attention-function interface: on CUDA with flash-attn,
   HF's own ``flash_attention_2`` (``flash_attn_varlen_func`` on the packed sequence); elsewhere
   ``bmc_varlen_sdpa``, registered here, which runs SDPA caption by caption with the same window.
-- **padded**: HF's SDPA forward on (B, L) with the attention mask.
+- **padded**: HF's own forward on (B, L) with the attention mask, through the implementation that
+  ``attn_backend`` names: ``sdpa`` (and ``auto``), ``eager``, or ``flash`` (HF's flash_attention_2).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from bmc_fast.config import ConfigError, TextConfig
 _logger = logging.getLogger(__name__)
 
 VARLEN_SDPA = "bmc_varlen_sdpa"
+_PADDED_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "local_attention",
                 "vocab_size")
 
@@ -70,12 +72,14 @@ def _register_attention() -> None:
 class TextTower(nn.Module):
     """Token ids (B, L) + attention mask (B, L) -> embedding (B, output_dim)."""
 
-    def __init__(self, cfg: TextConfig, output_dim: int, unpad: bool = True, weights: str | Path | None = None):
+    def __init__(self, cfg: TextConfig, output_dim: int, unpad: bool = True, weights: str | Path | None = None,
+                 attn_backend: str = "auto"):
         super().__init__()
         from transformers import ModernBertConfig, ModernBertModel
 
         _register_attention()
         self.cfg, self.unpad = cfg, unpad
+        self.padded_attention = _PADDED_ATTENTION[attn_backend]
         if weights is None:
             self.transformer = ModernBertModel(ModernBertConfig(**cfg.to_hf_kwargs(), attn_implementation="sdpa"))
         else:
@@ -87,7 +91,7 @@ class TextTower(nn.Module):
         hf_config = self.transformer.config
         _logger.info("text tower: ModernBertModel, %d layers (%s), %s path", cfg.num_hidden_layers,
                      ",".join("g" if t == "full_attention" else "l" for t in hf_config.layer_types),
-                     "unpadded (packed)" if unpad else "padded SDPA")
+                     "unpadded (packed)" if unpad else f"padded ({self.padded_attention})")
         width = cfg.hidden_size
         # open_clip's "mlp" text projection (bias-free), hidden -> hidden -> embed as in BMC-LongCLIP.
         self.proj = nn.Sequential(
@@ -100,7 +104,7 @@ class TextTower(nn.Module):
         if self.unpad:
             pooled = self._pooled_unpadded(input_ids, attention_mask)
         else:
-            self._use_attention("sdpa")
+            self._use_attention(self.padded_attention)
             hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
             pooled = masked_mean(hidden, attention_mask)  # (B, H)
             self.last_token_counts = (input_ids.numel(), int(attention_mask.sum()))
