@@ -1,6 +1,7 @@
 """BMC-LongCLIP: a CLIP ViT image tower and a ModernBERT text tower trained contrastively."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,28 @@ class BMCLongCLIP(nn.Module):
                               attn_backend=cfg.attn_backend)
         # Shape (1,), not open_clip's (): DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self.autocast = contextlib.nullcontext  # te_swap installs Transformer Engine's FP8 autocast here
+        self.fp8_row_multiple = 1
         if cfg.te_precision != "none":
             from bmc_fast.te_swap import swap_to_transformer_engine
 
             swap_to_transformer_engine(self, cfg.te_precision)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(pixels)  # (B, E)
+        rows = pixels.shape[0] * (self.cfg.vision.grid_size ** 2 + 1)
+        if rows % self.fp8_row_multiple:
+            raise ValueError(f"FP8 needs batch × tokens ({pixels.shape[0]} × {self.cfg.vision.grid_size ** 2 + 1}) to "
+                             f"be a multiple of {self.fp8_row_multiple}: use a batch that is a multiple of "
+                             f"{self.fp8_row_multiple}")
+        with self.autocast():
+            features = self.visual(pixels)  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False,
                     project: bool = True) -> torch.Tensor:
         _check_text_inputs(input_ids, attention_mask, self.cfg)
-        features = self.text(input_ids, attention_mask, project=project)  # (B, E) or (B, H) unprojected
+        with self.autocast():
+            features = self.text(input_ids, attention_mask, project=project)  # (B, E) or (B, H) unprojected
         return F.normalize(features, dim=-1) if normalize else features
 
     def scale(self) -> torch.Tensor:

@@ -87,6 +87,7 @@ class TextTower(nn.Module):
         if cfg.grad_checkpointing:
             self.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._attention = None  # the unpadded path's attention implementation, chosen at the first forward
+        self.pad_tokens_to = 1  # FP8 GEMMs need row counts in multiples of 16 (32 for MXFP8): te_swap sets it
         self.last_token_counts = (0, 0)  # (tokens computed, real tokens) of the last forward
         hf_config = self.transformer.config
         _logger.info("text tower: ModernBertModel, %d layers (%s), %s path", cfg.num_hidden_layers,
@@ -105,6 +106,9 @@ class TextTower(nn.Module):
             pooled = self._pooled_unpadded(input_ids, attention_mask)
         else:
             self._use_attention(self.padded_attention)
+            if input_ids.numel() % self.pad_tokens_to:
+                raise ValueError(f"FP8 needs batch × length ({tuple(input_ids.shape)}) to be a multiple of "
+                                 f"{self.pad_tokens_to}: pad captions to such a length, or use the unpadded path")
             hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
             pooled = masked_mean(hidden, attention_mask)  # (B, H)
             self.last_token_counts = (input_ids.numel(), int(attention_mask.sum()))
@@ -119,16 +123,24 @@ class TextTower(nn.Module):
         positions = (keep.long().cumsum(dim=1) - 1)[keep].unsqueeze(0)  # (1, T) restart at 0 per caption
         cu_seqlens = F.pad(lengths.cumsum(dim=0), (1, 0)).to(torch.int32)  # (B + 1,)
         longest = int(lengths.max())
+        real = packed.shape[1]
+        extra = -real % self.pad_tokens_to
+        if extra:  # one more "caption" of pad tokens, never pooled, to reach the FP8 row multiple
+            pad_id = self.cfg.pad_token_id or 0
+            packed = torch.cat([packed, packed.new_full((1, extra), pad_id)], dim=1)
+            positions = torch.cat([positions, torch.arange(extra, device=positions.device)[None]], dim=1)
+            cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:] + extra])
+            longest = max(longest, extra)
         self._use_attention(self._varlen_attention(packed.device))
         hidden = self.transformer(
             input_ids=packed, position_ids=positions,
             attention_mask={"full_attention": None, "sliding_attention": None},  # packing replaces masks
             cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest,
-        ).last_hidden_state[0]  # (T, H)
+        ).last_hidden_state[0, :real]  # (T, H)
         caption = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)  # (T,)
         sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
         sums.index_add_(0, caption, hidden)
-        self.last_token_counts = (packed.shape[1], packed.shape[1])
+        self.last_token_counts = (packed.shape[1], real)
         return sums / lengths[:, None].to(hidden.dtype)
 
     def _varlen_attention(self, device: torch.device) -> str:

@@ -74,20 +74,27 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape  # (batch, tokens, width)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, d // self.heads)
-        backend = resolve_attn_backend(self.backend, qkv)
-        if backend == "flash":
-            out = _flash_attn_func()(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (b, n, h, d/h)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, d/h)
-            if backend == "sdpa":
-                out = F.scaled_dot_product_attention(q, k, v)
-            else:  # eager
-                weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
-                out = weights.to(v.dtype) @ v
-            out = out.transpose(1, 2)  # (b, n, h, d/h)
-        return self.out_proj(out.reshape(b, n, d))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (b, n, 3d)
+        return self.out_proj(attention_core(qkv, self.heads, self.backend))
+
+
+def attention_core(qkv: torch.Tensor, heads: int, backend: str) -> torch.Tensor:
+    """softmax(QKᵀ/√d)V of packed projections qkv (b, n, 3·width) -> (b, n, width), by ``backend``."""
+    b, n, three_d = qkv.shape
+    d = three_d // 3
+    qkv = qkv.view(b, n, 3, heads, d // heads)
+    backend = resolve_attn_backend(backend, qkv)
+    if backend == "flash":
+        out = _flash_attn_func()(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (b, n, h, d/h)
+    else:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, d/h)
+        if backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # eager
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
+            out = weights.to(v.dtype) @ v
+        out = out.transpose(1, 2)  # (b, n, h, d/h)
+    return out.reshape(b, n, d)
 
 
 class ResidualAttentionBlock(nn.Module):
