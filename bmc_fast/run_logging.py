@@ -48,14 +48,19 @@ class MetricsWriter:
 
 
 class ThroughputWindow:
-    """Loss and throughput since the last read, summed over ranks when read (one small all-reduce)."""
+    """Loss and throughput since the last read, summed over ranks when read (one small all-reduce).
 
-    def __init__(self, device, global_batch: int):
+    ``flops_fn(n_images, lengths) -> int`` gives a micro-batch's training FLOPs (``bmc_fast.flops``);
+    with ``peak_flops`` (per rank) the window also reports MFU.
+    """
+
+    def __init__(self, device, global_batch: int, flops_fn=None, peak_flops: float | None = None):
         import torch
 
         self.device, self.global_batch = device, global_batch
+        self.flops_fn, self.peak_flops = flops_fn, peak_flops
         self._loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        self._counts = torch.zeros(3, dtype=torch.float64)  # micro-batches, real tokens, padded tokens
+        self._counts = torch.zeros(4, dtype=torch.float64)  # micro-batches, real tokens, padded tokens, FLOPs
         self._steps = 0
         self.restart_clock()
 
@@ -68,7 +73,9 @@ class ThroughputWindow:
 
         self._loss += loss.detach()
         mask = attention_mask  # on the CPU: counting is free
-        self._counts += torch.tensor([1, mask.sum().item(), mask.numel()], dtype=torch.float64)
+        lengths = mask.sum(dim=1).tolist()
+        flops = self.flops_fn(mask.shape[0], lengths) if self.flops_fn else 0
+        self._counts += torch.tensor([1, sum(lengths), mask.numel(), flops], dtype=torch.float64)
 
     def end_step(self) -> None:
         self._steps += 1
@@ -80,10 +87,14 @@ class ThroughputWindow:
 
         totals = torch.cat([self._loss.double().reshape(1).cpu(), self._counts]).to(self.device)
         torch.distributed.all_reduce(totals)
-        loss_sum, micro_batches, real, padded = totals.cpu().tolist()
+        loss_sum, micro_batches, real, padded, flops = totals.cpu().tolist()
         seconds = time.perf_counter() - self._start
         scalars = {"loss": loss_sum / micro_batches, "samples_per_s": self._steps * self.global_batch / seconds,
                    "tokens_per_s": real / seconds, "padding_fraction": 1 - real / padded}
+        if self.flops_fn:
+            scalars["tflops"] = flops / seconds / 1e12  # all ranks together
+            if self.peak_flops:
+                scalars["mfu"] = flops / seconds / (self.peak_flops * torch.distributed.get_world_size())
         self._loss.zero_()
         self._counts.zero_()
         self._steps = 0

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=_DEFAULTS["workers"], help="data loader processes per rank")
     parser.add_argument("--loss-backend", default=_DEFAULTS["loss_backend"], choices=("auto", "triton", "torch"),
                         help="fused contrastive loss kernels (auto: Triton on CUDA, torch on CPU)")
+    parser.add_argument("--image-weights", help="open_clip (visual.*) or timm ViT checkpoint for the image tower")
+    parser.add_argument("--text-weights", help="Hugging Face ModernBERT directory for the text tower")
+    parser.add_argument("--image-proj", choices=("pretrained", "linear"),
+                        help="keep the checkpoint's image projection or start a fresh one")
+    parser.add_argument("--attn-backend", choices=("auto", "flash", "sdpa", "eager"), help="attention kernels")
+    parser.add_argument("--te-precision", choices=("none", "bf16", "fp8"), help="Transformer Engine layers (CUDA)")
+    parser.add_argument("--no-text-unpad", dest="text_unpad", action="store_const", const=False, default=None,
+                        help="pad captions instead of packing their real tokens")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing, both towers")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 

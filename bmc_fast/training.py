@@ -22,6 +22,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,13 @@ class TrainConfig:
     seed: int = 0  # model init and data order; also picks the embedded dataset
     workers: int = 1  # DataLoader worker processes per rank
     loss_backend: str = "auto"  # fused contrastive loss: "auto" (Triton on CUDA, torch on CPU), "triton", "torch"
+    image_weights: str | None = None  # open_clip (visual.*) or timm ViT checkpoint file for the image tower
+    text_weights: str | None = None  # Hugging Face ModernBERT directory (config.json + safetensors)
+    image_proj: str | None = None  # with image_weights: "pretrained" projection or a fresh "linear" one
+    attn_backend: str | None = None  # None: the preset's ("auto")
+    te_precision: str | None = None  # Transformer Engine: "none", "bf16", "fp8"; None: the preset's
+    text_unpad: bool | None = None  # None: the preset's (unpadded)
+    grad_checkpointing: bool = False  # activation checkpointing in both towers
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "context_length"):
@@ -116,7 +124,16 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
 
     ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
     plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
-    model_cfg = load_model_config(cfg.preset, context_length=cfg.context_length)  # validates the preset early
+    if cfg.image_weights is not None and not Path(cfg.image_weights).is_file():
+        raise ConfigError(f"--image-weights {cfg.image_weights!r} is not a file: pass a local open_clip or timm "
+                          "checkpoint (.pt/.bin/.safetensors)")
+    if cfg.text_weights is not None and not (Path(cfg.text_weights) / "config.json").is_file():
+        raise ConfigError(f"--text-weights {cfg.text_weights!r} has no config.json: pass a directory written by "
+                          "save_pretrained")
+    checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
+    model_cfg = load_model_config(  # validates the preset and the overrides early
+        cfg.preset, context_length=cfg.context_length, text_unpad=cfg.text_unpad, attn_backend=cfg.attn_backend,
+        te_precision=cfg.te_precision, image_proj=cfg.image_proj, vision=checkpointing, text=checkpointing)
 
     if cfg.train_data is None:
         from bmc_fast.data.default_data import ensure_default_data
@@ -155,6 +172,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     from tqdm import tqdm
 
     from bmc_fast.data.loader import make_loader
+    from bmc_fast.flops import peak_flops, train_step_flops
     from bmc_fast.kernels import FusedClipLoss
     from bmc_fast.model import BMCLongCLIP, param_groups
     from bmc_fast.run_logging import MetricsWriter, ThroughputWindow
@@ -166,7 +184,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     _start_run_dir(p)
 
     torch.manual_seed(cfg.seed)
-    model = BMCLongCLIP(p.model_cfg)
+    model = BMCLongCLIP(p.model_cfg, image_weights=cfg.image_weights, text_weights=cfg.text_weights)
     n_params = sum(t.numel() for t in model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=p.ds_config)
     first_step = 1
@@ -192,7 +210,9 @@ def run(prepared: Prepared) -> dict[str, Any]:
                    if p.eval_urls else None)
 
     writer = MetricsWriter(p.run_dir, enabled=env.rank == 0)
-    window = ThroughputWindow(device, p.plan.global_batch)
+    window = ThroughputWindow(device, p.plan.global_batch, flops_fn=partial(train_step_flops, p.model_cfg),
+                              peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
+                              else None)
     batches = iter(train_loader)
     run_start, last_train, last_eval = time.perf_counter(), {}, {}
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,

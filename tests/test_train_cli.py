@@ -177,3 +177,13 @@ def test_resume_with_another_model(small_data, tmp_path):
     (run / "config.json").write_text(json.dumps({"model": {"context_length": 77}}))
     with pytest.raises(ConfigError, match=r"--resume: the run in .* used a different model \(\[.*'context_length'"):
         train.main(_args(small_data, tmp_path) + ["--resume"])
+
+
+def test_missing_image_weights(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="--image-weights '.*nope.pt' is not a file"):
+        train.main(_args(small_data, tmp_path) + ["--image-weights", str(tmp_path / "nope.pt")])
+
+
+def test_text_weights_without_config(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="--text-weights '.*' has no config.json"):
+        train.main(_args(small_data, tmp_path) + ["--text-weights", str(tmp_path)])
