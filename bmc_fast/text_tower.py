@@ -10,7 +10,8 @@ Two paths compute the same embedding:
   per caption, and attention stays inside each caption (and inside ModernBERT's sliding window on
   local layers). It goes through transformers' attention-function interface: on CUDA with flash-attn,
   HF's own ``flash_attention_2`` (``flash_attn_varlen_func`` on the packed sequence); elsewhere
-  ``bmc_varlen_sdpa``, registered here, which runs SDPA caption by caption with the same window.
+  ``bmc_varlen_sdpa``, registered here, which runs SDPA over groups of similar-length captions with a
+  per-caption key mask and the same window.
 - **padded**: HF's own forward on (B, L) with the attention mask, through the implementation that
   ``attn_backend`` names: ``sdpa`` (and ``auto``), ``eager``, or ``flash`` (HF's flash_attention_2).
 """
@@ -39,28 +40,63 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+BUCKET_SLACK = 1.25  # a bucket's padded attention cost may exceed its real cost by this factor
+
+
+def caption_buckets(lengths: list[int], slack: float = BUCKET_SLACK) -> list[list[int]]:
+    """Group captions of similar length so each group runs as one padded SDPA call.
+
+    Captions are taken longest first; a group closes when padding it to its longest member would cost
+    more than ``slack`` × its real attention cost (Σ len²). Few calls, little padding.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            group = buckets[-1]
+            longest = lengths[group[0]]
+            real = sum(lengths[j] ** 2 for j in group) + lengths[i] ** 2
+            if (len(group) + 1) * longest ** 2 <= slack * real:
+                group.append(i)
+                continue
+        buckets.append([i])
+    return buckets
+
+
 def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask, dropout: float = 0.0, scaling: float | None = None,
                           sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
     """Attention confined to each packed caption: q, k, v (1, heads, T, d) -> ((1, T, heads, d), None).
 
-    ``sliding_window`` follows ModernBERT's attention module (half window + 1, flash-attn's inclusive
-    convention): key j is visible from query i when |i − j| ≤ sliding_window − 1.
+    Captions of similar length are gathered into padded groups (``caption_buckets``), one SDPA call per
+    group with a key mask; every query sees exactly its own caption's keys, so the result equals
+    caption-by-caption attention. ``sliding_window`` follows ModernBERT's attention module (half
+    window + 1, flash-attn's inclusive convention): key j is visible from query i when |i − j| ≤ sliding_window − 1.
     """
     if cu_seq_lens_q is None:
         raise ValueError(f"{VARLEN_SDPA} attention needs cu_seq_lens_q (the packed captions' boundaries): call the "
                          "model through bmc_fast's TextTower, or set_attn_implementation('sdpa') on the HF model first")
-    out = torch.empty_like(query)
     bounds = cu_seq_lens_q.tolist()
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    device = query.device
+    pieces, token_order = [], []
+    for group in caption_buckets(lengths):
+        longest = lengths[group[0]]
+        pos = torch.arange(longest, device=device)  # (Lg,)
+        glen = torch.tensor([lengths[i] for i in group], device=device)  # (G,)
+        valid = pos[None, :] < glen[:, None]  # (G, Lg)
+        index = (torch.tensor([starts[i] for i in group], device=device)[:, None] + pos).clamp(max=bounds[-1] - 1)
         mask = None
-        if sliding_window is not None and stop - start > sliding_window:
-            pos = torch.arange(stop - start, device=query.device)
-            mask = (pos[:, None] - pos[None, :]).abs() <= sliding_window - 1
-        out[:, :, start:stop] = F.scaled_dot_product_attention(
-            query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], attn_mask=mask,
-            dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+        if len(group) > 1 or (sliding_window is not None and longest > sliding_window):
+            mask = valid[:, None, None, :]  # (G, 1, 1, Lg) keys of the caption itself
+            if sliding_window is not None and longest > sliding_window:
+                mask = mask & ((pos[:, None] - pos[None, :]).abs() <= sliding_window - 1)  # (G, 1, Lg, Lg)
+        q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (G, heads, Lg, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        pieces.append(out.transpose(1, 2)[valid])  # (real tokens of the group, heads, d)
+        token_order.append(index[valid])
+    inverse = torch.argsort(torch.cat(token_order))  # packed position -> row of the concatenated pieces
+    return torch.cat(pieces)[inverse].unsqueeze(0), None
 
 
 def _register_attention() -> None:
@@ -85,7 +121,7 @@ class TextTower(nn.Module):
         else:
             self.transformer = _load_pretrained(ModernBertModel, weights, cfg)
         if cfg.grad_checkpointing:
-            self.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self._attention = None  # the unpadded path's attention implementation, chosen at the first forward
         self.pad_tokens_to = 1  # FP8 GEMMs need row counts in multiples of 16 (32 for MXFP8): te_swap sets it
         self.last_token_counts = (0, 0)  # (tokens computed, real tokens) of the last forward

@@ -8,7 +8,7 @@ import torch
 
 from bmc_fast import create_model
 from bmc_fast.config import ConfigError, load_model_config
-from bmc_fast.text_tower import TextTower, masked_mean
+from bmc_fast.text_tower import TextTower, caption_buckets, masked_mean, varlen_sdpa_attention
 from bmc_fast.vision_tower import VisionTransformer
 
 PRESET = "bmc-longclip-l14-512"
@@ -201,3 +201,39 @@ def test_activation_checkpointing_keeps_gradients(tower):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_caption_buckets_bound_padding_and_cover_every_caption():
+    lengths = [512, 500, 300, 129, 128, 130, 7, 1, 6]
+    buckets = caption_buckets(lengths, slack=1.25)
+    assert sorted(i for group in buckets for i in group) == list(range(len(lengths)))
+    for group in buckets:
+        longest = max(lengths[i] for i in group)
+        assert lengths[group[0]] == longest
+        assert len(group) * longest ** 2 <= 1.25 * sum(lengths[i] ** 2 for i in group)
+    assert [128, 129, 130] in [sorted(lengths[i] for i in g) for g in buckets]  # similar lengths share a call
+
+
+@pytest.mark.parametrize("window", [None, 9], ids=["global", "local"])
+def test_varlen_sdpa_equals_caption_by_caption_float64(window):
+    """Grouped, masked SDPA against plain per-caption attention in float64, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [31, 30, 29, 30, 3, 1, 2, 17, 16]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    got, _ = varlen_sdpa_attention(None, q, k, v, None, scaling=0.3, sliding_window=window, cu_seq_lens_q=cu)
+    pieces = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        scores = q[0, :, a:b] @ k[0, :, a:b].transpose(-1, -2) * 0.3  # (heads, n, n)
+        if window is not None:
+            pos = torch.arange(b - a)
+            scores = scores.masked_fill((pos[:, None] - pos[None, :]).abs() > window - 1, float("-inf"))
+        pieces.append((scores.softmax(-1) @ v[0, :, a:b]).transpose(0, 1))  # (n, heads, d)
+    want = torch.cat(pieces)[None]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    for ours, theirs in zip(got_grads, want_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
