@@ -95,19 +95,20 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
 
 
 def evaluate_shards(model, tokenizer, model_cfg, data: str, batch_size: int = 64, workers: int = 1,
-                    flag: str = "--data") -> dict:
-    """Retrieval metrics of ``model`` on every pair of the shards named by ``data``."""
+                    flag: str = "--data", loader: str = "auto") -> dict:
+    """Retrieval metrics of ``model`` on every (good) pair of the shards named by ``data``."""
     from bmc_fast.config import ConfigError
-    from bmc_fast.data.loader import make_loader
+    from bmc_fast.data.loaders import build_loader, resolve_loader
     from bmc_fast.data.shards import count_samples, expand_shards
 
     urls = expand_shards(data, flag)
     n = sum(count_samples(u, flag) for u in urls)
     if n < 2:
         raise ConfigError(f"{flag} {data!r} holds {n} sample(s); retrieval needs at least 2")
-    loader = make_loader(urls, tokenizer, context_length=model_cfg.context_length,
-                         image_size=model_cfg.vision.image_size, batch_size=batch_size, train=False, workers=workers)
-    image, text = extract_features(model, loader, torch.device("cpu"), progress=True)
+    batches = build_loader(urls, kind=resolve_loader(loader, urls), tokenizer=tokenizer, train=False,
+                           context_length=model_cfg.context_length, image_size=model_cfg.vision.image_size,
+                           batch_size=batch_size, workers=workers)
+    image, text = extract_features(model, batches, torch.device("cpu"), progress=True)
     return {"n": image.shape[0], **retrieval_recall(image, text)}
 
 
@@ -128,11 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="output JSON (default RUN_DIR/eval.json)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="loader processes (pil) or threads (dali)")
+    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"),
+                        help="image decoding: DALI (auto, when installed) or webdataset + PIL, as in training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag)
-    metrics = evaluate_shards(model, tokenizer, model_cfg, args.data, args.batch_size, args.workers)
+    metrics = evaluate_shards(model, tokenizer, model_cfg, args.data, args.batch_size, args.workers,
+                              loader=args.loader)
     out = Path(args.json) if args.json else Path(args.checkpoint) / "eval.json"
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **metrics}, indent=2))
     sys.stdout.write(format_table({Path(args.checkpoint).name: metrics}) + f"\n\nwrote {out}\n")

@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its latest checkpoint")
     parser.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="init and data-order seed")
-    parser.add_argument("--workers", type=int, default=_DEFAULTS["workers"], help="data loader processes per rank")
+    parser.add_argument("--workers", type=int, default=_DEFAULTS["workers"],
+                        help="data loader processes (pil) or threads (dali) per rank")
+    parser.add_argument("--loader", default=_DEFAULTS["loader"], choices=("auto", "dali", "pil"),
+                        help="image decode + augmentation: DALI (GPU mixed / CPU) or webdataset + PIL")
     parser.add_argument("--loss-backend", default=_DEFAULTS["loss_backend"], choices=("auto", "triton", "torch"),
                         help="fused contrastive loss kernels (auto: Triton on CUDA, torch on CPU)")
     parser.add_argument("--image-weights", help="open_clip (visual.*) or timm ViT checkpoint for the image tower")

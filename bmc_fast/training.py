@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from bmc_fast.config import ConfigError, ModelConfig, load_model_config
+from bmc_fast.data.loaders import LOADERS, resolve_loader
 from bmc_fast.data.shards import count_samples, expand_shards
 from bmc_fast.ds_config import BatchPlan, batch_plan, load_ds_config, with_total_steps
 
@@ -51,7 +53,8 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing run directory
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
     seed: int = 0  # model init and data order; also picks the embedded dataset
-    workers: int = 1  # DataLoader worker processes per rank
+    workers: int = 1  # PIL loader: DataLoader worker processes per rank; DALI loader: its threads per rank
+    loader: str = "auto"  # "dali" (decode + augment in DALI), "pil" (webdataset + PIL), "auto": dali when installed
     loss_backend: str = "auto"  # fused contrastive loss: "auto" (Triton on CUDA, torch on CPU), "triton", "torch"
     image_weights: str | None = None  # open_clip (visual.*) or timm ViT checkpoint file for the image tower
     text_weights: str | None = None  # Hugging Face ModernBERT directory (config.json + safetensors)
@@ -71,6 +74,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.loss_backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"--loss-backend must be auto, triton or torch, got {self.loss_backend!r}")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"--loader must be one of {LOADERS}, got {self.loader!r}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
         if self.resume and self.overwrite:
@@ -152,6 +157,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
                               "point it at a larger evaluation split")
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_cfg = model_cfg.with_tokenizer(tokenizer)
+    cfg = dataclasses.replace(cfg, loader=resolve_loader(cfg.loader, train_urls + eval_urls))
 
     run_dir = Path(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
     if cfg.resume:
@@ -171,7 +177,6 @@ def run(prepared: Prepared) -> dict[str, Any]:
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
 
-    from bmc_fast.data.loader import make_loader
     from bmc_fast.flops import peak_flops, train_step_flops
     from bmc_fast.kernels import FusedClipLoss
     from bmc_fast.model import BMCLongCLIP, param_groups
@@ -201,13 +206,10 @@ def run(prepared: Prepared) -> dict[str, Any]:
     # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
     loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size,
                             backend=cfg.loss_backend)
-    image_size, context = p.model_cfg.vision.image_size, p.model_cfg.context_length
-    train_loader = make_loader(p.train_urls, p.tokenizer, context_length=context, image_size=image_size,
-                               batch_size=p.plan.micro_batch, train=True, rank=env.rank, world_size=env.world_size,
-                               workers=cfg.workers, seed=cfg.seed)
-    eval_loader = (make_loader(p.eval_urls, p.tokenizer, context_length=context, image_size=image_size,
-                               batch_size=p.plan.micro_batch, train=False, workers=cfg.workers)
-                   if p.eval_urls else None)
+    if env.rank == 0:
+        _log_token_waste(p)
+    train_loader, eval_loader = _make_loaders(p, device, half=dtype == torch.float16)
+    skipped = Counter()
 
     writer = MetricsWriter(p.run_dir, enabled=env.rank == 0)
     window = ThroughputWindow(device, p.plan.global_batch, flops_fn=partial(train_step_flops, p.model_cfg),
@@ -220,6 +222,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     for step in range(first_step, p.max_steps + 1):
         for _ in range(p.plan.accumulation):
             batch = next(batches)
+            skipped.update(batch["skipped"])
             image, text, scale = engine(batch["pixels"].to(device, dtype), batch["input_ids"].to(device),
                                         batch["attention_mask"].to(device))
             loss = loss_fn(image, text, scale)
@@ -229,7 +232,8 @@ def run(prepared: Prepared) -> dict[str, Any]:
         window.end_step()
         progress.update(1)
         if step % cfg.log_every == 0 or step == p.max_steps:
-            last_train = {**window.read(), "lr": engine.get_lr()[0], "logit_scale": scale.item()}
+            last_train = {**window.read(), "lr": engine.get_lr()[0], "logit_scale": scale.item(),
+                          "skipped_samples": sum(skipped.values())}
             writer.write(step, last_train)
             progress.set_postfix(loss=f"{last_train['loss']:.3f}", scale=f"{last_train['logit_scale']:.1f}")
         if eval_loader is not None and (step == p.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -243,13 +247,54 @@ def run(prepared: Prepared) -> dict[str, Any]:
     progress.close()
     writer.close()
 
+    skips = _total_skips(skipped, cfg.loader, p.train_urls)
     summary = {"steps": p.max_steps, "seconds": time.perf_counter() - run_start, "train": last_train,
-               "eval": last_eval, "n_eval": p.n_eval, "world_size": env.world_size}
+               "eval": last_eval, "n_eval": p.n_eval, "world_size": env.world_size, "loader": cfg.loader,
+               "skipped": skips}
     if env.rank == 0:
+        _logger.info("skipped samples (%s loader, all ranks): %s", cfg.loader, skips or "none")
         (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _logger.info("done: %s", p.run_dir)
     torch.distributed.barrier()
     return summary
+
+
+def _make_loaders(p: Prepared, device: torch.device, half: bool):
+    """(train loader, eval loader or None) of the kind ``--loader`` chose; eval batches reach every rank whole."""
+    from bmc_fast.data.loaders import build_loader
+
+    cfg, env = p.cfg, p.env
+    common = dict(kind=cfg.loader, tokenizer=p.tokenizer, context_length=p.model_cfg.context_length,
+                  image_size=p.model_cfg.vision.image_size, batch_size=p.plan.micro_batch, workers=cfg.workers,
+                  device_id=None if device.type == "cpu" else env.local_rank, half=half)
+    train = build_loader(p.train_urls, train=True, rank=env.rank, world_size=env.world_size, seed=cfg.seed, **common)
+    evaluation = build_loader(p.eval_urls, train=False, **common) if p.eval_urls else None
+    return train, evaluation
+
+
+def _log_token_waste(p: Prepared) -> None:
+    """Rank 0: how many caption tokens this run's context length throws away (first 2,000 captions)."""
+    from bmc_fast.data.token_stats import shard_waste
+
+    context = p.model_cfg.context_length
+    stats = shard_waste(p.train_urls, p.tokenizer, sorted({77, context}), max_texts=2000)
+    waste = ", ".join(f"{row['waste_pct']:.1f}% of tokens beyond {row['cutoff']} ({row['truncated_pct']:.1f}% of "
+                      "captions truncated)" for row in stats["cutoffs"])
+    _logger.info("caption tokens: mean %.1f, median %.0f over %d captions; %s", stats["mean"], stats["median"],
+                 stats["n_texts"], waste)
+
+
+def _total_skips(skipped: Counter, loader: str, urls: list[str]) -> dict[str, int]:
+    """Samples skipped by kind, summed over ranks (PIL: counted while reading; DALI: by the index scan)."""
+    from bmc_fast.data.samples import SKIP_KINDS
+
+    if loader == "dali":
+        from bmc_fast.dali_pipelines import index_skips
+
+        return index_skips(urls)
+    counts = torch.tensor([skipped[kind] for kind in SKIP_KINDS], dtype=torch.int64)
+    torch.distributed.all_reduce(counts)
+    return {kind: int(n) for kind, n in zip(SKIP_KINDS, counts.tolist()) if n}
 
 
 def _check_resumable(run_dir: Path, model_cfg: ModelConfig) -> None:

@@ -12,3 +12,99 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_shard(path, samples) -> str:
+    """Write a WebDataset tar: ``samples`` is a list of (key, {extension: bytes}) in member order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def encode_image(array, fmt: str, mode: str | None = None) -> bytes:
+    """``array`` (H, W[, C]) uint8/uint16 -> encoded bytes in ``fmt`` (after ``convert(mode)`` if given)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def image_kinds(rng) -> dict[str, tuple[str, bytes]]:
+    """Every image kind seen in biomedical shards: name -> (extension, encoded bytes)."""
+    import numpy as np
+
+    rgb = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    gray = rgb[..., 0]
+    return {
+        "rgb_jpeg": ("jpg", encode_image(rgb, "JPEG")),
+        "cmyk_jpeg": ("jpg", encode_image(rgb, "JPEG", "CMYK")),
+        "gray_png": ("png", encode_image(gray, "PNG")),
+        "gray16_png": ("png", encode_image(gray.astype(np.uint16) * 257 + rng.integers(0, 257, gray.shape,
+                                                                                      dtype=np.uint16), "PNG")),
+        "rgba_png": ("png", encode_image(np.dstack([rgb, gray]), "PNG")),
+        "la_png": ("png", encode_image(gray, "PNG", "LA")),
+        "palette_png": ("png", encode_image(rgb, "PNG", "P")),
+        "tiny_png": ("png", encode_image(rgb[:9, :13], "PNG")),
+        "huge_jpeg": ("jpg", encode_image(np.kron(rgb[:46, :65], np.ones((64, 64, 1), dtype=np.uint8)), "JPEG")),
+    }
+
+
+# Each broken sample's members and the skip kind the loaders must count it under.
+def corrupt_samples(good_jpeg: bytes) -> dict[str, dict[str, bytes]]:
+    return {
+        "truncated_image": {"jpg": good_jpeg[: len(good_jpeg) // 2], "txt": b"truncated jpeg"},
+        "not_an_image": {"png": b"<html>404 not found</html>", "txt": b"html saved as png"},
+        "empty_file": {"jpg": b"", "txt": b"zero-byte image"},
+        "missing_caption": {"jpg": good_jpeg},
+        "empty_caption": {"jpg": good_jpeg, "txt": b"  \n"},
+        "invalid_utf8": {"jpg": good_jpeg, "txt": b"lesion \xff\xfe size"},
+        "two_images": {"jpg": good_jpeg, "png": good_jpeg, "txt": b"two images, one caption"},
+        "missing_image": {"txt": b"a caption without its figure"},
+    }
+
+
+def deepspeed_config(tmp_path, stage: int, steps: int, batch: int, bf16: bool = False) -> Path:
+    """The shipped ``ds_configs/zero{stage}.json`` resized for a short test run; returns its path."""
+    import json
+
+    config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    config["train_batch_size"] = batch
+    config["bf16"]["enabled"] = bf16
+    config["scheduler"]["params"].update(total_num_steps=steps, warmup_num_steps=min(2, steps))
+    if stage == 3:  # partition every tensor of the tiny model, not only those above the 1e5-element default
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def launch_deepspeed(args, tmp_path):
+    """Run the real ``deepspeed`` launcher from the repo root; its output goes to tmp_path/launcher.log."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.is_file():
+        pytest.skip(f"no deepspeed launcher beside {sys.executable}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    proc = subprocess.run([str(launcher), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    (tmp_path / "launcher.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

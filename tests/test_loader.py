@@ -18,7 +18,7 @@ def _urls_seen(dataset, workers):
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 1)])
 def test_each_epoch_reads_every_shard_once_across_ranks_and_workers(world, workers):
     urls = [f"shard-{i}.tar" for i in range(12)]
-    per_rank = [_urls_seen(EpochShardList(urls, rank, world, seed=5, repeat=False), workers) for rank in range(world)]
+    per_rank = [_urls_seen(EpochShardList(urls, rank, world, seed=5, epochs=1), workers) for rank in range(world)]
     seen = [u for rank_urls in per_rank for u in rank_urls]
     assert sorted(seen) == sorted(urls)
 

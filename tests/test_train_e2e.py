@@ -1,40 +1,16 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bmc_fast import evaluate
-from helpers import REPO, free_port
+from helpers import deepspeed_config, free_port, launch_deepspeed
 
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS = 12
 
 
 def _ds_config(tmp_path, stage, bf16=False):
-    config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    config["train_batch_size"] = 32
-    config["bf16"]["enabled"] = bf16
-    config["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=2)
-    if stage == 3:  # partition every tensor of the tiny model, not only those above the 1e5-element default
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def _launch(args, tmp_path):
-    if not DEEPSPEED.is_file():
-        pytest.skip(f"no deepspeed launcher beside {sys.executable}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    proc = subprocess.run([str(DEEPSPEED), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    (tmp_path / "launcher.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return deepspeed_config(tmp_path, stage, steps=STEPS, batch=32, bf16=bf16)
 
 
 def _train_args(small_data, ds_config, run_dir, ranks, *extra):
@@ -44,11 +20,14 @@ def _train_args(small_data, ds_config, run_dir, ranks, *extra):
             "--eval-every", "6", "--save-every", "6", "--output-dir", str(run_dir), "--seed", "1", *extra]
 
 
-@pytest.mark.parametrize("stage,bf16", [(1, False), (2, False), (3, False), (2, True)])
-def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, small_data, tmp_path):
+@pytest.mark.parametrize("stage,bf16,loader", [(1, False, "dali"), (2, False, "pil"), (3, False, "dali"),
+                                               (2, True, "dali")])
+def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _launch(_train_args(small_data, _ds_config(tmp_path, stage, bf16), run_dir, ranks=2), tmp_path)
+    proc = launch_deepspeed(_train_args(small_data, _ds_config(tmp_path, stage, bf16), run_dir, 2, "--loader", loader),
+                            tmp_path)
     assert f"ZeRO stage {stage}, torch.{'bfloat16' if bf16 else 'float32'}" in proc.stdout + proc.stderr
+    assert f"data loader: {loader} (requested {loader})" in proc.stdout + proc.stderr
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -65,12 +44,13 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, small_data, tmp_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["tokens_per_s"] > 0 and 0 <= summary["train"]["padding_fraction"] < 1
     assert summary["train"]["tflops"] > 0 and "mfu" not in summary["train"]  # no peak is known for a CPU
+    assert summary["loader"] == loader and summary["skipped"] == {}
 
     # The evaluate CLI rebuilds fp32 weights from the ZeRO checkpoint; in fp32 it reproduces the final
     # evaluation exactly (a bf16 run evaluated in bf16 during training, so only the fp32 runs compare).
     out = tmp_path / "eval.json"
     metrics = evaluate.main(["--checkpoint", str(run_dir), "--data", small_data["eval"], "--json", str(out),
-                             "--workers", "0"])
+                             "--workers", "0", "--loader", loader])
     assert json.loads(out.read_text())["n"] == 32
     if not bf16:
         for key, value in summary["eval"].items():
@@ -80,12 +60,12 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, small_data, tmp_
 def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
     run_dir = tmp_path / "run"
     ds_config = _ds_config(tmp_path, 2)
-    _launch(_train_args(small_data, ds_config, run_dir, ranks=1), tmp_path)
+    launch_deepspeed(_train_args(small_data, ds_config, run_dir, ranks=1), tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["batch"] == {"global_batch": 32, "micro_batch": 32, "accumulation": 1, "world_size": 1}
 
     (run_dir / "checkpoints" / "latest").write_text("step0000006")  # as if the run had died after step 6
-    proc = _launch(_train_args(small_data, ds_config, run_dir, 1, "--resume"), tmp_path)
+    proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, "--resume"), tmp_path)
     assert "resumed from step0000006 at step 6" in proc.stdout + proc.stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]

@@ -3,22 +3,30 @@
 Training: shards are reshuffled every epoch with a seed shared by all ranks, then split by rank and
 by DataLoader worker, so within an epoch every shard is read by exactly one worker of one rank; the
 stream repeats epochs forever (the trainer stops at ``max_steps``). Samples are shuffled in a buffer,
-decoded, augmented (RandomResizedCrop, scale (0.9, 1.0) as open_clip; no flip, because captions state
-laterality), batched and tokenised in the workers. Evaluation: every sample once, in order.
+checked and decoded (``bmc_fast.data.samples``: every image kind to RGB; a broken sample is skipped and
+counted by kind, never raised), augmented (RandomResizedCrop, scale (0.9, 1.0) as open_clip; no flip,
+because captions state laterality), batched and tokenised in the workers. Evaluation: every sample
+once, in order. Each batch carries ``"skipped"``: the skip counts since the previous batch of its worker
+(a batch is held back until the next one is full, so skips at the end of a stream are not lost).
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from bmc_fast.data.samples import SampleError, check_sample, to_rgb
+
+_logger = logging.getLogger(__name__)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTENSIONS = "png;jpg;jpeg;webp"
 
 
 def image_transform(image_size: int, train: bool) -> Callable:
@@ -29,11 +37,7 @@ def image_transform(image_size: int, train: bool) -> Callable:
         resize = [T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
     else:
         resize = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
-    return T.Compose([_to_rgb, *resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-
-
-def _to_rgb(image):
-    return image.convert("RGB")
+    return T.Compose([to_rgb, *resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Collate:
     tokenizer: object
     context_length: int
 
-    def __call__(self, samples: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[tuple[torch.Tensor, str]], skipped: dict[str, int] | None = None) -> dict:
         images, captions = zip(*samples)
         tokens = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.context_length,
                                 return_tensors="pt")
@@ -51,22 +55,77 @@ class Collate:
             "pixels": torch.stack(images),  # (B, 3, H, W) float32
             "input_ids": tokens["input_ids"],  # (B, L <= context_length) int64
             "attention_mask": tokens["attention_mask"],  # (B, L) 1 = real token
+            "skipped": dict(skipped or {}),  # {skip kind: samples skipped since this worker's previous batch}
         }
 
 
-class EpochShardList(IterableDataset):
-    """Yields ``{"url": shard}`` for this rank and worker; reshuffled each epoch, forever if ``repeat``."""
+@dataclass
+class GuardedSamples:
+    """Pipeline stage: raw WebDataset samples -> (transformed image, caption); bad ones skipped and counted."""
 
-    def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, repeat: bool = True,
+    transform: Callable
+    skipped: Counter = field(default_factory=Counter)
+
+    def __call__(self, samples):
+        for sample in samples:
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            try:
+                image, caption = check_sample(members)
+            except SampleError as error:
+                self.skipped[error.kind] += 1
+                _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+                continue
+            yield self.transform(image), caption
+
+
+@dataclass
+class BatchWithSkips:
+    """Pipeline stage: batches of ``batch_size`` collated with the skips counted since the previous batch.
+
+    One batch is held back until the next is complete, so skips after the last sample land in the last batch.
+    """
+
+    batch_size: int
+    collate: Collate
+    guard: GuardedSamples
+    partial: bool
+
+    def __call__(self, samples):
+        held, rows = None, []
+        for sample in samples:
+            rows.append(sample)
+            if len(rows) == self.batch_size:
+                if held is not None:
+                    yield held
+                held, rows = self.collate(rows, self._take_skips()), []
+        if rows and self.partial:
+            if held is not None:
+                yield held
+            held = self.collate(rows, self._take_skips())
+        if held is not None:
+            late = self._take_skips()
+            held["skipped"] = dict(Counter(held["skipped"]) + Counter(late))
+            yield held
+
+    def _take_skips(self) -> dict[str, int]:
+        taken = dict(self.guard.skipped)
+        self.guard.skipped.clear()
+        return taken
+
+
+class EpochShardList(IterableDataset):
+    """Yields ``{"url": shard}`` for this rank and worker; reshuffled each epoch, forever if ``epochs`` is None."""
+
+    def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  shuffle: bool = True):
         super().__init__()
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
-        self.seed, self.repeat, self.shuffle = seed, repeat, shuffle
+        self.seed, self.epochs, self.shuffle = seed, epochs, shuffle
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for epoch in itertools.count() if self.repeat else range(1):
+        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
             urls = list(self.urls)
             if self.shuffle:
                 random.Random(self.seed + epoch).shuffle(urls)  # same order on every rank: disjoint splits
@@ -76,10 +135,13 @@ class EpochShardList(IterableDataset):
 
 def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: int, batch_size: int,
                 train: bool, rank: int = 0, world_size: int = 1, workers: int = 1, seed: int = 0,
-                shuffle_buffer: int = 1000):
+                shuffle_buffer: int = 1000, epochs: int | None = None,
+                transform: Callable | None = None):
     """A ``webdataset.WebLoader`` of batch dicts (see ``Collate``).
 
-    Train batches are always full; eval batches keep the remainder and every rank sees all samples.
+    Train batches are always full and the stream repeats forever, unless ``epochs`` bounds it (then the
+    last batch may be partial); eval batches keep the remainder and every rank sees all samples.
+    ``transform`` (RGB PIL image -> (3, S, S) tensor) replaces ``image_transform(image_size, train)``.
     """
     import webdataset as wds
 
@@ -88,18 +150,15 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
 
         raise ConfigError(f"--train-data has {len(urls)} shard(s) but {world_size} rank(s) × {max(workers, 1)} "
                           "worker(s) each need one: write more, smaller shards or lower --workers")
-    shards = (EpochShardList(urls, rank, world_size, seed) if train
-              else EpochShardList(urls, repeat=False, shuffle=False))
+    shards = (EpochShardList(urls, rank, world_size, seed, epochs=epochs) if train
+              else EpochShardList(urls, epochs=1, shuffle=False))
     stages = [shards, wds.tarfile_to_samples()]
     if train:
         # Reproducible for a given seed; workers and ranks differ anyway because they read other shards.
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 1000 + rank))
-    stages += [
-        wds.decode("pil"),
-        wds.to_tuple(IMAGE_EXTENSIONS, "txt"),
-        wds.map_tuple(image_transform(image_size, train), str.strip),
-        wds.batched(batch_size, collation_fn=Collate(tokenizer, context_length), partial=not train),
-    ]
+    guard = GuardedSamples(transform or image_transform(image_size, train))
+    stages += [guard, BatchWithSkips(batch_size, Collate(tokenizer, context_length), guard,
+                                     partial=not train or epochs is not None)]
     dataset = wds.DataPipeline(*stages)
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=train and workers > 0)
 

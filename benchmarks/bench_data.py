@@ -1,0 +1,166 @@
+"""Training-loader throughput: DALI (CPU here, mixed on a GPU) vs webdataset + PIL vs open_clip's transform.
+
+    python benchmarks/bench_data.py [--threads 2] [--repeats 3] [--batch 64]
+
+Same shards, same thread count (DALI threads vs DataLoader worker processes), train mode at 224 px
+(decode, RandomResizedCrop scale (0.9, 1), normalise), captions tokenised with the ModernBERT tokenizer
+(a trained stand-in when ../shared/data is absent), whole batch dicts delivered. Datasets: generated
+512×512 JPEG shards, and ../shared/data/covid_cxr (real X-rays, mixed JPEG/PNG, RGB/RGBA/L; skipped
+with a reason when absent). Each repeat runs the three loaders back to back over ≥ 1,000 images
+(whole epochs); the first batch (pipeline start-up, worker spawn) is timed apart. Writes benchmarks/results/data_<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+IMAGE_SIZE = 224
+
+
+def generated_shards(out: Path, shards: int = 4, per_shard: int = 128, side: int = 512) -> list[str]:
+    """JPEG shards of smooth random 512-px images (photo-like JPEG sizes, ~40–60 kB) with captions."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    urls = []
+    for s in range(shards):
+        url = out / f"gen-{s:06d}.tar"
+        with tarfile.open(url, "w") as tar:
+            for i in range(per_shard):
+                coarse = rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)
+                image = Image.fromarray(coarse).resize((side, side), Image.BICUBIC)
+                image = Image.fromarray(np.clip(np.asarray(image) + rng.normal(0, 6, (side, side, 3)), 0, 255)
+                                        .astype(np.uint8))
+                buffer = io.BytesIO()
+                image.save(buffer, "JPEG", quality=90)
+                caption = f"figure {s}-{i}: axial CT slice, lesion in segment {i % 8}".encode()
+                for ext, data in (("jpg", buffer.getvalue()), ("txt", caption)):
+                    info = tarfile.TarInfo(f"{s:03d}{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        urls.append(str(url))
+    return urls
+
+
+def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, epochs: int):
+    common = dict(context_length=512, image_size=IMAGE_SIZE, batch_size=batch, train=True, epochs=epochs)
+    if kind == "dali":
+        from bmc_fast.dali_pipelines import DaliLoader
+
+        return DaliLoader(urls, tokenizer, num_threads=threads, **common)
+    from bmc_fast.data.loader import make_loader
+
+    transform = None
+    if kind == "open_clip":
+        import open_clip
+
+        transform = open_clip.image_transform(IMAGE_SIZE, is_train=True)  # its own RandomResizedCrop (0.9, 1)
+    return make_loader(urls, tokenizer, workers=threads, transform=transform, **common)
+
+
+def run_epoch(loader) -> dict:
+    start = time.perf_counter()
+    batches = iter(loader)
+    first = next(batches)
+    startup = time.perf_counter() - start
+    images, t0 = 0, time.perf_counter()
+    for batch in batches:
+        images += batch["pixels"].shape[0]
+    elapsed = time.perf_counter() - t0
+    return {"images": images + first["pixels"].shape[0], "startup_s": startup, "images_per_s": images / elapsed}
+
+
+def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, min_images: int = 1000) -> dict:
+    from bmc_fast.data.index import build_indexes
+
+    good = build_indexes(urls)["good"]
+    epochs = -(-min_images // good)  # enough passes that start-up and prefetch do not dominate
+    runs = {kind: [] for kind in ("dali", "pil", "open_clip")}
+    for _ in range(repeats):
+        for kind in runs:  # side by side, interleaved: drifts in machine load hit all three alike
+            runs[kind].append(run_epoch(make(kind, urls, tokenizer, threads, batch, epochs)))
+    out = {kind: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
+                  "startup_s": statistics.median(r["startup_s"] for r in rs), "images": rs[0]["images"]}
+           for kind, rs in runs.items()}
+    out["dali_over_pil"] = out["dali"]["images_per_s"] / out["pil"]["images_per_s"]
+    out["dali_over_open_clip"] = out["dali"]["images_per_s"] / out["open_clip"]["images_per_s"]
+    return out
+
+
+def tokenizer_for_bench(tmp: Path):
+    from bmc_fast.data.text_tokenizer import load_tokenizer, train_tokenizer
+
+    if (SHARED / "tokenizers" / "modernbert" / "tokenizer.json").is_file():
+        return load_tokenizer(SHARED / "tokenizers" / "modernbert"), "ModernBERT"
+    return train_tokenizer(["axial CT slice, lesion in segment"] * 50, tmp / "tok", vocab_size=300), "trained stand-in"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads = PIL / open_clip worker processes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokenizer, tokenizer_name = tokenizer_for_bench(tmp)
+        datasets = {"generated_512px_jpeg": generated_shards(tmp)}
+        covid = sorted((SHARED / "covid_cxr").glob("*.tar"))
+        notes = {}
+        if covid:
+            (tmp / "covid").mkdir()
+            datasets["covid_cxr"] = [str(shutil.copy(p, tmp / "covid" / p.name)) for p in covid]  # indexes go beside
+        else:
+            notes["covid_cxr"] = f"skipped: {SHARED / 'covid_cxr'} absent"
+        cases = {}
+        for name, urls in datasets.items():
+            cases[name] = bench(urls, tokenizer, args.threads, args.batch, args.repeats)
+            sys.stderr.write(f"{name}: DALI {cases[name]['dali']['images_per_s']:.1f} img/s, PIL "
+                             f"{cases[name]['pil']['images_per_s']:.1f}, open_clip "
+                             f"{cases[name]['open_clip']['images_per_s']:.1f} (DALI/PIL "
+                             f"{cases[name]['dali_over_pil']:.2f})\n")
+    import nvidia.dali
+    import torch
+
+    machine = {"device": "cpu", "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+               "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "tokenizer": tokenizer_name,
+               "torch": torch.__version__, "dali": nvidia.dali.__version__}
+    result = {"machine": machine, "cases": cases, "notes": notes}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "data_cpu.json").write_text(json.dumps(result, indent=2))
+    lines = [f"Training loaders, train mode at {IMAGE_SIZE} px, {args.threads} threads (DALI) / worker processes "
+             f"(PIL, open_clip), batch {args.batch}, median of {args.repeats} interleaved runs of ≥ 1,000 images; "
+             f"{os.cpu_count()} CPU cores, no accelerator, DALI {nvidia.dali.__version__} on CPU.", "",
+             "| shards | images | DALI img/s | PIL img/s | open_clip img/s | DALI / PIL | DALI / open_clip |",
+             "|---|---|---|---|---|---|---|"]
+    for name, c in cases.items():
+        lines.append(f"| {name} | {c['dali']['images']} | {c['dali']['images_per_s']:.1f} | "
+                     f"{c['pil']['images_per_s']:.1f} | {c['open_clip']['images_per_s']:.1f} | "
+                     f"{c['dali_over_pil']:.2f} | {c['dali_over_open_clip']:.2f} |")
+    lines += [f"\n{note}" for note in notes.values()]
+    (RESULTS / "data_cpu.md").write_text("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Pick and build a loader: ``dali`` (``bmc_fast.dali_pipelines``) or ``pil`` (``bmc_fast.data.loader``).
+
+Both yield the same batch dicts. ``auto`` is DALI when it is installed. DALI reads indexed shards:
+``resolve_loader`` scans (once, under a file lock, so concurrent ranks wait for one writer) every
+shard that has no index yet.
+"""
+from __future__ import annotations
+
+import logging
+
+from bmc_fast.config import ConfigError
+from bmc_fast.data.shards import REMOTE_PREFIXES
+
+_logger = logging.getLogger(__name__)
+
+LOADERS = ("auto", "dali", "pil")
+
+
+def resolve_loader(kind: str, urls: list[str], flag: str = "--loader") -> str:
+    """``auto`` -> ``dali`` or ``pil``; for ``dali``, index every shard that lacks an index. Logged."""
+    from bmc_fast.dali_pipelines import dali_available
+
+    if kind not in LOADERS:
+        raise ConfigError(f"{flag} must be one of {LOADERS}, got {kind!r}")
+    if kind == "dali" and not dali_available():
+        raise ConfigError(f"{flag} dali needs NVIDIA DALI: pip install nvidia-dali-cuda130, or pass {flag} pil")
+    resolved = ("dali" if dali_available() else "pil") if kind == "auto" else kind
+    if resolved == "dali":
+        remote = [url for url in urls if url.startswith(REMOTE_PREFIXES)]
+        if remote and kind == "dali":
+            raise ConfigError(f"{flag} dali reads local, indexed shards; {remote[0]!r} is remote: pass {flag} pil")
+        resolved = "pil" if remote else resolved
+        if resolved == "dali":
+            ensure_indexes(urls)
+    _logger.info("data loader: %s (requested %s)", resolved, kind)
+    return resolved
+
+
+def ensure_indexes(urls: list[str]) -> None:
+    """Scan every shard that has no DALI index yet; an existing index is kept (and checked when read)."""
+    from filelock import FileLock
+
+    from bmc_fast.data.index import index_path, scan_shard
+
+    for url in urls:
+        with FileLock(str(index_path(url)) + ".lock"):
+            if not index_path(url).is_file():
+                scan = scan_shard(url)
+                _logger.info("indexed %s: %d good of %d sample(s), skipped %s", url, scan.good, scan.samples,
+                             dict(scan.skipped) or "none")
+
+
+def build_loader(urls: list[str], *, kind: str, tokenizer, train: bool, context_length: int, image_size: int,
+                 batch_size: int, workers: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device_id: int | None = None, half: bool = False):
+    """A loader of batch dicts; ``kind`` is a resolved ``dali`` or ``pil``; ``workers``: PIL processes or DALI threads."""
+    common = dict(context_length=context_length, image_size=image_size, batch_size=batch_size, train=train,
+                  rank=rank, world_size=world_size, seed=seed)
+    if kind == "dali":
+        from bmc_fast.dali_pipelines import DaliLoader
+
+        return DaliLoader(urls, tokenizer, device_id=device_id, num_threads=max(workers, 1), half=half, **common)
+    from bmc_fast.data.loader import make_loader
+
+    return make_loader(urls, tokenizer, workers=workers, **common)

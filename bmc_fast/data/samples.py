@@ -1,0 +1,88 @@
+"""One image–caption sample: every image kind to RGB, every broken sample to a named skip kind.
+
+Biomedical shards hold grayscale, palette, RGBA/LA and 16-bit PNGs, CMYK JPEGs, thumbnails and 4K+
+figures; all of them decode to 3-channel 8-bit RGB here exactly as DALI's ``fn.decoders.image``
+(``output_type=RGB``) decodes them (16-bit scaled by 1/257, alpha dropped). A sample that cannot
+become one (image, caption) pair is skipped with one of ``SKIP_KINDS``; the index scan
+(``bmc_fast.data.index``) and the webdataset + PIL loader both classify through ``check_sample``.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+SKIP_KINDS = (
+    "missing_image",  # no image member
+    "two_images",  # more than one image member: which one the caption describes is unknown
+    "empty_file",  # a zero-byte image member
+    "not_an_image",  # bytes no image decoder recognises
+    "truncated_image",  # a recognised image whose data ends early or is corrupt
+    "missing_caption",  # no .txt member
+    "invalid_utf8",  # caption bytes that are not UTF-8
+    "empty_caption",  # caption empty or whitespace only
+)
+
+
+class SampleError(Exception):
+    """A sample that must be skipped; ``kind`` is one of ``SKIP_KINDS``."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def to_rgb(image):
+    """Any PIL mode -> 8-bit RGB: 16/32-bit integer gray scaled to 0–255 (DALI's rule), alpha dropped."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (16-bit PNG) -> 8-bit, rounding as DALI does
+        gray = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray(((gray + 128) // 257).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes):
+    """Image bytes -> RGB PIL image, or ``SampleError`` (empty_file, not_an_image, truncated_image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise SampleError("empty_file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, ValueError) as error:
+        raise SampleError("not_an_image", str(error)) from None
+    try:
+        image.load()  # decodes every byte: truncation and corrupt data surface here
+    except (OSError, SyntaxError, ValueError) as error:
+        raise SampleError("truncated_image", str(error)) from None
+    return to_rgb(image)
+
+
+def split_sample(sample: dict) -> tuple[bytes, str]:
+    """A WebDataset sample dict (extension -> bytes) -> (image bytes, stripped caption), or ``SampleError``.
+
+    Only the members' presence and the caption are checked here; ``decode_image`` checks the image.
+    """
+    images = [ext for ext in sample if ext.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise SampleError("missing_image")
+    if len(images) > 1:
+        raise SampleError("two_images", ",".join(images))
+    if CAPTION_EXTENSION not in sample:
+        raise SampleError("missing_caption")
+    try:
+        caption = sample[CAPTION_EXTENSION].decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise SampleError("invalid_utf8", str(error)) from None
+    if not caption:
+        raise SampleError("empty_caption")
+    return sample[images[0]], caption
+
+
+def check_sample(sample: dict):
+    """(RGB PIL image, caption) of a good sample, or ``SampleError`` naming its skip kind."""
+    data, caption = split_sample(sample)
+    return decode_image(data), caption

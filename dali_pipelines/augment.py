@@ -1,0 +1,65 @@
+"""DALI graph helpers: encoded image bytes -> CLIP-normalised CHW pixels. Used inside a pipeline only.
+
+The same graph runs on CPU (``decoder_device="cpu"``) and on GPU (``"mixed"``: nvJPEG / nvImageCodec
+decode on the device, everything after it on the GPU). Semantics follow ``bmc_fast.data.loader``:
+
+- train: RandomResizedCrop(image_size, scale (0.9, 1.0), ratio (3/4, 4/3)), fused into the decoder so
+  only the crop is decoded; cubic resize with antialiasing; no flip unless ``flip`` (captions state
+  laterality); CLIP mean/std.
+- eval: resize the shorter side to ``image_size`` (cubic, antialiased), centre crop, CLIP mean/std.
+"""
+from __future__ import annotations
+
+from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD
+
+TRAIN_SCALE = (0.9, 1.0)  # open_clip's RandomResizedCrop area range
+TRAIN_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range
+
+
+def shorter_side_size(encoded, image_size: int):
+    """(height, width) with the shorter side at ``image_size``, the longer truncated as torchvision's
+    ``Resize(int)`` does (DALI's own ``resize_shorter`` rounds, which shifts the centre crop a pixel)."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)  # (H, W, C) of the encoded image
+    height, width = shape[0], shape[1]
+    shorter = dmath.min(height, width)
+    return dmath.floor(image_size * height / shorter), dmath.floor(image_size * width / shorter)
+
+
+def centre_crop_pos(length, crop: int):
+    """Relative crop position whose anchor is torchvision's ``int(round((length - crop) / 2))``.
+
+    Python's round sends halves to the even integer; DALI would round them up, a pixel apart.
+    """
+    import nvidia.dali.math as dmath
+
+    slack = length - crop  # >= 0
+    half = dmath.floor(slack / 2)
+    odd_slack, odd_half = slack - 2 * half, half - 2 * dmath.floor(half / 2)
+    return (half + odd_slack * odd_half) / dmath.max(slack, 1.0)
+
+
+def clip_augment(encoded, *, image_size: int, train: bool, decoder_device: str, flip: bool = False,
+                 half: bool = False, seed: int = -1):
+    """``encoded``: DALI node of image bytes -> (3, image_size, image_size) float (fp16 with ``half``)."""
+    from nvidia.dali import fn, types
+
+    if train:
+        images = fn.decoders.image_random_crop(encoded, device=decoder_device, output_type=types.RGB,
+                                               random_area=list(TRAIN_SCALE), random_aspect_ratio=list(TRAIN_RATIO),
+                                               num_attempts=10, seed=seed)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_CUBIC,
+                           antialias=True)
+        crop_pos = (0.5, 0.5)  # already image_size square: the crop is the whole image
+    else:
+        images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+        height, width = shorter_side_size(encoded, image_size)
+        images = fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
+        crop_pos = (centre_crop_pos(height, image_size), centre_crop_pos(width, image_size))
+    mirror = fn.random.coin_flip(probability=0.5, seed=seed) if (train and flip) else 0
+    return fn.crop_mirror_normalize(
+        images, crop=(image_size, image_size), crop_pos_x=crop_pos[1], crop_pos_y=crop_pos[0], mirror=mirror,
+        mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD], output_layout="CHW",
+        dtype=types.FLOAT16 if half else types.FLOAT)

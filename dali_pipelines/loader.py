@@ -1,0 +1,98 @@
+"""DALI loader: the pipeline's batches, tokenised on a host thread, as the PIL loader's batch dicts.
+
+``{"pixels" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": {}}``: the same keys
+and semantics as ``bmc_fast.data.loader.make_loader``. Bad samples were dropped by the index scan
+(``bmc_fast.data.index``); their counts are in the shards' ``.scan.json`` (``index_skips``).
+
+Train: random shuffle, an endless stream of full batches (``LastBatchPolicy.FILL`` continues into the
+next epoch, so nothing is dropped). Eval / ``epochs``: every sample of the rank's part exactly once
+per epoch (``pad_last_batch`` + ``LastBatchPolicy.PARTIAL``), the last batch partial.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from bmc_fast.config import ConfigError
+from bmc_fast.data.index import index_path, read_index, scan_path
+from bmc_fast.data.samples import SKIP_KINDS
+from .pipeline import READER_NAME, build_pipeline
+
+_logger = logging.getLogger(__name__)
+
+
+def dali_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def index_skips(shards: list[str]) -> dict[str, int]:
+    """Skip counts by kind that the index scan recorded for ``shards``."""
+    total = Counter()
+    for shard in shards:
+        if scan_path(shard).is_file():
+            total.update(json.loads(scan_path(shard).read_text())["skipped"])
+    return {kind: total[kind] for kind in SKIP_KINDS if total[kind]}
+
+
+class DaliLoader:
+    """Iterable of batch dicts from ``build_pipeline``; tokenisation of batch i+1 overlaps batch i's use."""
+
+    def __init__(self, shards: list[str], tokenizer, *, context_length: int, image_size: int, batch_size: int,
+                 train: bool, rank: int = 0, world_size: int = 1, device_id: int | None = None, num_threads: int = 2,
+                 seed: int = 0, epochs: int | None = None, flip: bool = False, half: bool = False):
+        try:
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        except ImportError as error:
+            raise ImportError("the DALI loader needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or use "
+                              "--loader pil)") from error
+        for shard in shards:
+            read_index(shard)  # a missing or mismatched index stops here, naming both files
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.endless = train and epochs is None
+        self.epochs = epochs
+        pipe = build_pipeline(shards, [str(index_path(s)) for s in shards], image_size=image_size, train=train,
+                              batch_size=batch_size, num_threads=num_threads, device_id=device_id, rank=rank,
+                              world_size=world_size, seed=seed, pad_last_batch=not self.endless, flip=flip,
+                              half=half)
+        policy = LastBatchPolicy.FILL if self.endless else LastBatchPolicy.PARTIAL
+        self._iterator = DALIGenericIterator(pipe, ["pixels", "caption", "caption_len"], reader_name=READER_NAME,
+                                             last_batch_policy=policy, auto_reset=True)
+        _logger.info("DALI loader on %s: %d shard(s), rank %d of %d, %s", "cpu" if device_id is None else
+                     f"cuda:{device_id} (mixed decode)", len(shards), rank, world_size,
+                     "train (endless, shuffled)" if self.endless else "one pass per epoch")
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self):
+        source = self._epochs()  # advanced only by the one pool thread
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+            pending = pool.submit(self._next_batch, source)
+            while (batch := pending.result()) is not None:
+                pending = pool.submit(self._next_batch, source)
+                yield batch
+
+    def _epochs(self):
+        epoch = 0
+        while self.endless or epoch < (self.epochs or 1):
+            yield from self._iterator  # auto_reset: the next pass starts after StopIteration
+            epoch += 1
+
+    def _next_batch(self, source) -> dict | None:
+        outputs = next(source, None)
+        if outputs is None:
+            return None
+        out = outputs[0]
+        lengths = out["caption_len"].reshape(-1).tolist()
+        raw = out["caption"].cpu().numpy()
+        captions = [bytes(raw[i, :n]).decode("utf-8").strip() for i, n in enumerate(lengths)]
+        tokens = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.context_length,
+                                return_tensors="pt")
+        return {"pixels": out["pixels"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "skipped": {}}

@@ -1,0 +1,39 @@
+"""The DALI pipeline: indexed WebDataset shards -> (pixels, caption bytes padded, caption length).
+
+Samples are sharded by **global** rank (``shard_id=rank, num_shards=world_size``) over the good
+samples listed in the ``.idx`` files that ``python -m bmc_fast.data.index`` writes, so a bad sample
+never reaches the decoder. Captions leave the pipeline as raw UTF-8 bytes, zero-padded to the
+batch's longest, with their lengths; the host tokenises them (``dali_pipelines.loader``).
+"""
+from __future__ import annotations
+
+from .augment import clip_augment
+
+READER_NAME = "Reader"
+IMAGE_EXT = "jpg;jpeg;png;webp"  # one output: whichever image member the sample has (the index holds one)
+
+
+def build_pipeline(shards: list[str], index_paths: list[str], *, image_size: int, train: bool, batch_size: int,
+                   num_threads: int, device_id: int | None, rank: int = 0, world_size: int = 1, seed: int = 0,
+                   pad_last_batch: bool = False, flip: bool = False, half: bool = False,
+                   shuffle_buffer: int = 1000):
+    """A built ``nvidia.dali.Pipeline``; ``device_id=None`` runs it on CPU, an int on that GPU (mixed decode).
+
+    ``pad_last_batch``: end every epoch exactly at the rank's last sample (for one-pass iteration).
+    """
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + rank,
+                  prefetch_queue_depth=2)
+    def clip_pipeline():
+        encoded, caption = fn.readers.webdataset(
+            paths=shards, index_paths=index_paths, ext=[IMAGE_EXT, "txt"], missing_component_behavior="error",
+            shard_id=rank, num_shards=world_size, random_shuffle=train, initial_fill=shuffle_buffer,
+            pad_last_batch=pad_last_batch, name=READER_NAME)
+        pixels = clip_augment(encoded, image_size=image_size, train=train, flip=flip, half=half,
+                              decoder_device="cpu" if device_id is None else "mixed")
+        return pixels, fn.pad(caption, fill_value=0), caption.shape()
+
+    pipe = clip_pipeline()
+    pipe.build()
+    return pipe
