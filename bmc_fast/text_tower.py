@@ -78,25 +78,26 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                          "model through bmc_fast's TextTower, or set_attn_implementation('sdpa') on the HF model first")
     bounds = cu_seq_lens_q.tolist()
     starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    device = query.device
-    pieces, token_order = [], []
+    per_caption: list[torch.Tensor | None] = [None] * len(lengths)  # (heads, n_i, d) each
     for group in caption_buckets(lengths):
         longest = lengths[group[0]]
-        pos = torch.arange(longest, device=device)  # (Lg,)
-        glen = torch.tensor([lengths[i] for i in group], device=device)  # (G,)
-        valid = pos[None, :] < glen[:, None]  # (G, Lg)
-        index = (torch.tensor([starts[i] for i in group], device=device)[:, None] + pos).clamp(max=bounds[-1] - 1)
-        mask = None
-        if len(group) > 1 or (sliding_window is not None and longest > sliding_window):
-            mask = valid[:, None, None, :]  # (G, 1, 1, Lg) keys of the caption itself
-            if sliding_window is not None and longest > sliding_window:
-                mask = mask & ((pos[:, None] - pos[None, :]).abs() <= sliding_window - 1)  # (G, 1, Lg, Lg)
-        q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (G, heads, Lg, d)
+        if len(group) == 1:  # a view, no copy
+            start = starts[group[0]]
+            q, k, v = (t[:, :, start:start + longest] for t in (query, key, value))  # (1, heads, L, d)
+            mask = None
+        else:  # (G, heads, Lg, d), zero-padded; padded keys masked out
+            q, k, v = (torch.cat([F.pad(t[:, :, starts[i]:starts[i] + lengths[i]], (0, 0, 0, longest - lengths[i]))
+                                  for i in group]) for t in (query, key, value))
+            pos = torch.arange(longest, device=query.device)
+            mask = (pos < torch.tensor([lengths[i] for i in group], device=query.device)[:, None])[:, None, None, :]
+        if sliding_window is not None and longest > sliding_window:
+            pos = torch.arange(longest, device=query.device)
+            window = (pos[:, None] - pos[None, :]).abs() <= sliding_window - 1  # (Lg, Lg)
+            mask = window if mask is None else mask & window  # (G, 1, Lg, Lg)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        pieces.append(out.transpose(1, 2)[valid])  # (real tokens of the group, heads, d)
-        token_order.append(index[valid])
-    inverse = torch.argsort(torch.cat(token_order))  # packed position -> row of the concatenated pieces
-    return torch.cat(pieces)[inverse].unsqueeze(0), None
+        for row, i in enumerate(group):
+            per_caption[i] = out[row, :, :lengths[i]]
+    return torch.cat(per_caption, dim=1).transpose(0, 1).unsqueeze(0).contiguous(), None  # (1, T, heads, d)
 
 
 def _register_attention() -> None:
