@@ -71,6 +71,8 @@ class DaliLoader:
         return len(self._iterator)
 
     def __iter__(self):
+        # Fetching batch i+1 while batch i is in use is safe: DALI's dynamic executor (the default since
+        # 2.0) hands tensors out by DLPack with reference-counted buffers (the eval test keeps them all).
         source = self._epochs()  # advanced only by the one pool thread
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
             pending = pool.submit(self._next_batch, source)
