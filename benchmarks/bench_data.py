@@ -1,13 +1,15 @@
 """Training-loader throughput: DALI (CPU here, mixed on a GPU) vs webdataset + PIL vs open_clip's transform.
 
-    python benchmarks/bench_data.py [--threads 2] [--repeats 3] [--batch 64]
+    python benchmarks/bench_data.py [--threads 2] [--repeats 3] [--batch 64] [--device cpu|cuda]
 
 Same shards, same thread count (DALI threads vs DataLoader worker processes), train mode at 224 px
 (decode, RandomResizedCrop scale (0.9, 1), normalise), captions tokenised with the ModernBERT tokenizer
 (a trained stand-in when ../shared/data is absent), whole batch dicts delivered. Datasets: generated
 512×512 JPEG shards, and ../shared/data/covid_cxr (real X-rays, mixed JPEG/PNG, RGB/RGBA/L; skipped
 with a reason when absent). Each repeat runs the three loaders back to back over ≥ 1,000 images
-(whole epochs); the first batch (pipeline start-up, worker spawn) is timed apart. Writes benchmarks/results/data_<device>.{json,md}.
+(whole epochs); the first batch (pipeline start-up, worker spawn) is timed apart. ``--device cuda``
+runs the DALI graph with mixed decode on GPU 0 (pixels stay on the GPU; the PIL loaders are
+unchanged). Writes benchmarks/results/data_<device>.{json,md}.
 """
 from __future__ import annotations
 
@@ -57,12 +59,12 @@ def generated_shards(out: Path, shards: int = 4, per_shard: int = 128, side: int
     return urls
 
 
-def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, epochs: int):
+def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, epochs: int, device_id: int | None):
     common = dict(context_length=512, image_size=IMAGE_SIZE, batch_size=batch, train=True, epochs=epochs)
     if kind == "dali":
         from bmc_fast.dali_pipelines import DaliLoader
 
-        return DaliLoader(urls, tokenizer, num_threads=threads, **common)
+        return DaliLoader(urls, tokenizer, num_threads=threads, device_id=device_id, **common)
     from bmc_fast.data.loader import make_loader
 
     transform = None
@@ -85,7 +87,8 @@ def run_epoch(loader) -> dict:
     return {"images": images + first["pixels"].shape[0], "startup_s": startup, "images_per_s": images / elapsed}
 
 
-def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, min_images: int = 1000) -> dict:
+def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, device_id: int | None,
+          min_images: int = 1000) -> dict:
     from bmc_fast.data.index import build_indexes
 
     good = build_indexes(urls)["good"]
@@ -93,7 +96,7 @@ def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, mi
     runs = {kind: [] for kind in ("dali", "pil", "open_clip")}
     for _ in range(repeats):
         for kind in runs:  # side by side, interleaved: drifts in machine load hit all three alike
-            runs[kind].append(run_epoch(make(kind, urls, tokenizer, threads, batch, epochs)))
+            runs[kind].append(run_epoch(make(kind, urls, tokenizer, threads, batch, epochs, device_id)))
     out = {kind: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
                   "startup_s": statistics.median(r["startup_s"] for r in rs), "images": rs[0]["images"]}
            for kind, rs in runs.items()}
@@ -115,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="DALI threads = PIL / open_clip worker processes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the DALI graph runs")
     args = parser.parse_args(argv)
+    device_id = 0 if args.device == "cuda" else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
 
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             notes["covid_cxr"] = f"skipped: {SHARED / 'covid_cxr'} absent"
         cases = {}
         for name, urls in datasets.items():
-            cases[name] = bench(urls, tokenizer, args.threads, args.batch, args.repeats)
+            cases[name] = bench(urls, tokenizer, args.threads, args.batch, args.repeats, device_id)
             sys.stderr.write(f"{name}: DALI {cases[name]['dali']['images_per_s']:.1f} img/s, PIL "
                              f"{cases[name]['pil']['images_per_s']:.1f}, open_clip "
                              f"{cases[name]['open_clip']['images_per_s']:.1f} (DALI/PIL "
@@ -141,15 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
     import nvidia.dali
     import torch
 
-    machine = {"device": "cpu", "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    machine = {"device": device, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "tokenizer": tokenizer_name,
                "torch": torch.__version__, "dali": nvidia.dali.__version__}
     result = {"machine": machine, "cases": cases, "notes": notes}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_cpu.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"data_{args.device}.json").write_text(json.dumps(result, indent=2))
     lines = [f"Training loaders, train mode at {IMAGE_SIZE} px, {args.threads} threads (DALI) / worker processes "
              f"(PIL, open_clip), batch {args.batch}, median of {args.repeats} interleaved runs of ≥ 1,000 images; "
-             f"{os.cpu_count()} CPU cores, no accelerator, DALI {nvidia.dali.__version__} on CPU.", "",
+             f"{os.cpu_count()} CPU cores, DALI {nvidia.dali.__version__} on {device}.", "",
              "| shards | images | DALI img/s | PIL img/s | open_clip img/s | DALI / PIL | DALI / open_clip |",
              "|---|---|---|---|---|---|---|"]
     for name, c in cases.items():
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{c['pil']['images_per_s']:.1f} | {c['open_clip']['images_per_s']:.1f} | "
                      f"{c['dali_over_pil']:.2f} | {c['dali_over_open_clip']:.2f} |")
     lines += [f"\n{note}" for note in notes.values()]
-    (RESULTS / "data_cpu.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"data_{args.device}.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
     return result
 

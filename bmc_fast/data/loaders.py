@@ -53,7 +53,7 @@ def ensure_indexes(urls: list[str]) -> None:
 def build_loader(urls: list[str], *, kind: str, tokenizer, train: bool, context_length: int, image_size: int,
                  batch_size: int, workers: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device_id: int | None = None, half: bool = False):
-    """A loader of batch dicts; ``kind`` is a resolved ``dali`` or ``pil``; ``workers``: PIL processes or DALI threads."""
+    """A loader of batch dicts. ``kind``: a resolved ``dali`` or ``pil``; ``workers``: PIL processes or DALI threads."""
     common = dict(context_length=context_length, image_size=image_size, batch_size=batch_size, train=train,
                   rank=rank, world_size=world_size, seed=seed)
     if kind == "dali":
