@@ -232,8 +232,9 @@ def run(prepared: Prepared) -> dict[str, Any]:
         window.end_step()
         progress.update(1)
         if step % cfg.log_every == 0 or step == p.max_steps:
-            last_train = {**window.read(), "lr": engine.get_lr()[0], "logit_scale": scale.item(),
-                          "skipped_samples": sum(skipped.values())}
+            last_train = {**window.read(), "lr": engine.get_lr()[0], "logit_scale": scale.item()}
+            if cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
+                last_train["skipped_samples"] = sum(skipped.values())  # this rank's, read so far
             writer.write(step, last_train)
             progress.set_postfix(loss=f"{last_train['loss']:.3f}", scale=f"{last_train['logit_scale']:.1f}")
         if eval_loader is not None and (step == p.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):

@@ -243,3 +243,17 @@ def test_trainer_runs_on_messy_shards_and_reports_skips(messy, tmp_path, loader)
         assert set(summary["skipped"]) <= set(messy["broken"]) and sum(summary["skipped"].values()) > 0
     assert f"skipped samples ({loader} loader, all ranks)" in proc.stdout + proc.stderr
     assert "caption tokens: mean" in proc.stdout + proc.stderr
+
+
+def test_image_over_the_decompression_bomb_limit_is_skipped_not_raised(monkeypatch):
+    """PIL refuses images over 2 × MAX_IMAGE_PIXELS with an exception; that must be one skipped sample."""
+    from PIL import Image
+
+    from bmc_fast.data.samples import SampleError
+
+    data = encode_image(np.zeros((100, 100, 3), dtype=np.uint8), "PNG")
+    assert decode_image(data).size == (100, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels > 2 × 1,000
+    with pytest.raises(SampleError) as error:
+        decode_image(data)
+    assert error.value.kind == "too_large_image"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bmc_fast.config import ConfigError
 from bmc_fast.data.samples import SKIP_KINDS, SampleError, check_sample
-from bmc_fast.data.shards import _sample_key, expand_shards
+from bmc_fast.data.shards import expand_shards, sample_key
 
 _logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def iter_members(shard: str | Path):
         for member in tar:
             if not member.isfile():
                 continue
-            member_key = _sample_key(member.name)
+            member_key = sample_key(member.name)
             if member_key != key and members:
                 yield key, members
                 members = []

@@ -20,6 +20,7 @@ SKIP_KINDS = (
     "empty_file",  # a zero-byte image member
     "not_an_image",  # bytes no image decoder recognises
     "truncated_image",  # a recognised image whose data ends early or is corrupt
+    "too_large_image",  # over PIL's decompression-bomb limit (2 × Image.MAX_IMAGE_PIXELS)
     "missing_caption",  # no .txt member
     "invalid_utf8",  # caption bytes that are not UTF-8
     "empty_caption",  # caption empty or whitespace only
@@ -45,19 +46,25 @@ def to_rgb(image):
 
 
 def decode_image(data: bytes):
-    """Image bytes -> RGB PIL image, or ``SampleError`` (empty_file, not_an_image, truncated_image)."""
-    from PIL import Image, UnidentifiedImageError
+    """Image bytes -> RGB PIL image, or ``SampleError`` (empty_file, not_an_image, truncated_image, too_large_image)."""
+    from PIL import Image
 
     if not data:
         raise SampleError("empty_file")
+    # Decoder plugins raise many types on malformed files (OSError, SyntaxError, struct.error, ...);
+    # any of them means this one sample is unusable, never that the run must stop.
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, ValueError) as error:
-        raise SampleError("not_an_image", str(error)) from None
+    except Image.DecompressionBombError as error:
+        raise SampleError("too_large_image", str(error)) from None
+    except Exception as error:  # noqa: BLE001 (see above)
+        raise SampleError("not_an_image", f"{type(error).__name__}: {error}") from None
     try:
         image.load()  # decodes every byte: truncation and corrupt data surface here
-    except (OSError, SyntaxError, ValueError) as error:
-        raise SampleError("truncated_image", str(error)) from None
+    except Image.DecompressionBombError as error:
+        raise SampleError("too_large_image", str(error)) from None
+    except Exception as error:  # noqa: BLE001 (see above)
+        raise SampleError("truncated_image", f"{type(error).__name__}: {error}") from None
     return to_rgb(image)
 
 

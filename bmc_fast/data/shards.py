@@ -45,13 +45,13 @@ def count_samples(path: str, flag: str = "shard") -> int:
         return 0
     try:
         with tarfile.open(path) as tar:
-            keys = {_sample_key(m.name) for m in tar if m.isfile()}
+            keys = {sample_key(m.name) for m in tar if m.isfile()}
     except tarfile.TarError as error:
         raise ConfigError(f"{flag}: {path!r} is not a readable tar file ({error})") from error
     return len(keys)
 
 
-def _sample_key(member: str) -> str:
+def sample_key(member: str) -> str:
     """WebDataset's grouping: the key is the path up to the first '.' of the file name."""
     directory, _, name = member.rpartition("/")
     stem = name.split(".", 1)[0]
