@@ -81,10 +81,15 @@ class DaliLoader:
                 yield batch
 
     def _epochs(self):
+        # next(), never iter(): after a FILL epoch the iterator has already reset itself with the overflow
+        # counted, and iter() would ask for a mid-epoch reset that DALI refuses with a warning every epoch.
         epoch = 0
         while self.endless or epoch < (self.epochs or 1):
-            yield from self._iterator  # auto_reset: the next pass starts after StopIteration
-            epoch += 1
+            try:
+                while True:
+                    yield next(self._iterator)
+            except StopIteration:  # auto_reset: the next pass starts with the next next()
+                epoch += 1
 
     def _next_batch(self, source) -> dict | None:
         outputs = next(source, None)
