@@ -118,7 +118,6 @@ class Prepared:
     max_steps: int
     train_urls: list[str]
     eval_urls: list[str]
-    n_eval: int
     tokenizer: Any
     model_cfg: ModelConfig
 
@@ -167,7 +166,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
                           "--resume to continue it or --overwrite to replace it")
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir), max_steps=max_steps,
                               context_length=model_cfg.context_length)
-    return Prepared(cfg, env, run_dir, ds_config, plan, max_steps, train_urls, eval_urls, n_eval, tokenizer,
+    return Prepared(cfg, env, run_dir, ds_config, plan, max_steps, train_urls, eval_urls, tokenizer,
                     model_cfg)
 
 
@@ -216,7 +215,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
                               peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                               else None)
     batches = iter(train_loader)
-    run_start, last_train, last_eval = time.perf_counter(), {}, {}
+    run_start, last_train, last_eval, n_eval = time.perf_counter(), {}, {}, 0
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
     for step in range(first_step, p.max_steps + 1):
@@ -238,10 +237,10 @@ def run(prepared: Prepared) -> dict[str, Any]:
             writer.write(step, last_train)
             progress.set_postfix(loss=f"{last_train['loss']:.3f}", scale=f"{last_train['logit_scale']:.1f}")
         if eval_loader is not None and (step == p.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            last_eval = _evaluate(engine.module, eval_loader, device, dtype)
+            last_eval, n_eval = _evaluate(engine.module, eval_loader, device, dtype)
             writer.write(step, last_eval, prefix="eval")
             _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, last_eval["t2i_r1"],
-                         last_eval["i2t_r1"], p.n_eval)
+                         last_eval["i2t_r1"], n_eval)
             window.restart_clock()  # keep evaluation out of the throughput
         if step == p.max_steps or (cfg.save_every and step % cfg.save_every == 0):
             engine.save_checkpoint(str(p.run_dir / "checkpoints"), tag=f"step{step:07d}", client_state={"step": step})
@@ -250,7 +249,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
 
     skips = _total_skips(skipped, cfg.loader, p.train_urls)
     summary = {"steps": p.max_steps, "seconds": time.perf_counter() - run_start, "train": last_train,
-               "eval": last_eval, "n_eval": p.n_eval, "world_size": env.world_size, "loader": cfg.loader,
+               "eval": last_eval, "n_eval": n_eval, "world_size": env.world_size, "loader": cfg.loader,
                "skipped": skips}
     if env.rank == 0:
         _logger.info("skipped samples (%s loader, all ranks): %s", cfg.loader, skips or "none")
@@ -346,11 +345,12 @@ def _resolved_config(p: Prepared) -> dict[str, Any]:
     }
 
 
-def _evaluate(model, loader, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def _evaluate(model, loader, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], int]:
+    """Retrieval metrics and the number of (good) pairs they cover."""
     from bmc_fast.evaluate import extract_features, retrieval_recall
 
     image, text = extract_features(model, loader, device, dtype)
-    return retrieval_recall(image, text)
+    return retrieval_recall(image, text), image.shape[0]
 
 
 def free_port() -> int:
