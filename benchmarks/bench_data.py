@@ -2,19 +2,23 @@
 
     python benchmarks/bench_data.py [--threads 2] [--repeats 3] [--batch 64] [--device cpu|cuda]
 
-Same shards, same thread count (DALI threads vs DataLoader worker processes), train mode at 224 px
-(decode, RandomResizedCrop scale (0.9, 1), normalise), captions tokenised with the ModernBERT tokenizer
-(a trained stand-in when ../shared/data is absent), whole batch dicts delivered. Datasets: generated
-512×512 JPEG shards, and ../shared/data/covid_cxr (real X-rays, mixed JPEG/PNG, RGB/RGBA/L; skipped
-with a reason when absent). Each repeat runs the three loaders back to back over ≥ 1,000 images
-(whole epochs); the first batch (pipeline start-up, worker spawn) is timed apart. ``--device cuda``
-runs the DALI graph with mixed decode on GPU 0 (pixels stay on the GPU; the PIL loaders are
-unchanged). Writes benchmarks/results/data_<device>.{json,md}.
+Same shards, same thread count (DALI threads vs DataLoader worker processes), the endless train-mode
+stream the trainer draws (decode, RandomResizedCrop scale (0.9, 1), bicubic resize to 224, normalise),
+captions tokenised with the ModernBERT tokenizer (a trained stand-in when ../shared/data is absent),
+whole batch dicts delivered. Datasets: generated 512×512 JPEG shards, and ../shared/data/covid_cxr
+(real X-rays, mixed JPEG/PNG, RGB/RGBA/L; skipped with a reason when absent). Each repeat runs the
+three loaders back to back; the first 3 batches (worker spawn, pipeline build, shuffle-buffer fill) are
+timed apart, then ≥ 1,000 images. A one-thread profile splits each image's cost into decode, resize and
+normalise for PIL and DALI on the same images. ``--device cuda`` runs the DALI graph with mixed decode
+on GPU 0 (pixels stay on the GPU; the PIL loaders are unchanged). Writes
+benchmarks/results/data_<device>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -59,8 +63,9 @@ def generated_shards(out: Path, shards: int = 4, per_shard: int = 128, side: int
     return urls
 
 
-def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, epochs: int, device_id: int | None):
-    common = dict(context_length=512, image_size=IMAGE_SIZE, batch_size=batch, train=True, epochs=epochs)
+def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, device_id: int | None):
+    """The endless training stream the trainer draws from (train mode, no ``epochs`` bound)."""
+    common = dict(context_length=512, image_size=IMAGE_SIZE, batch_size=batch, train=True)
     if kind == "dali":
         from bmc_fast.dali_pipelines import DaliLoader
 
@@ -75,34 +80,120 @@ def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, epochs
     return make_loader(urls, tokenizer, workers=threads, transform=transform, **common)
 
 
-def run_epoch(loader) -> dict:
+def run_stream(loader, min_images: int, warmup_batches: int = 3) -> dict:
+    """Steady-state images/s after ``warmup_batches`` (worker spawn, pipeline build, shuffle-buffer fill)."""
     start = time.perf_counter()
     batches = iter(loader)
-    first = next(batches)
+    for _ in range(warmup_batches):
+        next(batches)
     startup = time.perf_counter() - start
     images, t0 = 0, time.perf_counter()
-    for batch in batches:
-        images += batch["pixels"].shape[0]
+    while images < min_images:
+        images += next(batches)["pixels"].shape[0]
     elapsed = time.perf_counter() - t0
-    return {"images": images + first["pixels"].shape[0], "startup_s": startup, "images_per_s": images / elapsed}
+    getattr(batches, "close", lambda: None)()  # the DALI loader's tokeniser thread
+    return {"images": images, "startup_s": startup, "images_per_s": images / elapsed}
 
 
 def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, device_id: int | None,
           min_images: int = 1000) -> dict:
     from bmc_fast.data.index import build_indexes
 
-    good = build_indexes(urls)["good"]
-    epochs = -(-min_images // good)  # enough passes that start-up and prefetch do not dominate
+    build_indexes(urls)
     runs = {kind: [] for kind in ("dali", "pil", "open_clip")}
     for _ in range(repeats):
         for kind in runs:  # side by side, interleaved: drifts in machine load hit all three alike
-            runs[kind].append(run_epoch(make(kind, urls, tokenizer, threads, batch, epochs, device_id)))
+            runs[kind].append(run_stream(make(kind, urls, tokenizer, threads, batch, device_id), min_images))
+            gc.collect()  # the finished loader's worker processes exit before the next one starts
     out = {kind: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
                   "startup_s": statistics.median(r["startup_s"] for r in rs), "images": rs[0]["images"]}
            for kind, rs in runs.items()}
     out["dali_over_pil"] = out["dali"]["images_per_s"] / out["pil"]["images_per_s"]
     out["dali_over_open_clip"] = out["dali"]["images_per_s"] / out["open_clip"]["images_per_s"]
     return out
+
+
+def first_images(urls: list[str], count: int) -> list[bytes]:
+    """The shards' first ``count`` image members that decode."""
+    import tarfile
+
+    from bmc_fast.data.samples import SampleError, decode_image
+
+    found = []
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isfile() and member.name.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png"):
+                    data = tar.extractfile(member).read()
+                    try:
+                        decode_image(data)
+                    except SampleError:
+                        continue
+                    found.append(data)
+                    if len(found) == count:
+                        return found
+    return found
+
+
+def stage_profile(urls: list[str], images: int = 256) -> dict:
+    """Milliseconds per image of each train-mode stage on one thread: PIL as the loader runs it, DALI's graph.
+
+    Stages on the same images: decode (DALI decodes only the random crop), crop + antialiased bicubic
+    resize to 224, then to a normalised CHW float tensor. Each stage is the difference of cumulative
+    runs, each the best of 5
+    (so a nearly free stage can come out a few hundredths of a millisecond below zero).
+    """
+    from torchvision import transforms as T
+
+    from bmc_fast.data.loader import image_transform
+    from bmc_fast.data.samples import decode_image
+
+    data = first_images(urls, images)
+    crop = T.RandomResizedCrop(IMAGE_SIZE, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    full = image_transform(IMAGE_SIZE, train=True)
+    pil_steps = {"decode": decode_image, "resize": lambda b: crop(decode_image(b)),
+                 "normalise": lambda b: full(decode_image(b))}
+
+    def per_image_ms(step) -> float:
+        best = math.inf
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t0)
+        return 1e3 * best / len(data)
+
+    pil = {name: per_image_ms(lambda f=f: [f(b) for b in data]) for name, f in pil_steps.items()}
+    dali = {name: per_image_ms(lambda p=p: p.run()) for name, p in dali_stage_pipelines(data).items()}
+    increments = {}
+    for library, cumulative in (("pil", pil), ("dali", dali)):
+        values = list(cumulative.values())
+        increments[library] = {name: value - (values[i - 1] if i else 0.0)
+                               for i, (name, value) in enumerate(cumulative.items())}
+    return increments
+
+
+def dali_stage_pipelines(data: list[bytes]) -> dict:
+    """One-thread synchronous CPU pipelines over ``data`` (one batch) that stop after each train stage."""
+    from nvidia.dali import fn, pipeline_def
+
+    from bmc_fast.dali_pipelines.augment import clip_augment, decode_train_crop, resize_cubic
+
+    arrays = [np.frombuffer(b, dtype=np.uint8) for b in data]
+    stages = {"decode": lambda e: decode_train_crop(e, decoder_device="cpu"),
+              "resize": lambda e: resize_cubic(decode_train_crop(e, decoder_device="cpu"), width=IMAGE_SIZE,
+                                               height=IMAGE_SIZE),
+              "normalise": lambda e: clip_augment(e, image_size=IMAGE_SIZE, train=True, decoder_device="cpu")}
+    pipes = {}
+    for name, stage in stages.items():
+        @pipeline_def(batch_size=len(arrays), num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
+                      exec_pipelined=False, exec_async=False)
+        def pipe():
+            return stage(fn.external_source(source=lambda: arrays, batch=True))
+
+        pipes[name] = pipe()
+        pipes[name].build()
+        pipes[name].run()  # the first run allocates
+    return pipes
 
 
 def tokenizer_for_bench(tmp: Path):
@@ -139,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         cases = {}
         for name, urls in datasets.items():
             cases[name] = bench(urls, tokenizer, args.threads, args.batch, args.repeats, device_id)
+            cases[name]["ms_per_image_one_thread"] = stage_profile(urls)
             sys.stderr.write(f"{name}: DALI {cases[name]['dali']['images_per_s']:.1f} img/s, PIL "
                              f"{cases[name]['pil']['images_per_s']:.1f}, open_clip "
                              f"{cases[name]['open_clip']['images_per_s']:.1f} (DALI/PIL "
@@ -153,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine, "cases": cases, "notes": notes}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"data_{args.device}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"Training loaders, train mode at {IMAGE_SIZE} px, {args.threads} threads (DALI) / worker processes "
-             f"(PIL, open_clip), batch {args.batch}, median of {args.repeats} interleaved runs of ≥ 1,000 images; "
+    lines = [f"Training streams, train mode at {IMAGE_SIZE} px, {args.threads} threads (DALI) / worker processes "
+             f"(PIL, open_clip), batch {args.batch}, median of {args.repeats} interleaved runs of ≥ 1,000 images "
+             "after 3 warm-up batches; "
              f"{os.cpu_count()} CPU cores, DALI {nvidia.dali.__version__} on {device}.", "",
              "| shards | images | DALI img/s | PIL img/s | open_clip img/s | DALI / PIL | DALI / open_clip |",
              "|---|---|---|---|---|---|---|"]
@@ -162,6 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {name} | {c['dali']['images']} | {c['dali']['images_per_s']:.1f} | "
                      f"{c['pil']['images_per_s']:.1f} | {c['open_clip']['images_per_s']:.1f} | "
                      f"{c['dali_over_pil']:.2f} | {c['dali_over_open_clip']:.2f} |")
+    lines += ["", "CPU milliseconds per image by stage, one thread, same images (DALI decodes only the random crop):",
+              "", "| shards | stage | PIL ms | DALI ms |", "|---|---|---|---|"]
+    for name, c in cases.items():
+        profile = c["ms_per_image_one_thread"]
+        for stage in profile["pil"]:
+            lines.append(f"| {name} | {stage} | {profile['pil'][stage]:.2f} | {profile['dali'][stage]:.2f} |")
+        lines.append(f"| {name} | **total** | {sum(profile['pil'].values()):.2f} | "
+                     f"{sum(profile['dali'].values()):.2f} |")
     lines += [f"\n{note}" for note in notes.values()]
     (RESULTS / f"data_{args.device}.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -41,22 +41,35 @@ def centre_crop_pos(length, crop: int):
     return (half + odd_slack * odd_half) / dmath.max(slack, 1.0)
 
 
+def decode_train_crop(encoded, *, decoder_device: str, seed: int = -1):
+    """RandomResizedCrop's random window, fused into the decoder (only the crop is decoded): HWC uint8 RGB."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image_random_crop(encoded, device=decoder_device, output_type=types.RGB,
+                                         random_area=list(TRAIN_SCALE), random_aspect_ratio=list(TRAIN_RATIO),
+                                         num_attempts=10, seed=seed)
+
+
+def resize_cubic(images, *, width, height):
+    """Antialiased bicubic resize to (height, width), as torchvision's BICUBIC with ``antialias=True``."""
+    from nvidia.dali import fn, types
+
+    return fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
+
+
 def clip_augment(encoded, *, image_size: int, train: bool, decoder_device: str, flip: bool = False,
                  half: bool = False, seed: int = -1):
     """``encoded``: DALI node of image bytes -> (3, image_size, image_size) float (fp16 with ``half``)."""
     from nvidia.dali import fn, types
 
     if train:
-        images = fn.decoders.image_random_crop(encoded, device=decoder_device, output_type=types.RGB,
-                                               random_area=list(TRAIN_SCALE), random_aspect_ratio=list(TRAIN_RATIO),
-                                               num_attempts=10, seed=seed)
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_CUBIC,
-                           antialias=True)
+        images = decode_train_crop(encoded, decoder_device=decoder_device, seed=seed)
+        images = resize_cubic(images, width=image_size, height=image_size)
         crop_pos = (0.5, 0.5)  # already image_size square: the crop is the whole image
     else:
         images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
         height, width = shorter_side_size(encoded, image_size)
-        images = fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = resize_cubic(images, width=width, height=height)
         crop_pos = (centre_crop_pos(height, image_size), centre_crop_pos(width, image_size))
     mirror = fn.random.coin_flip(probability=0.5, seed=seed) if (train and flip) else 0
     return fn.crop_mirror_normalize(
