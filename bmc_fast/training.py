@@ -164,6 +164,9 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     elif (run_dir / "config.json").exists() and not cfg.overwrite:
         raise ConfigError(f"--output-dir {str(run_dir)!r} already holds a run: choose another directory, pass "
                           "--resume to continue it or --overwrite to replace it")
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
+        raise ConfigError(f"--output-dir {str(run_dir)!r} holds files but no run (no config.json), and "
+                          "--overwrite only replaces runs: choose a new or empty directory")
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run_dir, ds_config, plan, max_steps, train_urls, eval_urls, tokenizer,
@@ -196,6 +199,13 @@ def run(prepared: Prepared) -> dict[str, Any]:
         load_path, client_state = engine.load_checkpoint(str(p.run_dir / "checkpoints"))  # the `latest` tag
         first_step = client_state["step"] + 1
         _logger.info("resumed from %s at step %d", Path(load_path).parent.name, first_step - 1)
+    # A resumed run must not replay the batches and augmentations of steps 1, 2, ...: its loaders and
+    # RNG start from a seed that moves with the step (the exact stream position is not restored).
+    data_seed = cfg.seed + first_step - 1
+    torch.manual_seed(data_seed)
+    if cfg.resume:
+        _logger.info("resumed run: data reshuffled with seed %d (--seed %d + %d steps done)", data_seed, cfg.seed,
+                     first_step - 1)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     _logger.info("model %s: %.2fM parameters; ZeRO stage %d, %s, %d rank(s) on %s over %s; batch %d = %d micro × %d "
                  "accum × %d ranks; %d steps", cfg.preset, n_params / 1e6, engine.zero_optimization_stage(), dtype,
@@ -207,7 +217,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
                             backend=cfg.loss_backend)
     if env.rank == 0:
         _log_token_waste(p)
-    train_loader, eval_loader = _make_loaders(p, device, half=dtype == torch.float16)
+    train_loader, eval_loader = _make_loaders(p, device, half=dtype == torch.float16, seed=data_seed)
     skipped = Counter()
 
     writer = MetricsWriter(p.run_dir, enabled=env.rank == 0)
@@ -219,6 +229,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
     for step in range(first_step, p.max_steps + 1):
+        lr = engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
         for _ in range(p.plan.accumulation):
             batch = next(batches)
             skipped.update(batch["skipped"])
@@ -231,7 +242,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
         window.end_step()
         progress.update(1)
         if step % cfg.log_every == 0 or step == p.max_steps:
-            last_train = {**window.read(), "lr": engine.get_lr()[0], "logit_scale": scale.item()}
+            last_train = {**window.read(), "lr": lr, "logit_scale": scale.item()}
             if cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
                 last_train["skipped_samples"] = sum(skipped.values())  # this rank's, read so far
             writer.write(step, last_train)
@@ -247,7 +258,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     progress.close()
     writer.close()
 
-    skips = _total_skips(skipped, cfg.loader, p.train_urls)
+    skips = _total_skips(skipped, cfg.loader, p.train_urls, device)
     summary = {"steps": p.max_steps, "seconds": time.perf_counter() - run_start, "train": last_train,
                "eval": last_eval, "n_eval": n_eval, "world_size": env.world_size, "loader": cfg.loader,
                "skipped": skips}
@@ -259,7 +270,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
     return summary
 
 
-def _make_loaders(p: Prepared, device: torch.device, half: bool):
+def _make_loaders(p: Prepared, device: torch.device, half: bool, seed: int):
     """(train loader, eval loader or None) of the kind ``--loader`` chose; eval batches reach every rank whole."""
     from bmc_fast.data.loaders import build_loader
 
@@ -267,7 +278,7 @@ def _make_loaders(p: Prepared, device: torch.device, half: bool):
     common = dict(kind=cfg.loader, tokenizer=p.tokenizer, context_length=p.model_cfg.context_length,
                   image_size=p.model_cfg.vision.image_size, batch_size=p.plan.micro_batch, workers=cfg.workers,
                   device_id=None if device.type == "cpu" else env.local_rank, half=half)
-    train = build_loader(p.train_urls, train=True, rank=env.rank, world_size=env.world_size, seed=cfg.seed, **common)
+    train = build_loader(p.train_urls, train=True, rank=env.rank, world_size=env.world_size, seed=seed, **common)
     evaluation = build_loader(p.eval_urls, train=False, **common) if p.eval_urls else None
     return train, evaluation
 
@@ -284,7 +295,7 @@ def _log_token_waste(p: Prepared) -> None:
                  stats["n_texts"], waste)
 
 
-def _total_skips(skipped: Counter, loader: str, urls: list[str]) -> dict[str, int]:
+def _total_skips(skipped: Counter, loader: str, urls: list[str], device: torch.device) -> dict[str, int]:
     """Samples skipped by kind, summed over ranks (PIL: counted while reading; DALI: by the index scan)."""
     from bmc_fast.data.samples import SKIP_KINDS
 
@@ -292,8 +303,8 @@ def _total_skips(skipped: Counter, loader: str, urls: list[str]) -> dict[str, in
         from bmc_fast.dali_pipelines import index_skips
 
         return index_skips(urls)
-    counts = torch.tensor([skipped[kind] for kind in SKIP_KINDS], dtype=torch.int64)
-    torch.distributed.all_reduce(counts)
+    counts = torch.tensor([skipped[kind] for kind in SKIP_KINDS], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(counts)  # on the training device: NCCL takes no CPU tensors
     return {kind: int(n) for kind, n in zip(SKIP_KINDS, counts.tolist()) if n}
 
 
@@ -347,7 +358,7 @@ def _resolved_config(p: Prepared) -> dict[str, Any]:
 
 def _evaluate(model, loader, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], int]:
     """Retrieval metrics and the number of (good) pairs they cover."""
-    from bmc_fast.evaluate import extract_features, retrieval_recall
+    from bmc_fast.eval_retrieval import extract_features, retrieval_recall
 
     image, text = extract_features(model, loader, device, dtype)
     return retrieval_recall(image, text), image.shape[0]

@@ -83,6 +83,14 @@ def test_tokenizer_directory_missing(small_data, tmp_path):
         train.main(_args(small_data, tmp_path, **{"--tokenizer": str(tmp_path / "missing")}))
 
 
+def test_overwrite_never_deletes_a_directory_that_holds_no_run(small_data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train-000000.tar").write_bytes(b"precious")
+    with pytest.raises(ConfigError, match="--output-dir .* holds files but no run .* choose a new or empty"):
+        train.main(_args(small_data, tmp_path) + ["--overwrite"])
+    assert (tmp_path / "run" / "train-000000.tar").read_bytes() == b"precious"
+
+
 def test_train_data_without_tokenizer(small_data, tmp_path):
     args = _args(small_data, tmp_path)
     i = args.index("--tokenizer")

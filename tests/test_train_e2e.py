@@ -1,9 +1,10 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
+import re
 
 import pytest
 
-from bmc_fast import evaluate
+from bmc_fast import eval_retrieval
 from helpers import deepspeed_config, free_port, launch_deepspeed
 
 STEPS = 12
@@ -49,7 +50,7 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     # The evaluate CLI rebuilds fp32 weights from the ZeRO checkpoint; in fp32 it reproduces the final
     # evaluation exactly (a bf16 run evaluated in bf16 during training, so only the fp32 runs compare).
     out = tmp_path / "eval.json"
-    metrics = evaluate.main(["--checkpoint", str(run_dir), "--data", small_data["eval"], "--json", str(out),
+    metrics = eval_retrieval.main(["--checkpoint", str(run_dir), "--data", small_data["eval"], "--json", str(out),
                              "--workers", "0", "--loader", loader])
     assert json.loads(out.read_text())["n"] == 32
     if not bf16:
@@ -67,6 +68,7 @@ def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
     (run_dir / "checkpoints" / "latest").write_text("step0000006")  # as if the run had died after step 6
     proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, "--resume"), tmp_path)
     assert "resumed from step0000006 at step 6" in proc.stdout + proc.stderr
+    assert re.search(r"data reshuffled with seed (\d+) \(--seed (\d+) \+ 6 steps done\)", proc.stdout + proc.stderr)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == list(range(1, STEPS + 1)) + list(range(7, STEPS + 1))
@@ -77,4 +79,4 @@ def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
     from bmc_fast.config import ConfigError
 
     with pytest.raises(ConfigError, match="--checkpoint .* is not a finished run directory"):
-        evaluate.main(["--checkpoint", str(tmp_path), "--data", "x.tar"])
+        eval_retrieval.main(["--checkpoint", str(tmp_path), "--data", "x.tar"])
