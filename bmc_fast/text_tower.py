@@ -123,6 +123,7 @@ class TextTower(nn.Module):
             self.transformer = _load_pretrained(ModernBertModel, weights, cfg)
         if cfg.grad_checkpointing:
             self.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            _logger.info("text tower: activation checkpointing on (%d layers recomputed in backward)", cfg.num_hidden_layers)
         self._attention = None  # the unpadded path's attention implementation, chosen at the first forward
         self.pad_tokens_to = 1  # FP8 GEMMs need row counts in multiples of 16 (32 for MXFP8): te_swap sets it
         self.last_token_counts = (0, 0)  # (tokens computed, real tokens) of the last forward
@@ -181,21 +182,29 @@ class TextTower(nn.Module):
         return sums / lengths[:, None].to(hidden.dtype)
 
     def _varlen_attention(self, device: torch.device) -> str:
-        if self._attention is None or self._attention[0] != device.type:
-            import importlib.util
-
-            flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-            name = "flash_attention_2" if flash else VARLEN_SDPA
-            if device.type == "cuda" and not flash:
-                _logger.warning("text tower: flash-attn is not installed, so the unpadded path runs SDPA caption "
-                                "by caption on CUDA (correct, slower): pip install flash-attn")
-            _logger.info("text tower: unpadded attention via %s on %s", name, device.type)
-            self._attention = (device.type, name)
-        return self._attention[1]
+        # flash-attn's varlen kernel takes fp16/bf16 only; HF casts to the layers' weight dtype, so decide on it.
+        dtype = self.transformer.get_input_embeddings().weight.dtype
+        if self._attention is None or self._attention[:2] != (device.type, dtype):
+            half = dtype in (torch.float16, torch.bfloat16)
+            installed = device.type == "cuda" and _flash_attn_installed()
+            name = "flash_attention_2" if installed and half else VARLEN_SDPA
+            if device.type == "cuda" and not installed:
+                _logger.warning("text tower: flash-attn is not installed, so the unpadded path runs SDPA over "
+                                "length buckets on CUDA (correct, slower): pip install flash-attn")
+            _logger.info("text tower: unpadded attention via %s on %s %s%s", name, device.type, dtype,
+                         " (flash-attn takes fp16/bf16 only)" if installed and not half else "")
+            self._attention = (device.type, dtype, name)
+        return self._attention[2]
 
     def _use_attention(self, name: str) -> None:
         if self.transformer.config._attn_implementation != name:
             self.transformer.set_attn_implementation(name)
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _load_pretrained(model_class, weights: str | Path, cfg: TextConfig):

@@ -120,6 +120,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
         super().__init__()
         self.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.grad_checkpointing:
+            _logger.info("image tower: activation checkpointing on (%d blocks recomputed in backward)", cfg.layers)
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg, attn_backend) for _ in range(cfg.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

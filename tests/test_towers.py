@@ -170,6 +170,16 @@ def test_attention_backends_agree():
         flash.encode_image(images)
 
 
+@pytest.mark.parametrize("dtype, expected", [(torch.float32, "bmc_varlen_sdpa"), (torch.bfloat16, "flash_attention_2")])
+def test_unpadded_path_picks_flash_attn_only_for_half_weights(monkeypatch, dtype, expected):
+    """flash-attn's varlen kernel takes fp16/bf16 only: an fp32 model on CUDA keeps the SDPA path."""
+    from bmc_fast import text_tower
+
+    tower = create_model("tiny", text=TINY_TEXT).text.to(dtype)
+    monkeypatch.setattr(text_tower, "_flash_attn_installed", lambda: True)
+    assert tower._varlen_attention(torch.device("cuda")) == expected  # only the device type is read
+
+
 def test_unpadded_and_padded_tiny_towers_agree_with_windows():
     """Local window 16 on captions up to 60 tokens: packing, RoPE restarts and windows all matter."""
     text = {**TINY_TEXT, "local_attention": 16}
@@ -192,12 +202,18 @@ def test_activation_checkpointing_keeps_gradients(tower):
     images = torch.randn(2, 3, 64, 64)
     ids, mask = _caption_batch([20, 9], vocab=300, pad=0)
     ids = ids.clamp(max=299)
-    grads = []
+    grads, block_calls = [], []
     for model in (plain, checkpointed):
         model.train()
+        # HF checkpoints a layer's forward, not its __call__: count a module inside the text layer
+        block = model.visual.transformer.resblocks[0] if tower == "vision" else model.text.transformer.layers[0].attn
+        calls = []
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop before the block ends
         image, text, scale = model(images, ids, mask)
         (image @ text.T * scale).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        block_calls.append(len(calls))
+    assert block_calls == [1, 2]  # checkpointing recomputes the block during backward
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
