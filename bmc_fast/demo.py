@@ -3,7 +3,7 @@
     python -m bmc_fast.demo --out runs/demo
 
 Trains the ``tiny`` model twice with the real ``deepspeed`` launcher on 2 ranks, at context 77 and
-512 with everything else equal, evaluates both with ``bmc_fast.evaluate`` and writes
+512 with everything else equal, evaluates both with ``bmc_fast.eval_retrieval`` and writes
 ``OUT/summary.json``: ``{"ctx77": {t2i_r1 ...}, "ctx512": {...}}``. The captions' findings start
 after ~100 tokens of preamble, so a 77-token model cannot read them.
 """
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from bmc_fast.data.default_data import ensure_default_data
-    from bmc_fast.evaluate import evaluate_shards, format_table, load_run
+    from bmc_fast.eval_retrieval import evaluate_shards, format_table, load_run
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

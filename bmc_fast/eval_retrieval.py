@@ -1,6 +1,6 @@
 """Zero-shot image-text retrieval, as BMC-LongCLIP reports it.
 
-    python -m bmc_fast.evaluate --checkpoint RUN_DIR --data 'DIR/shard-{000000..000001}.tar'
+    python -m bmc_fast.eval_retrieval --checkpoint RUN_DIR --data 'DIR/shard-{000000..000001}.tar'
 
 Recall@k: cosine similarity of L2-normalised embeddings; each text query has exactly one matching
 image (its pair) and vice versa. A query scores a hit at k when fewer than k *other* candidates score
