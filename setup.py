@@ -10,7 +10,9 @@ from setuptools import setup
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "deepspeed>=0.16",
-    "transformers>=4.48",  # first release with ModernBertModel
+    # The tested release: older ones lack ModernBERT's layer_types, AttentionInterface,
+    # set_attn_implementation or activation_checkpointing_enable, all used by text_tower.py.
+    "transformers>=5.23",
     "tokenizers>=0.21",
     "webdataset>=0.2.86",
     "braceexpand",
