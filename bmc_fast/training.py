@@ -160,7 +160,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
 
     run_dir = Path(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
     if cfg.resume:
-        _check_resumable(run_dir, model_cfg)
+        _check_resumable(run_dir, model_cfg, ds_config, plan, max_steps)
     elif (run_dir / "config.json").exists() and not cfg.overwrite:
         raise ConfigError(f"--output-dir {str(run_dir)!r} already holds a run: choose another directory, pass "
                           "--resume to continue it or --overwrite to replace it")
@@ -308,15 +308,43 @@ def _total_skips(skipped: Counter, loader: str, urls: list[str], device: torch.d
     return {kind: int(n) for kind, n in zip(SKIP_KINDS, counts.tolist()) if n}
 
 
-def _check_resumable(run_dir: Path, model_cfg: ModelConfig) -> None:
-    if not (run_dir / "checkpoints" / "latest").is_file():
+# Model-config keys that change how the model runs, not its weights: a resumed run may switch them.
+RUNTIME_SWITCHES = {"text_unpad", "attn_backend", "vision.grad_checkpointing", "text.grad_checkpointing"}
+
+
+def _check_resumable(run_dir: Path, model_cfg: ModelConfig, ds_config: dict[str, Any], plan: BatchPlan,
+                     max_steps: int) -> None:
+    """The checkpoint exists, holds the same weights layout and steps are left; a changed set-up is logged."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoints/latest to resume from; drop --resume "
                           "to start a new run")
-    saved = json.loads((run_dir / "config.json").read_text())["model"]
-    differs = sorted(k for k, v in model_cfg.to_dict().items() if saved.get(k) != v)
+    tag = latest.read_text().strip()  # "step0000006", as run() names its checkpoints
+    if tag.startswith("step") and tag[4:].isdigit() and int(tag[4:]) >= max_steps:
+        raise ConfigError(f"--resume: the checkpoint {tag!r} is at step {int(tag[4:])} and --max-steps is "
+                          f"{max_steps}: nothing is left to train; raise --max-steps")
+    saved = json.loads((run_dir / "config.json").read_text())
+    differs = sorted(set(_differing_keys(saved.get("model", {}), model_cfg.to_dict())) - RUNTIME_SWITCHES)
     if differs:
         raise ConfigError(f"--resume: the run in {str(run_dir)!r} used a different model ({differs} differ); "
                           "resume with the same --preset, --context-length and --tokenizer")
+    changed = _differing_keys(saved.get("deepspeed", {}), ds_config) + _differing_keys(
+        saved.get("batch", {}), dataclasses.asdict(plan), prefix="batch.")
+    if changed:
+        _logger.warning("--resume: the training set-up differs from the saved run's config.json in %s; "
+                        "continuing with the new values", changed)
+
+
+def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _configure_device(accelerator, env: DistEnv) -> torch.device:
@@ -338,7 +366,10 @@ def _start_run_dir(p: Prepared) -> None:
             shutil.rmtree(p.run_dir)
         p.run_dir.mkdir(parents=True, exist_ok=True)
         p.tokenizer.save_pretrained(str(p.run_dir / "tokenizer"))
-        (p.run_dir / "config.json").write_text(json.dumps(_resolved_config(p), indent=2))
+        name = "config.json"
+        if p.cfg.resume:  # the original stays; each resume records its own resolved config beside it
+            name = f"config.resume-{len(list(p.run_dir.glob('config.resume-*.json'))) + 1}.json"
+        (p.run_dir / name).write_text(json.dumps(_resolved_config(p), indent=2))
     torch.distributed.barrier()
 
 

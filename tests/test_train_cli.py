@@ -187,6 +187,25 @@ def test_resume_with_another_model(small_data, tmp_path):
         train.main(_args(small_data, tmp_path) + ["--resume"])
 
 
+def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, tmp_path, monkeypatch):
+    """Checkpointing, attention backend and unpadding change how the model runs, not its weights."""
+    from bmc_fast.config import load_model_config
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step0000050")
+    tokenizer = load_tokenizer(small_data["tokenizer_dir"])
+    saved = load_model_config("tiny", text_unpad=False, attn_backend="eager").with_tokenizer(tokenizer).to_dict()
+    (run / "config.json").write_text(json.dumps({"model": saved}))
+    args = _args(small_data, tmp_path) + ["--resume", "--preset", "tiny"]
+    monkeypatch.setattr(train, "run", lambda prepared: prepared)  # stop after every check
+    prepared = train.main(args + ["--grad-checkpointing", "--max-steps", "60"])
+    assert prepared.cfg.resume and prepared.model_cfg.text.grad_checkpointing and prepared.model_cfg.text_unpad
+    with pytest.raises(ConfigError, match="--resume: the checkpoint .step0000050. is at step 50 and --max-steps is 50: nothing is left"):
+        train.main(args + ["--max-steps", "50"])
+
+
 def test_missing_image_weights(small_data, tmp_path):
     with pytest.raises(ConfigError, match="--image-weights '.*nope.pt' is not a file"):
         train.main(_args(small_data, tmp_path) + ["--image-weights", str(tmp_path / "nope.pt")])

@@ -68,6 +68,8 @@ def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
     (run_dir / "checkpoints" / "latest").write_text("step0000006")  # as if the run had died after step 6
     proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, "--resume"), tmp_path)
     assert "resumed from step0000006 at step 6" in proc.stdout + proc.stderr
+    assert json.loads((run_dir / "config.json").read_text()) == config  # the original set-up is kept
+    assert json.loads((run_dir / "config.resume-1.json").read_text())["train"]["resume"] is True
     assert re.search(r"data reshuffled with seed (\d+) \(--seed (\d+) \+ 6 steps done\)", proc.stdout + proc.stderr)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
