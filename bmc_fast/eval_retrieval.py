@@ -10,6 +10,7 @@ equal) scores 0, not 100. With fewer than k candidates every query is a hit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -80,6 +81,11 @@ def load_run(run_dir: str | Path, tag: str | None = None):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    if model_cfg.te_precision != "none":  # trained on TE layers: evaluate the same weights on torch layers
+        from bmc_fast.te_swap import torch_state_from_te
+
+        state = torch_state_from_te(state)
+        model_cfg = dataclasses.replace(model_cfg, te_precision="none")
     model = BMCLongCLIP(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _non_persistent(model)]

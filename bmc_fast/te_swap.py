@@ -81,6 +81,46 @@ def torch_state_from_layernorm_mlp(state: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+# A swapped model's state-dict names (suffixes inside one block / layer) -> the torch model's. ``None``:
+# a tensor the torch model has no place for (the zero bias of ModernBERT's bias-free norms).
+_VISION_BLOCK_NAMES = {
+    "ln_qkv.layer_norm_weight": "ln_1.weight", "ln_qkv.layer_norm_bias": "ln_1.bias",
+    "ln_qkv.weight": "attn.in_proj_weight", "ln_qkv.bias": "attn.in_proj_bias",
+    "out_proj.weight": "attn.out_proj.weight", "out_proj.bias": "attn.out_proj.bias",
+    "ln_mlp.layer_norm_weight": "ln_2.weight", "ln_mlp.layer_norm_bias": "ln_2.bias",
+    "ln_mlp.fc1_weight": "mlp.c_fc.weight", "ln_mlp.fc1_bias": "mlp.c_fc.bias",
+    "ln_mlp.fc2_weight": "mlp.c_proj.weight", "ln_mlp.fc2_bias": "mlp.c_proj.bias",
+}
+_TEXT_LAYER_NAMES = {
+    "attn.Wqkv.layer_norm_weight": "attn_norm.weight", "attn.Wqkv.layer_norm_bias": None,
+    "attn.Wqkv.weight": "attn.Wqkv.weight", "attn.Wqkv.bias": "attn.Wqkv.bias",
+    "attn.Wo.weight": "attn.Wo.weight", "attn.Wo.bias": "attn.Wo.bias",
+    "mlp.ln_mlp.layer_norm_weight": "mlp_norm.weight", "mlp.ln_mlp.layer_norm_bias": None,
+    "mlp.ln_mlp.fc1_weight": "mlp.Wi.weight", "mlp.ln_mlp.fc1_bias": "mlp.Wi.bias",
+    "mlp.ln_mlp.fc2_weight": "mlp.Wo.weight", "mlp.ln_mlp.fc2_bias": "mlp.Wo.bias",
+}
+_BLOCK_PREFIXES = (("visual.transformer.resblocks.", _VISION_BLOCK_NAMES),
+                   ("text.transformer.layers.", _TEXT_LAYER_NAMES))
+
+
+def torch_state_from_te(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A swapped model's state dict in the torch model's names (TE's FP8 ``_extra_state`` dropped), so a
+    run trained with ``te_precision`` loads into a plain ``BMCLongCLIP`` (evaluation on any device)."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith("_extra_state"):
+            continue
+        for prefix, names in _BLOCK_PREFIXES:
+            index, _, suffix = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+            if suffix in names:
+                if names[suffix] is not None:
+                    out[f"{prefix}{index}.{names[suffix]}"] = value
+                break
+        else:
+            out[name] = value
+    return out
+
+
 def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     own = module.state_dict()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 import reference_te
 from bmc_fast import create_model
 from bmc_fast.te_swap import (layernorm_linear_state, layernorm_mlp_state, swap_to_transformer_engine,
-                              torch_state_from_layernorm_mlp)
+                              torch_state_from_layernorm_mlp, torch_state_from_te)
 
 TEXT = {"vocab_size": 300, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
 EXACT = {"vision": {"act": "quick_gelu"}, "text": {**TEXT, "hidden_activation": "gelu_pytorch_tanh"}}
@@ -41,6 +41,19 @@ def test_mlp_mapping_round_trips():
             torch.nn.init.normal_(p)
     back = torch_state_from_layernorm_mlp(layernorm_mlp_state(norm, fc1, fc2))
     want = {f"{name}.{k}": v for name, m in (("norm", norm), ("fc1", fc1), ("fc2", fc2)) for k, v in m.state_dict().items()}
+    assert back.keys() == want.keys()
+    for key in want:
+        assert torch.equal(back[key], want[key]), key
+
+
+def test_swapped_state_maps_back_to_the_torch_model():
+    """What the evaluate CLI does with a run trained on TE layers: the same weights, in torch names."""
+    original = create_model("tiny", **EXACT)
+    swapped = create_model("tiny", **EXACT)
+    swapped.load_state_dict(original.state_dict())
+    swap_to_transformer_engine(swapped, "fp8", te=reference_te.te, te_recipe=reference_te.recipe, device="cpu")
+    te_state = {**swapped.state_dict(), "text.transformer.layers.1.attn.Wo._extra_state": torch.zeros(3)}
+    back, want = torch_state_from_te(te_state), original.state_dict()
     assert back.keys() == want.keys()
     for key in want:
         assert torch.equal(back[key], want[key]), key
