@@ -60,7 +60,9 @@ def train_step_flops(cfg: ModelConfig, n_images: int, lengths: Iterable[int], pa
 
 
 # Dense bf16 peak FLOP/s per GPU, from the vendors' data sheets, for MFU. Unknown devices get no MFU.
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}
+# Checked in order: the PCIe and NVL H100s come before the SXM default.
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "B200": 2250e12}
 
 
 def peak_flops(device_name: str) -> float | None:

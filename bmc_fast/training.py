@@ -212,6 +212,10 @@ def run(prepared: Prepared) -> dict[str, Any]:
                  env.world_size, device, accelerator.communication_backend_name(), p.plan.global_batch,
                  p.plan.micro_batch, p.plan.accumulation, env.world_size, p.max_steps)
 
+    if p.plan.accumulation > 1:
+        _logger.warning("gradient accumulation %d: each loss contrasts %d pairs (micro batch %d × %d ranks), not "
+                        "the global batch of %d", p.plan.accumulation, p.plan.micro_batch * env.world_size,
+                        p.plan.micro_batch, env.world_size, p.plan.global_batch)
     # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
     loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size,
                             backend=cfg.loss_backend)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bmc_fast import create_model
-from bmc_fast.flops import text_forward_flops, train_step_flops, vision_forward_flops, window_pairs
+from bmc_fast.flops import peak_flops, text_forward_flops, train_step_flops, vision_forward_flops, window_pairs
 
 TOKENS = {"pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
 
@@ -62,3 +62,10 @@ def test_train_step_is_three_forwards():
     cfg = load_model_config("tiny")
     forward = 2 * vision_forward_flops(cfg.vision, cfg.embed_dim) + text_forward_flops(cfg.text, cfg.embed_dim, [30, 90])
     assert train_step_flops(cfg, 2, [30, 90]) == 3 * forward
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_flops_by_device_name(name, peak):
+    assert peak_flops(name) == peak
