@@ -17,6 +17,7 @@ Two paths compute the same embedding:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -30,8 +31,11 @@ _logger = logging.getLogger(__name__)
 
 VARLEN_SDPA = "bmc_varlen_sdpa"
 _PADDED_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
-_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "local_attention",
-                "vocab_size")
+# ModernBertConfig attributes that fix the network a checkpoint was trained as: the run's config.json
+# records the preset, and evaluation rebuilds from it, so every one must agree with the preset's.
+_ARCH_ATTRIBUTES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "local_attention",
+                    "layer_types", "rope_parameters", "hidden_activation", "norm_eps", "norm_bias", "attention_bias",
+                    "mlp_bias", "max_position_embeddings", "vocab_size")
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -215,10 +219,13 @@ def _load_pretrained(model_class, weights: str | Path, cfg: TextConfig):
     if not (directory / "config.json").is_file():
         raise ConfigError(f"text_weights {str(weights)!r} has no config.json: pass a directory written by "
                           "save_pretrained (config.json + model.safetensors)")
+    from transformers import ModernBertConfig
+
     hf_config = AutoConfig.from_pretrained(str(directory))
-    differs = {f: (getattr(hf_config, f, None), getattr(cfg, f)) for f in _ARCH_FIELDS
-               if cfg.vocab_size is not None or f != "vocab_size"}
-    differs = {f: v for f, v in differs.items() if v[0] != v[1]}
+    vocab_size = cfg.vocab_size if cfg.vocab_size is not None else hf_config.vocab_size  # unset: no tokenizer yet
+    preset = ModernBertConfig(**dataclasses.replace(cfg, vocab_size=vocab_size).to_hf_kwargs())
+    differs = {a: (getattr(hf_config, a, None), getattr(preset, a, None)) for a in _ARCH_ATTRIBUTES}
+    differs = {a: v for a, v in differs.items() if v[0] != v[1]}
     if differs:
         raise ConfigError(f"text_weights {str(weights)!r} does not match the preset's text config "
                           f"(checkpoint, preset): {differs}")

@@ -136,9 +136,15 @@ def test_text_weights_with_a_missing_tensor(bioclinical_dir, tmp_path):
         TextTower(load_model_config(PRESET).text, 768, weights=tmp_path / "ckpt")
 
 
-def test_text_weights_of_another_architecture(bioclinical_dir):
-    text_cfg = load_model_config(PRESET, text={"num_hidden_layers": 12}).text
-    with pytest.raises(ConfigError, match=r"'num_hidden_layers': \(22, 12\)"):
+@pytest.mark.parametrize("override, message", [
+    ({"num_hidden_layers": 12}, r"'num_hidden_layers': \(22, 12\)"),
+    ({"hidden_activation": "silu"}, r"'hidden_activation': \('gelu', 'silu'\)"),
+    ({"global_attn_every_n_layers": 1}, r"'layer_types': \(\['full_attention', 'sliding_attention'"),
+])
+def test_text_weights_of_another_architecture(bioclinical_dir, override, message):
+    """Every attribute that shapes the network must match: evaluation rebuilds the tower from the preset."""
+    text_cfg = load_model_config(PRESET, text=override).text
+    with pytest.raises(ConfigError, match=message):
         TextTower(text_cfg, 768, weights=bioclinical_dir)
 
 
