@@ -11,10 +11,10 @@ CLIP (open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``)::
     L_r = 1/(2b) Σ_i [ lse_j S_ij − S_i,p(i) ]  +  1/(2b) Σ_{j owned by r} [ lse_{i∈all ranks} S_ij − S_j ]
 
 The first term (image→text) is a row log-sum-exp of the block. The second (text→image) is a column
-log-sum-exp over *all* images: each rank computes its block's partial column max and Σexp, and one
-all-reduce (max, then sums: 3·N floats with the Σexp·X statistic below) completes the columns on
-every rank. The gradient of Σ_q g_q L_q (g_q: rank q's upstream gradient, all-gathered, W floats) on
-the block is
+log-sum-exp over *all* images: each rank computes its block's partial column max and Σexp, and two
+all-reduces complete the columns on every rank: a MAX over the N column maxima, then a SUM over 2·N
+floats (the rescaled Σexp and the Σexp·X statistic below). The gradient of Σ_q g_q L_q (g_q: rank
+q's upstream gradient, all-gathered, W floats) on the block is
 
     ∂/∂S_ij = g_r/(2b)·softmax_row(S)_ij + g_{owner(j)}/(2b)·softmax_col(S)_ij − [j = p(i)]·g_r/b,
 
@@ -34,16 +34,20 @@ dT_all) and 4 on the Triton path (dI and dT_all are separate atomic-free kernels
 the block) — 4 and 5 in all, against open_clip's 6 (two b×N logit matrices, each with two gradient
 GEMMs). Memory: no b×N matrix; O(b + N) statistics, the gathered N×D texts (as open_clip keeps them)
 and one N×D fp32 gradient buffer; the torch path reuses one row-chunk × N workspace of
-``DEFAULT_CHUNK_BYTES`` (32 MiB) per call, the Triton path 12·min(b/64, 256)·N bytes of partial columns.
-Communication: all-gather of T (N×D), all-reduce of 3N floats (CLIP), all-gather of W upstream
-gradients, reduce-scatter of dT_all (N×D; all-reduce on gloo, which lacks reduce-scatter).
+``DEFAULT_CHUNK_BYTES`` (32 MiB) per call, the Triton path 12·G·N bytes of partial columns,
+G = min(⌈b/64⌉, 256), and 8·G·N bytes more while merging them (``contrastive_triton.py``).
+Communication: all-gather of T (N×D), two all-reduces (MAX of N floats, then SUM of 2N; CLIP),
+all-gather of W upstream gradients, reduce-scatter of dT_all (N×D) on every backend, gloo included
+(torch >= 2.2; older gloo lacks it and gets an all-reduce of N×D plus a copy of the own b rows).
 
 open_clip's other ``ClipLoss`` flag combinations reuse the same block: ``local_loss=False`` returns
 the mean of the ranks' losses (one more all-reduce of 2 floats, which also averages ∂L/∂s) and
 scales the upstream gradients by 1/W (no gather grads) or averages them (gather with grads);
 ``local_loss=True, gather_with_grad=False`` keeps only this rank's own rows in the backward, which
-needs the gathered images (N×D) too. For ``local_loss=False`` the per-rank gradients equal open_clip's
-when every rank backpropagates its loss with the same weight, as training does.
+needs the gathered images (N×D) too. For ``local_loss=False, gather_with_grad=False`` the per-rank
+gradients equal open_clip's only when every rank backpropagates its loss with the same weight, as
+training does (open_clip's gradient there depends on the rank's own weight only; ours on every rank's
+weight, the all-gathered upstream gradients). The loss is returned in fp32 for fp16/bf16 features.
 
 All ranks must pass the same b, as for open_clip. Non-finite features give a non-finite loss.
 References: open_clip ``loss.py``; Inf-CL (Wang et al. 2024, "Breaking the memory barrier"), which
@@ -64,6 +68,9 @@ _BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _logged_choices: set[tuple[str, str, str]] = set()
 SINGLE_PROCESS = "single_process"  # process_group value: no collectives, even inside an initialised world
+# gloo implements reduce_scatter_tensor since torch 2.2 (pytorch#112144, Oct 2023). torch.__version__
+# is a TorchVersion, which compares as a version (2.14.1+cu130 > 2.2; a 2.2 pre-release takes the fallback).
+_GLOO_HAS_REDUCE_SCATTER = torch.__version__ >= (2, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,6 +109,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
     if backend == "auto":
         chosen = "triton" if device.type == "cuda" and dtype != torch.float64 and _triton_available() else "torch"
     if chosen == "triton":
+        require_triton()
         from . import contrastive_triton
 
         if device.type != "cuda" and not contrastive_triton._interpreted():
@@ -128,6 +136,14 @@ def _triton_available() -> bool:
     return True
 
 
+def require_triton() -> None:
+    """Raise one ImportError saying what to install when backend='triton' is asked for without triton."""
+    if not _triton_available():
+        raise ImportError("backend='triton' needs the triton package, which is not importable: install it with "
+                          "`pip install triton` (CUDA builds of torch on Linux ship a matching one), or pass "
+                          "backend='torch' (or 'auto', which falls back to torch without triton)")
+
+
 def _world(group) -> tuple[int, int]:
     if group is SINGLE_PROCESS or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return 0, 1
@@ -143,16 +159,29 @@ def _all_gather_rows(x: torch.Tensor, group, world: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _backend_for(group, device: torch.device) -> str:
+    """The collective backend serving ``device`` tensors: "gloo" for "gloo", and for "cpu:gloo,cuda:nccl" on CPU."""
+    name = str(torch.distributed.get_backend(group)).lower()
+    for part in name.split(","):
+        dev, sep, backend = part.partition(":")
+        if sep and dev.strip() == device.type:
+            return backend.strip()
+    return name
+
+
 def _reduce_scatter_rows(x: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
-    """Sum (world·b, ...) over ranks and keep this rank's b rows."""
+    """Sum (world·b, ...) over ranks and keep this rank's b rows (a tensor of its own, b rows only)."""
     if world == 1:
         return x
     b = x.shape[0] // world
-    if torch.distributed.get_backend(group) == "gloo":  # gloo has no reduce-scatter
-        torch.distributed.all_reduce(x, group=group)
-        return x[rank * b:(rank + 1) * b]
+    if not _GLOO_HAS_REDUCE_SCATTER and _backend_for(group, x.device) == "gloo":
+        torch.distributed.all_reduce(x, group=group)  # torch < 2.2: gloo has no reduce-scatter
+        return x[rank * b:(rank + 1) * b].clone()  # a copy, so the gradient does not pin the N×D buffer
     out = torch.empty((b,) + x.shape[1:], device=x.device, dtype=x.dtype)
-    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    # reduce_scatter_single is torch 2.14's name for reduce_scatter_tensor (deprecated there, same op).
+    dist = torch.distributed
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(out, x.contiguous(), group=group)
     return out
 
 
@@ -313,8 +342,11 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         local_loss, gather_with_grad: open_clip's ``ClipLoss`` flags (defaults: the scalable pair).
 
     Returns:
-        A 0-d fp32 tensor (fp64 for fp64 features): this rank's loss, exactly as open_clip's ``ClipLoss``
-        with the same flags returns it; gradients equal open_clip's on every rank.
+        A 0-d fp32 tensor (fp64 for fp64 features; fp32 also for fp16/bf16 features, where open_clip
+        returns the features' dtype): this rank's loss, as open_clip's ``ClipLoss`` with the same flags
+        computes it. Gradients equal open_clip's on every rank, for any per-rank loss weights, except
+        with ``local_loss=False, gather_with_grad=False``: there they match only when every rank
+        backpropagates its loss with the same weight (as ``loss.backward()`` in training does).
     """
     check_inputs(image_features, text_features, logit_scale, logit_bias)
     return _ClipLossFunction.apply(image_features, text_features, logit_scale, logit_bias, process_group,
@@ -327,7 +359,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     """SigLIP's sigmoid loss of this rank's images against every rank's texts, fused.
 
     Shapes, dtypes and ``backend`` as in ``clip_loss``; ``logit_bias`` is SigLIP's learnable bias.
-    Returns this rank's loss as open_clip's ``SigLipLoss`` does (any ``dist_impl``).
+    Returns this rank's loss as open_clip's ``SigLipLoss`` does (any ``dist_impl``), as a 0-d fp32
+    tensor (fp64 for fp64 features; fp32 also for fp16/bf16 features).
     """
     check_inputs(image_features, text_features, logit_scale, logit_bias)
     return _SigLipLossFunction.apply(image_features, text_features, logit_scale, logit_bias, process_group,

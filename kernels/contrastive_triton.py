@@ -1,6 +1,8 @@
 """Triton kernels for the fused contrastive losses (forward statistics and feature gradients).
 
-Two kernels serve both losses (``SIGMOID`` selects SigLIP's, else CLIP's softmax):
+The math (losses, ∂L/∂S, the per-rank decomposition), the cost in GEMMs and communication, and the
+references (open_clip ``loss.py``, Inf-CL, flash-attention) are in ``contrastive.py``; this file only
+tiles it. Two kernels serve both losses (``SIGMOID`` selects SigLIP's, else CLIP's softmax):
 
 - ``_forward_kernel``: program g owns a group of row tiles of S = s·A Bᵀ + bias (A: local images,
   B: gathered texts). For each (row tile, column tile) it forms the logit tile from ``BLOCK_K``-wide
@@ -12,9 +14,17 @@ Two kernels serve both losses (``SIGMOID`` selects SigLIP's, else CLIP's softmax
   A = images, B = texts; dB with the roles swapped), so the backward is two logit recomputations
   plus the two gradient products, deterministic and atomic-free.
 
-Logit tiles live in registers only. Offsets are int64. Scale and bias are read from device
-pointers: launchers never synchronise with the host. Under ``TRITON_INTERPRET=1`` (CPU tests) bf16
-and fp16 tiles are upcast to fp32 before ``tl.dot``, because the interpreter cannot multiply them.
+Memory (A: n_a × D, B: n_b × D; fp32 = 4 bytes). No n_a × n_b matrix exists: logit tiles live in
+registers only. Softmax forward: 12·n_a bytes of row statistics (3 fp32 planes) plus 12·G·n_b bytes
+of partial columns, G = min(⌈n_a/64⌉, ``max_groups`` = 256), plus 8·G·n_b bytes of temporaries
+while the launcher merges the groups, so O(n_a + n_b); e.g. n_a = 16,384 local
+rows against n_b = 262,144 gathered texts use G = 256 and 12·256·262,144 B = 768 MiB of partial
+columns (a smaller ``max_groups`` trades parallelism for memory). Sigmoid forward: 12·n_a bytes.
+Backward: the fp32 gradients, 4·n_a·D bytes for dA and 4·n_b·D bytes for dB, nothing else.
+
+Offsets are int64. Scale and bias are read from device pointers: launchers never synchronise with
+the host. Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 and fp16 tiles are upcast to fp32 before
+``tl.dot``, because the interpreter cannot multiply them.
 """
 from __future__ import annotations
 
@@ -35,10 +45,19 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _logit_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
-                stride_a0, stride_a1, stride_b0, stride_b1,
-                UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _logit_tile(
+    a_ptr,  # (n_a, D) row-side features (fp16/bf16/fp32), base pointer
+    b_ptr,  # (n_b, D) column-side features, same dtype, base pointer
+    rows,  # (BLOCK_M,) int64 row indices into A
+    cols,  # (BLOCK_N,) int64 row indices into B (the tile's columns)
+    row_mask, col_mask,  # (BLOCK_M,), (BLOCK_N,) bool: index < n_a, index < n_b
+    D,  # feature width, shared by A and B
+    stride_a0, stride_a1,  # strides of A in elements (row, feature); any layout
+    stride_b0, stride_b1,  # strides of B in elements (row, feature); any layout
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (fp32 inputs, or the interpreter)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots (see _dot_mode)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile rows, cols, feature slice
+):
     """X = A[rows] · B[cols]ᵀ as a (BLOCK_M, BLOCK_N) fp32 tile; masked rows/cols read zeros."""
     x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -59,11 +78,13 @@ def _logit_tile(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
 def _forward_kernel(
     a_ptr,  # (n_a, D) local image features
     b_ptr,  # (n_b, D) gathered text features
-    scale_ptr,  # () fp32 logit scale s (already exponentiated)
-    bias_ptr,  # () fp32 logit bias; read only if HAS_BIAS
-    row_out_ptr,  # (3, n_a) fp32. softmax: lse, Σ softmax·X, unused; sigmoid: Σℓ, Σ∂ℓ/∂S·X, Σ∂ℓ/∂S
-    col_out_ptr,  # (3, groups, n_b) fp32 partial columns (softmax): max, Σexp(S−max), Σexp(S−max)·X
-    n_a, n_b, D,
+    scale_ptr,  # () logit scale s (already exponentiated), any float dtype, read as fp32
+    bias_ptr,  # () logit bias, any float dtype; read only if HAS_BIAS
+    row_out_ptr,  # (3, n_a) fp32 contiguous. softmax: lse, Σ softmax·X, unused;
+    #               sigmoid: Σℓ, Σ∂ℓ/∂S·X, Σ∂ℓ/∂S
+    col_out_ptr,  # (3, groups, n_b) fp32 contiguous partial columns (softmax): max, Σexp(S−max),
+    #               Σexp(S−max)·X; unread for sigmoid (the launcher passes row_out_ptr)
+    n_a, n_b, D,  # rows of A, rows of B, feature width
     stride_a0, stride_a1,  # strides of A in elements
     stride_b0, stride_b1,  # strides of B in elements
     diag_offset,  # the positive pair of row i is column i + diag_offset
@@ -135,14 +156,16 @@ def _backward_kernel(
     a_ptr,  # (n_a, D) rows whose gradient this call produces
     b_ptr,  # (n_b, D) the other side
     out_ptr,  # (n_a, D) fp32, zero-initialised: s · ∂L/∂S · B
-    scale_ptr, bias_ptr,  # () fp32 logit scale and bias (bias read only if HAS_BIAS)
-    a_lse_ptr,  # (n_a,) softmax: log-sum-exp of each A row's softmax (unused for sigmoid)
-    a_coef_ptr,  # softmax: (n_a,) weight of the A-row softmax term; sigmoid: () weight of the loss
-    b_lse_ptr,  # (n_b,) softmax: log-sum-exp of each B column's softmax (read only if HAS_B_TERM)
-    b_coef_ptr,  # (n_b,) weight of the B-column softmax term (read only if HAS_B_TERM)
-    diag_coef_ptr,  # () softmax: weight subtracted on positive pairs
-    n_a, n_b, D,
-    stride_a0, stride_a1, stride_b0, stride_b1, stride_o0, stride_o1,  # strides in elements
+    scale_ptr, bias_ptr,  # () logit scale and bias, any float dtype (bias read only if HAS_BIAS)
+    a_lse_ptr,  # (n_a,) fp32 contiguous, softmax: log-sum-exp of each A row's softmax (unused for sigmoid)
+    a_coef_ptr,  # fp32 contiguous; softmax: (n_a,) weight of the A-row softmax term; sigmoid: (1,) loss weight
+    b_lse_ptr,  # (n_b,) fp32 contiguous, softmax: log-sum-exp of each B column (read only if HAS_B_TERM)
+    b_coef_ptr,  # (n_b,) fp32 contiguous, weight of the B-column softmax term (read only if HAS_B_TERM)
+    diag_coef_ptr,  # (1,) fp32, softmax: weight subtracted on positive pairs (unused for sigmoid)
+    n_a, n_b, D,  # rows of A, rows of B, feature width
+    stride_a0, stride_a1,  # strides of A in elements (row, feature)
+    stride_b0, stride_b1,  # strides of B in elements (row, feature)
+    stride_o0, stride_o1,  # strides of out in elements (row, feature)
     diag_offset,  # the positive pair of A row i is B row i + diag_offset
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_B_TERM: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -192,29 +215,76 @@ def _backward_kernel(
             tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + grad, mask=o_mask)
 
 
+def _tf32_matmul_allowed() -> bool:
+    """Whether torch's own fp32 CUDA matmuls may use TF32 under the user's current setting.
+
+    torch >= 2.9 sets this with ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee", or
+    "none" to inherit ``torch.backends.fp32_precision``); reading the legacy ``allow_tf32`` then raises
+    RuntimeError, so the legacy flag is read only on torch versions without the new attribute.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        precision = matmul.fp32_precision
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
     """(upcast tiles to fp32 before tl.dot, input precision for fp32 dots)."""
     upcast = dtype == torch.float32 or _interpreted()
     # fp32 inputs follow torch's own matmul setting: exact unless the user allowed TF32.
-    tf32 = dtype == torch.float32 and not _interpreted() and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and not _interpreted() and _tf32_matmul_allowed()
     return upcast, "tf32" if tf32 else "ieee"
 
 
-def _check_launch(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Launch preconditions, named: the kernels index raw pointers, so a mismatch would read garbage."""
+def _check_launch(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  names: tuple[str, str]) -> None:
+    """Launch preconditions, named: the kernels index raw pointers, so a mismatch would read garbage.
+
+    ``names`` are the launcher's names for ``a`` and ``b_mat`` (``image``/``texts`` or ``a``/``b_mat``).
+    """
+    a_name, b_name = names
     if a.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"Triton kernels need CUDA tensors (got {a.device}); set TRITON_INTERPRET=1 to run "
-                         "them on the CPU")
+        raise ValueError(f"Triton kernels need CUDA tensors ({a_name} is on {a.device}); set TRITON_INTERPRET=1 "
+                         "to run them on the CPU")
     if a.ndim != 2 or b_mat.ndim != 2 or a.shape[1] != b_mat.shape[1]:
-        raise ValueError(f"features must be 2-D with one width; got {tuple(a.shape)} and {tuple(b_mat.shape)}")
+        raise ValueError(f"{a_name} and {b_name} must be 2-D with one width; got {a_name} {tuple(a.shape)} and "
+                         f"{b_name} {tuple(b_mat.shape)}")
     if a.dtype != b_mat.dtype or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"features must share a dtype among float16, bfloat16, float32; got {a.dtype}, {b_mat.dtype}")
-    for name, value in (("features", b_mat), ("scale", scale), ("bias", bias)):
+        raise TypeError(f"{a_name} and {b_name} must share a dtype among float16, bfloat16, float32; got "
+                        f"{a_name} {a.dtype}, {b_name} {b_mat.dtype}")
+    for name, value in ((b_name, b_mat), ("scale", scale), ("bias", bias)):
         if value is not None and value.device != a.device:
-            raise ValueError(f"{name} on {value.device}, features on {a.device}: one device for all")
+            raise ValueError(f"{name} is on {value.device} but {a_name} is on {a.device}: one device for all")
     for name, value in (("scale", scale), ("bias", bias)):
         if value is not None and (value.numel() != 1 or not value.is_floating_point()):
-            raise ValueError(f"{name} must be a one-element floating tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a one-element floating tensor, got shape {tuple(value.shape)}, "
+                             f"{value.dtype}")
+
+
+def _check_vector(name: str, value: torch.Tensor | None, length: int | None, device: torch.device) -> None:
+    """A statistic the kernels read as ``ptr + index``: fp32, on ``device``, contiguous, ``length`` long.
+
+    ``length`` None means one element (shape () or (1,)). A strided or short vector would silently
+    give wrong gradients, so every mismatch is an error naming the argument.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a float32 tensor, got {type(value).__name__}")
+    if length is None:
+        ok_shape, expected = value.numel() == 1 and value.ndim <= 1, "() or (1,)"
+    else:
+        ok_shape, expected = tuple(value.shape) == (length,), f"({length},)"
+    if not ok_shape:
+        raise ValueError(f"{name} must have shape {expected}, got shape {tuple(value.shape)}")
+    if value.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 (the kernels read it as fp32), got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if value.numel() > 1 and value.stride() != (1,):
+        raise ValueError(f"{name} must be contiguous: expected stride (1,), got stride {value.stride()}; "
+                         "pass .contiguous()")
 
 
 def _bias_args(scale: torch.Tensor, bias: torch.Tensor | None):
@@ -223,8 +293,11 @@ def _bias_args(scale: torch.Tensor, bias: torch.Tensor | None):
 
 def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     max_groups: int = MAX_GROUPS):
-    """Same contract as ``contrastive_torch.softmax_forward``."""
-    _check_launch(image, texts, scale, bias)
+    """Same contract as ``contrastive_torch.softmax_forward``; ``max_groups`` bounds the programs (and
+    the 12·groups·N bytes of partial columns)."""
+    _check_launch(image, texts, scale, bias, ("image", "texts"))
+    if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
+        raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
     n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
     n_tiles = triton.cdiv(n_a, BLOCK_M)
     tiles_per_group = triton.cdiv(n_tiles, min(n_tiles, max_groups))  # bounds the partial-column buffer
@@ -248,7 +321,7 @@ def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tenso
 def sigmoid_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     diag_offset: int):
     """Same contract as ``contrastive_torch.sigmoid_forward``: one program per row tile (no column state)."""
-    _check_launch(image, texts, scale, bias)
+    _check_launch(image, texts, scale, bias, ("image", "texts"))
     n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
     row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
     bias_arg, has_bias = _bias_args(scale, bias)
@@ -281,8 +354,27 @@ def _backward_one(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, 
 def backward(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
              sigmoid: bool, a_lse: torch.Tensor | None, a_coef: torch.Tensor, b_lse: torch.Tensor | None,
              b_coef: torch.Tensor | None, diag_offset: int, diag_coef: torch.Tensor | None, want_b: bool = True):
-    """Same contract as ``contrastive_torch.backward``: (dA, dB or None), fp32."""
-    _check_launch(a, b_mat, scale, bias)
+    """Same contract as ``contrastive_torch.backward``: (dA, dB or None), fp32.
+
+    Statistic vectors are fp32, contiguous, on the features' device: softmax ``a_lse``, ``a_coef``
+    (n_a,), ``b_lse``, ``b_coef`` (n_b,) (both or neither; both when ``want_b``), ``diag_coef`` one
+    element; sigmoid ``a_coef`` one element (the others unread).
+    """
+    _check_launch(a, b_mat, scale, bias, ("a", "b_mat"))
+    n_a, n_b = a.shape[0], b_mat.shape[0]
+    if sigmoid:
+        _check_vector("a_coef", a_coef, None, a.device)
+    else:
+        _check_vector("a_lse", a_lse, n_a, a.device)
+        _check_vector("a_coef", a_coef, n_a, a.device)
+        _check_vector("diag_coef", diag_coef, None, a.device)
+        if (b_lse is None) != (b_coef is None) or (want_b and b_coef is None):
+            raise ValueError("b_lse and b_coef must be given together, and are required when want_b=True; got "
+                             f"b_lse={'None' if b_lse is None else 'a tensor'}, "
+                             f"b_coef={'None' if b_coef is None else 'a tensor'}, want_b={want_b}")
+        if b_coef is not None:
+            _check_vector("b_lse", b_lse, n_b, a.device)
+            _check_vector("b_coef", b_coef, n_b, a.device)
     d_a = _backward_one(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset, diag_coef)
     if not want_b:
         return d_a, None

@@ -9,7 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .contrastive import SINGLE_PROCESS, Backend, clip_loss, siglip_loss
+from .contrastive import _BACKENDS, SINGLE_PROCESS, Backend, clip_loss, require_triton, siglip_loss
+
+
+def _check_backend(cls: str, backend) -> None:
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"{cls}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        require_triton()
+
+
+def _check_flag(cls: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{cls}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def _check_world(rank: int, world_size: int, process_group) -> None:
@@ -29,8 +41,13 @@ def _check_world(rank: int, world_size: int, process_group) -> None:
 class FusedClipLoss(nn.Module):
     """open_clip ``ClipLoss`` with the fused kernels: same arguments, same loss, same gradients.
 
+    The loss is returned in fp32 for fp16/bf16 features (open_clip returns the features' dtype).
+    Gradients equal open_clip's on every rank for any per-rank loss weights, except with
+    ``local_loss=False, gather_with_grad=False`` (the default flags), where they match only when
+    every rank backpropagates its loss with the same weight, as ``loss.backward()`` in training does.
     ``cache_labels`` is accepted and has no effect (no label tensor exists). Horovod is not supported.
-    ``backend`` and ``process_group`` are the extras of ``bmc_fast.kernels.clip_loss``.
+    ``backend`` and ``process_group`` are the extras of ``bmc_fast.kernels.clip_loss``; ``backend``
+    is checked here (``'triton'`` without triton installed raises ImportError).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -40,6 +57,9 @@ class FusedClipLoss(nn.Module):
         if use_horovod:
             raise ValueError("FusedClipLoss: use_horovod=True is not supported; run with torch.distributed "
                              "(torchrun / deepspeed) or keep open_clip's ClipLoss for Horovod")
+        _check_flag("FusedClipLoss", "local_loss", local_loss)
+        _check_flag("FusedClipLoss", "gather_with_grad", gather_with_grad)
+        _check_backend("FusedClipLoss", backend)
         _check_world(rank, world_size, process_group)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
@@ -58,13 +78,17 @@ class FusedClipLoss(nn.Module):
 
 
 class FusedSigLipLoss(nn.Module):
-    """open_clip ``SigLipLoss`` with the fused kernels; every ``dist_impl`` gives the same result."""
+    """open_clip ``SigLipLoss`` with the fused kernels; every ``dist_impl`` gives the same result.
+
+    The loss is returned in fp32 for fp16/bf16 features.
+    """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
                  *, backend: Backend = "auto", process_group=None):
         super().__init__()
         if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
             raise ValueError(f"dist_impl must be None, 'bidir', 'shift', 'reduce' or 'gather', got {dist_impl!r}")
+        _check_backend("FusedSigLipLoss", backend)
         _check_world(rank, world_size, process_group)
         self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
         self.backend, self.process_group = backend, process_group

@@ -226,9 +226,158 @@ def test_triton_launchers_check_their_inputs():
     from bmc_fast.kernels import contrastive_triton as kt
 
     image, texts, scale = torch.randn(4, 8), torch.randn(6, 8), torch.tensor(1.0)
-    with pytest.raises(ValueError, match=r"one width; got \(4, 8\) and \(6, 7\)"):
+    with pytest.raises(ValueError, match=r"image and texts must be 2-D with one width; got image \(4, 8\) and "
+                                         r"texts \(6, 7\)"):
         kt.softmax_forward(image, torch.randn(6, 7), scale, None)
-    with pytest.raises(TypeError, match="share a dtype"):
+    with pytest.raises(TypeError, match="image and texts must share a dtype"):
         kt.sigmoid_forward(image, texts.double(), scale, None, 0)
     with pytest.raises(ValueError, match="scale must be a one-element floating tensor"):
         kt.softmax_forward(image, texts, torch.ones(2), None)
+    with pytest.raises(ValueError, match="a and b_mat must be 2-D"):
+        kt.backward(image, torch.randn(6, 7), scale, None, **_softmax_stats(4, 6))
+    with pytest.raises(ValueError, match="max_groups must be a positive int, got 0"):
+        kt.softmax_forward(image, texts, scale, None, max_groups=0)
+
+
+def _softmax_stats(n_a, n_b, **changes):
+    """Well-formed statistic vectors for ``contrastive_triton.backward`` (softmax), with ``changes``."""
+    stats = dict(sigmoid=False, a_lse=torch.zeros(n_a), a_coef=torch.ones(n_a), b_lse=torch.zeros(n_b),
+                 b_coef=torch.ones(n_b), diag_offset=0, diag_coef=torch.ones(1))
+    return {**stats, **changes}
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(a_coef=torch.rand(12)[::2]), r"a_coef must be contiguous: expected stride \(1,\), got stride \(2,\)"),
+    (dict(a_coef=torch.rand(3)), r"a_coef must have shape \(6,\), got shape \(3,\)"),
+    (dict(a_lse=torch.zeros(6, 1)), r"a_lse must have shape \(6,\), got shape \(6, 1\)"),
+    (dict(a_lse=torch.zeros(6).double()), "a_lse must be float32 .* got torch.float64"),
+    (dict(b_lse=torch.zeros(14)[::2]), r"b_lse must be contiguous: expected stride \(1,\), got stride \(2,\)"),
+    (dict(b_coef=torch.ones(6)), r"b_coef must have shape \(7,\), got shape \(6,\)"),
+    (dict(b_coef=torch.ones(7, device="meta")), "b_coef is on meta but the features are on cpu"),
+    (dict(diag_coef=torch.ones(2)), r"diag_coef must have shape \(\) or \(1,\), got shape \(2,\)"),
+    (dict(b_lse=None, b_coef=None), "b_lse and b_coef must be given together, and are required when want_b=True"),
+    (dict(b_lse=None), "b_lse and b_coef must be given together"),
+    (dict(a_lse=None), "a_lse must be a float32 tensor, got NoneType"),
+    (dict(sigmoid=True, a_coef=torch.ones(6)), r"a_coef must have shape \(\) or \(1,\), got shape \(6,\)"),
+])
+def test_triton_backward_checks_its_statistic_vectors(changes, match):
+    """A strided, short, wrongly typed or misplaced statistic would silently give wrong gradients."""
+    from bmc_fast.kernels import contrastive_triton as kt
+
+    a, b_mat, scale = torch.randn(6, 8), torch.randn(7, 8), torch.tensor(10.0)
+    with pytest.raises(ValueError, match=match):
+        kt.backward(a, b_mat, scale, None, **_softmax_stats(6, 7, **changes))
+
+
+def test_triton_backward_accepts_what_the_loss_passes():
+    """The checks do not reject the local-loss call (no B term, want_b=False) or a 0-d diag_coef."""
+    from bmc_fast.kernels import contrastive_triton as kt
+
+    a, b_mat, scale = torch.randn(6, 8), torch.randn(7, 8), torch.tensor(10.0)
+    d_a, d_b = kt.backward(a, b_mat, scale, None, want_b=False,
+                           **_softmax_stats(6, 7, b_lse=None, b_coef=None, diag_coef=torch.tensor(0.5)))
+    assert d_a.shape == (6, 8) and d_b is None
+    d_a, d_b = kt.backward(a, b_mat, scale, None, sigmoid=True, a_lse=None, a_coef=torch.ones(1), b_lse=None,
+                           b_coef=None, diag_offset=0, diag_coef=None)
+    assert d_a.shape == (6, 8) and d_b.shape == (7, 8)
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    """_dot_mode's test sets torch's global TF32 switches; put them back (through the new API only,
+    since mixing it with the legacy allow_tf32 makes reading either raise)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision: _dot_mode reads allow_tf32")
+    saved = torch.backends.fp32_precision, matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision = saved[0]
+    matmul.fp32_precision = saved[1]
+
+
+@pytest.mark.parametrize("switch", ["cuda.matmul", "global"])
+def test_dot_mode_reads_the_new_tf32_api(monkeypatch, restore_fp32_precision, switch):
+    """torch >= 2.9: TF32 set through fp32_precision (where reading allow_tf32 raises) reaches the kernels."""
+    from bmc_fast.kernels import contrastive_triton as kt
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine; _dot_mode reads it per call
+    matmul = torch.backends.cuda.matmul
+    assert kt._dot_mode(torch.float32) == (True, "ieee")
+    if switch == "global":
+        matmul.fp32_precision = "none"  # defers to the global switch
+        torch.backends.fp32_precision = "tf32"
+        matmul.fp32_precision = "none"
+    else:
+        matmul.fp32_precision = "tf32"
+    assert kt._dot_mode(torch.float32) == (True, "tf32")
+    assert kt._dot_mode(torch.bfloat16) == (False, "ieee")  # 16-bit dots are native; no precision switch
+    matmul.fp32_precision = "ieee"
+    assert kt._dot_mode(torch.float32) == (True, "ieee")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no TF32
+    matmul.fp32_precision = "tf32"
+    assert kt._dot_mode(torch.float32) == (True, "ieee")
+
+
+@pytest.mark.parametrize("n_rows,n_cols", [(333, 200), (300, 70)])
+def test_triton_row_tile_groups_merge_exactly(n_rows, n_cols):
+    """max_groups=2 puts 3 row tiles in each program: at 333 rows the last tile is part rows, part past
+    the end; at 300 rows (5 tiles) the second group's last tile lies wholly past the rows."""
+    from bmc_fast.kernels import contrastive_torch as kp
+    from bmc_fast.kernels import contrastive_triton as kt
+
+    image, texts = F.normalize(torch.randn(n_rows, 40), dim=-1), F.normalize(torch.randn(n_cols, 40), dim=-1)
+    scale, bias = torch.tensor(20.0), torch.tensor(1.5)
+    grouped = kt.softmax_forward(image, texts, scale, bias, max_groups=2)
+    ref = kp.softmax_forward(image.double(), texts.double(), scale.double(), bias.double())
+
+    def merged(stats):  # row lse, row Σsoftmax·X, column lse, column Σsoftmax·X
+        row_lse, row_ex, col_max, col_sum, col_wx = (t.double() for t in stats)
+        return row_lse, row_ex, col_max + col_sum.log(), col_wx / col_sum
+
+    for name, ours, theirs in zip(("row_lse", "row_ex", "col_lse", "col_ex"), merged(grouped), merged(ref)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_features_match_float64(backend, kind, dtype):
+    """fp16/bf16 features (fp32 scale and bias): STYLE's rule against plain torch in the same dtype."""
+    fn, ref = LOSSES[kind]
+    image, text, scale, bias = _inputs(37, 48, 30.0, -5.0)
+    leaves = [image.detach().to(dtype).requires_grad_(), text.detach().to(dtype).requires_grad_(), scale, bias]
+    loss, grads = _loss_and_grads(fn, leaves, backend=backend)
+    assert loss.dtype == torch.float32  # accumulated and returned in fp32
+    assert [g.dtype for g in grads] == [dtype, dtype, torch.float32, torch.float32]
+    loss_pt, grads_pt = _loss_and_grads(ref, leaves)  # plain torch: the logits in the half dtype
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    loss_ref, grads_ref = _loss_and_grads(ref, leaves64)
+    _assert_close_to_reference(loss, loss_pt, loss_ref, atol=1e-5)
+    for g, g_pt, g_ref in zip(grads, grads_pt, grads_ref):
+        _assert_close_to_reference(g, g_pt, g_ref, atol=1e-5)
+
+
+def test_module_backend_and_flags_are_checked():
+    with pytest.raises(ValueError, match=r"FusedClipLoss: backend must be one of \('auto', 'triton', 'torch'\), "
+                                         "got 'cuda'"):
+        FusedClipLoss(backend="cuda")
+    with pytest.raises(ValueError, match="FusedSigLipLoss: backend must be one of"):
+        FusedSigLipLoss(backend=None)
+    with pytest.raises(TypeError, match=r"FusedClipLoss: local_loss must be True or False, got 'yes' \(str\)"):
+        FusedClipLoss(local_loss="yes")
+    with pytest.raises(TypeError, match=r"FusedClipLoss: gather_with_grad must be True or False, got 1 \(int\)"):
+        FusedClipLoss(gather_with_grad=1)
+
+
+def test_triton_backend_without_triton_says_what_to_install(monkeypatch):
+    """``import triton`` fails (sys.modules entry None); monkeypatch restores the real module afterwards."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    for build in (lambda: FusedClipLoss(backend="triton"), lambda: FusedSigLipLoss(backend="triton"),
+                  lambda: clip_loss(**_bad(), backend="triton")):
+        with pytest.raises(ImportError, match=r"backend='triton' needs the triton package.*pip install triton.*"
+                                              r"backend='torch'"):
+            build()
+    FusedClipLoss(backend="auto")  # auto and torch never need triton
+    assert torch.isfinite(clip_loss(**_bad(), backend="auto"))
