@@ -7,6 +7,8 @@ decode on the device, everything after it on the GPU). Semantics follow ``bmc_fa
   only the crop is decoded; cubic resize with antialiasing; no flip unless ``flip`` (captions state
   laterality); CLIP mean/std.
 - eval: resize the shorter side to ``image_size`` (cubic, antialiased), centre crop, CLIP mean/std.
+
+EXIF orientation is ignored (``adjust_orientation=False``), as PIL, torchvision and open_clip ignore it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def shorter_side_size(encoded, image_size: int):
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
-    shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)  # (H, W, C) of the encoded image
+    # (H, W, C) of the encoded image as stored (EXIF orientation ignored, as by the decoders here)
+    shape = fn.cast(fn.peek_image_shape(encoded, adjust_orientation=False), dtype=types.FLOAT)
     height, width = shape[0], shape[1]
     shorter = dmath.min(height, width)
     return dmath.floor(image_size * height / shorter), dmath.floor(image_size * width / shorter)
@@ -41,13 +44,20 @@ def centre_crop_pos(length, crop: int):
     return (half + odd_slack * odd_half) / dmath.max(slack, 1.0)
 
 
+def decode_whole(encoded, *, decoder_device: str):
+    """The whole image, HWC uint8 RGB, as stored (EXIF orientation ignored)."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, adjust_orientation=False)
+
+
 def decode_train_crop(encoded, *, decoder_device: str, seed: int = -1):
     """RandomResizedCrop's random window, fused into the decoder (only the crop is decoded): HWC uint8 RGB."""
     from nvidia.dali import fn, types
 
     return fn.decoders.image_random_crop(encoded, device=decoder_device, output_type=types.RGB,
                                          random_area=list(TRAIN_SCALE), random_aspect_ratio=list(TRAIN_RATIO),
-                                         num_attempts=10, seed=seed)
+                                         num_attempts=10, seed=seed, adjust_orientation=False)
 
 
 def resize_cubic(images, *, width, height):
@@ -67,7 +77,7 @@ def clip_augment(encoded, *, image_size: int, train: bool, decoder_device: str, 
         images = resize_cubic(images, width=image_size, height=image_size)
         crop_pos = (0.5, 0.5)  # already image_size square: the crop is the whole image
     else:
-        images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+        images = decode_whole(encoded, decoder_device=decoder_device)
         height, width = shorter_side_size(encoded, image_size)
         images = resize_cubic(images, width=width, height=height)
         crop_pos = (centre_crop_pos(height, image_size), centre_crop_pos(width, image_size))

@@ -15,14 +15,15 @@ def free_port() -> int:
 
 
 def write_shard(path, samples) -> str:
-    """Write a WebDataset tar: ``samples`` is a list of (key, {extension: bytes}) in member order."""
+    """Write a WebDataset tar: ``samples`` is a list of (key, members) in member order; members is
+    {extension: bytes} or [(extension, bytes)] (repeats allowed); key None: the extensions are whole names."""
     import io
     import tarfile
 
     with tarfile.open(path, "w") as tar:
         for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
+            for ext, data in (members.items() if isinstance(members, dict) else members):
+                info = tarfile.TarInfo(ext if key is None else f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return str(path)
@@ -59,21 +60,47 @@ def image_kinds(rng) -> dict[str, tuple[str, bytes]]:
         "palette_png": ("png", encode_image(rgb, "PNG", "P")),
         "tiny_png": ("png", encode_image(rgb[:9, :13], "PNG")),
         "huge_jpeg": ("jpg", encode_image(np.kron(rgb[:46, :65], np.ones((64, 64, 1), dtype=np.uint8)), "JPEG")),
+        "exif_rotated_jpeg": ("jpg", exif_rotated_jpeg(rgb)),  # decoded as stored, as PIL and open_clip do
+        "upper_case_jpeg": ("JPG", encode_image(rgb, "JPEG")),  # webdataset lower-cases extensions
     }
 
 
-# Each broken sample's members and the skip kind the loaders must count it under.
-def corrupt_samples(good_jpeg: bytes) -> dict[str, dict[str, bytes]]:
-    return {
-        "truncated_image": {"jpg": good_jpeg[: len(good_jpeg) // 2], "txt": b"truncated jpeg"},
-        "not_an_image": {"png": b"<html>404 not found</html>", "txt": b"html saved as png"},
-        "empty_file": {"jpg": b"", "txt": b"zero-byte image"},
-        "missing_caption": {"jpg": good_jpeg},
-        "empty_caption": {"jpg": good_jpeg, "txt": b"  \n"},
-        "invalid_utf8": {"jpg": good_jpeg, "txt": b"lesion \xff\xfe size"},
-        "two_images": {"jpg": good_jpeg, "png": good_jpeg, "txt": b"two images, one caption"},
-        "missing_image": {"txt": b"a caption without its figure"},
-    }
+def exif_rotated_jpeg(array) -> bytes:
+    """A JPEG whose EXIF orientation tag (6) asks viewers to turn it 90°."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+# Each broken sample: the skip kind the loaders must count it under, and its members.
+def corrupt_samples(good_jpeg: bytes, good_png: bytes) -> list[tuple[str, list[tuple[str, bytes]]]]:
+    import io
+
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.open(io.BytesIO(good_png)).convert("P").save(gif, "GIF")
+    idat = good_png.index(b"IDAT") + 8  # a byte of compressed pixel data: the chunk's checksum no longer holds
+    bad_crc = good_png[:idat] + bytes([good_png[idat] ^ 0xFF]) + good_png[idat + 1:]
+    return [
+        ("truncated_image", [("jpg", good_jpeg[: len(good_jpeg) // 2]), ("txt", b"truncated jpeg")]),
+        ("truncated_image", [("png", bad_crc), ("txt", b"png whose IDAT checksum fails (PIL loads it, libpng not)")]),
+        ("not_an_image", [("png", b"<html>404 not found</html>"), ("txt", b"html saved as png")]),
+        ("not_an_image", [("png", gif.getvalue()), ("txt", b"a GIF named .png: PIL reads it, DALI does not")]),
+        ("empty_file", [("jpg", b""), ("txt", b"zero-byte image")]),
+        ("missing_caption", [("jpg", good_jpeg)]),
+        ("empty_caption", [("jpg", good_jpeg), ("txt", b"  \n")]),
+        ("invalid_utf8", [("jpg", good_jpeg), ("txt", b"lesion \xff\xfe size")]),
+        ("two_images", [("jpg", good_jpeg), ("png", good_jpeg), ("txt", b"two images, one caption")]),
+        ("duplicate_member", [("jpg", good_jpeg), ("jpg", good_jpeg), ("txt", b"the same member twice")]),
+        ("missing_image", [("txt", b"a caption without its figure")]),
+    ]
 
 
 def deepspeed_config(tmp_path, stage: int, steps: int, batch: int, bf16: bool = False) -> Path:

@@ -3,9 +3,11 @@ both loaders (webdataset + PIL, DALI on CPU) deliver each good sample exactly on
 
 The reference for counts and identities is what the test itself wrote into the shards.
 """
+import gzip
 import json
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 from collections import Counter
 
@@ -15,7 +17,9 @@ import torch
 from helpers import SHARED_DATA, corrupt_samples, encode_image, image_kinds, write_shard
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.index import build_indexes, index_path, main as index_main, read_index
+from bmc_fast.data.index import build_indexes, index_path, main as index_main, read_index, scan_path, scan_shard
+from bmc_fast.data.loaders import ensure_indexes
+from bmc_fast.data.shards import expand_shards
 from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD, image_transform, make_loader
 from bmc_fast.data.samples import SKIP_KINDS, decode_image
 from bmc_fast.data.text_tokenizer import train_tokenizer
@@ -32,7 +36,7 @@ def messy(tmp_path_factory):
     rng = np.random.default_rng(0)
     out = tmp_path_factory.mktemp("messy")
     kinds = image_kinds(rng)
-    good_jpeg = kinds["rgb_jpeg"][1]
+    good_jpeg, good_png = kinds["rgb_jpeg"][1], kinds["gray_png"][1]
     good, broken, shards = [], Counter(), [[], []]
     for copy in range(2):
         for i, (kind, (ext, data)) in enumerate(kinds.items()):
@@ -40,9 +44,15 @@ def messy(tmp_path_factory):
             caption = f"figure {copy} {i}: a {kind.replace('_', ' ')} panel with a lesion"
             shards[(copy + i) % 2].append((key, {ext: data, "txt": caption.encode()}))
             good.append(caption)
-    corrupt = list(corrupt_samples(good_jpeg).items()) + [("truncated_image", corrupt_samples(good_jpeg)
-                                                          ["truncated_image"])]
-    for i, (kind, members) in enumerate(corrupt):
+    # Good samples whose names webdataset and DALI's index treat specially: upper-case caption
+    # extension, a long name and a non-ASCII name (PAX headers), a dotted folder.
+    for i, key in enumerate(["upper-TXT", "k" * 120, "fígura-é", "figs.v1/panel"]):
+        caption = f"figure extra {i}: named {key[:20]}"
+        shards[i % 2].append((key, {"jpg": good_jpeg, "TXT" if i == 0 else "txt": caption.encode()}))
+        good.append(caption)
+    # Members webdataset skips (no sample, no skip): a macOS AppleDouble file, a README without extension.
+    shards[0].insert(3, (None, [("._good-0-rgb_jpeg.jpg", b"\x00\x05\x16\x07"), ("figs.v1/README", b"notes")]))
+    for i, (kind, members) in enumerate(corrupt_samples(good_jpeg, good_png)):
         shards[i % 2].insert(2 * i % len(shards[i % 2]), (f"bad-{i}-{kind}", members))
         broken[kind] += 1
     urls = [write_shard(out / f"shard-{n:06d}.tar", samples) for n, samples in enumerate(shards)]
@@ -68,8 +78,8 @@ def test_index_scan_counts_every_kind_and_lists_only_good_samples(messy):
     assert report["good"] == len(messy["good"])
     assert report["samples"] == len(messy["good"]) + sum(messy["broken"].values())
     names = [c[3] for url in messy["urls"] for sample in read_index(url) for c in sample]
-    assert all(name.startswith("good-") for name in names)
-    assert len([n for n in names if n.endswith(".txt")]) == len(messy["good"])
+    assert not [name for name in names if name.startswith(("bad-", "._", "figs.v1/README"))]
+    assert len([n for n in names if n.lower().endswith(".txt")]) == len(messy["good"])
     assert index_skips(messy["urls"]) == messy["broken"]
 
 
@@ -118,7 +128,9 @@ def test_endless_dali_train_stream_keeps_epochs_whole(messy, caplog):
 
 def test_every_image_kind_decodes_to_rgb_like_dali(messy, tmp_path):
     """PIL path (samples.decode_image) vs DALI's CPU decoder, pixel for pixel, on every kind."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
+
+    from bmc_fast.dali_pipelines.augment import decode_whole
 
     kinds = messy["kinds"]
     url = write_shard(tmp_path / "kinds.tar", [(k, {ext: data, "txt": k.encode()}) for k, (ext, data) in kinds.items()])
@@ -128,7 +140,7 @@ def test_every_image_kind_decodes_to_rgb_like_dali(messy, tmp_path):
     def decode():
         encoded, caption = fn.readers.webdataset(paths=[url], index_paths=[str(index_path(url))],
                                                  ext=["jpg;png", "txt"])
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB), caption
+        return decode_whole(encoded, decoder_device="cpu"), caption  # the eval graph's decoder
 
     pipe = decode()
     pipe.build()
@@ -209,12 +221,82 @@ def test_not_a_tar_and_mismatched_index_are_named(messy, tmp_path):
     build_indexes(messy["urls"])
     swapped = tmp_path / "shard-000000.tar"
     shutil.copy(messy["urls"][0], swapped)
-    shutil.copy(index_path(messy["urls"][1]), index_path(swapped))  # the other shard's index
-    with pytest.raises(ConfigError, match=r"index .*shard-000000.idx.* does not match shard .*shard-000000.tar"):
-        DaliLoader([str(swapped)], messy["tokenizer"], context_length=16, image_size=64, batch_size=4, train=False)
+    shutil.copy(scan_path(messy["urls"][0]), scan_path(swapped))  # its own scan, but ...
+    shutil.copy(index_path(messy["urls"][1]), index_path(swapped))  # ... the other shard's index
+
+    def dali_loader():
+        return DaliLoader([str(swapped)], messy["tokenizer"], context_length=16, image_size=64, batch_size=4,
+                          train=False)
+
+    with pytest.raises(ConfigError, match=r"index .*shard-000000.idx.* does not match shard .*shard-000000.tar.*"
+                                          r"at offset \d+ the tar holds"):
+        dali_loader()
+    for text, why in (("", "header ''"), ("v1.2 1\njpg x 5 a.jpg", "line 2 is not '<ext> <offset>"),
+                      ("v1.2 1\njpg 512 5", "line 2 is not '<ext> <offset>")):
+        index_path(swapped).write_text(text)
+        with pytest.raises(ConfigError, match=f"shard-000000.idx.*shard-000000.tar.*{why}.*python -m bmc_fast"):
+            dali_loader()
+    scan_path(swapped).unlink()  # an index with no scan of ours, as DALI's wds2idx writes (bad samples too)
+    with pytest.raises(ConfigError, match="no scan of the shard as it is now .*wds2idx.*rebuild it"):
+        dali_loader()
     index_path(swapped).unlink()
     with pytest.raises(ConfigError, match="has no index.*python -m bmc_fast.data.index"):
-        DaliLoader([str(swapped)], messy["tokenizer"], context_length=16, image_size=64, batch_size=4, train=False)
+        dali_loader()
+
+
+def test_index_of_another_tool_is_replaced_by_a_scan(messy, tmp_path):
+    """ensure_indexes trusts only an index whose scan matches the shard; any other is rebuilt."""
+    shard = tmp_path / "shard-000000.tar"
+    shutil.copy(messy["urls"][0], shard)
+    with tarfile.open(shard) as tar:  # every member listed, bad samples included, as wds2idx would
+        lines = [f"{m.name.rsplit('.', 1)[1]} {m.offset_data} {m.size} {m.name}" for m in tar if m.isfile()]
+    index_path(shard).write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    ensure_indexes([str(shard)])
+    assert scan_path(shard).is_file() and len(read_index(shard)) < len(lines)
+
+
+def test_shards_with_dots_in_their_names_keep_their_own_index(messy, tmp_path):
+    dotted = [str(shutil.copy(url, tmp_path / f"biomedica.v1-{i:06d}.tar")) for i, url in enumerate(messy["urls"])]
+    build_indexes(dotted)
+    assert [index_path(u).name for u in dotted] == ["biomedica.v1-000000.idx", "biomedica.v1-000001.idx"]
+    loader = DaliLoader(dotted, messy["tokenizer"], context_length=64, image_size=64, batch_size=4, train=False)
+    rows, _ = _captions(loader, messy["tokenizer"])
+    assert sorted(rows) == messy["good"]
+
+
+def test_compressed_shard_is_refused_for_dali(messy, tmp_path):
+    packed = tmp_path / "shard-000000.tar.gz"
+    with gzip.open(packed, "wb") as out:
+        out.write(Path(messy["urls"][0]).read_bytes())
+    with pytest.raises(ConfigError, match="not a plain tar file.*decompress it, or use --loader pil"):
+        build_indexes([str(packed)])
+
+
+def test_missing_shards_in_a_range_are_named(messy):
+    directory = Path(messy["urls"][0]).parent
+    with pytest.raises(ConfigError, match=r"--train-data .*: 4 named shard\(s\) do not exist, e.g. .*shard-000002"):
+        expand_shards(str(directory / "shard-{000000..000005}.tar"), "--train-data")
+
+
+def test_dali_decode_check_names_what_it_cannot_decode_and_recovers(messy):
+    from bmc_fast.dali_pipelines.decode_check import DaliDecodeCheck
+
+    png = messy["kinds"]["gray_png"][1]
+    idat = png.index(b"IDAT") + 8
+    check = DaliDecodeCheck()
+    assert check(png) is None
+    assert "Failed to decode" in check(png[:idat] + bytes([png[idat] ^ 0xFF]) + png[idat + 1:])
+    assert check(png) is None  # a new pipeline after the failure
+
+
+def test_scan_skips_images_dali_rejects_though_pil_reads_them(messy, tmp_path):
+    """The scan's DALI check (a stub rejecting the CMYK JPEG) drops the sample and counts it."""
+    shard = str(shutil.copy(messy["urls"][0], tmp_path / "shard-000000.tar"))
+    cmyk = messy["kinds"]["cmyk_jpeg"][1]
+    scan = scan_shard(shard, dali_check=lambda data: "stub: rejected" if data == cmyk else None)
+    plain = scan_shard(str(shutil.copy(messy["urls"][0], tmp_path / "other-000000.tar")), dali_check=lambda d: None)
+    rejected = plain.good - scan.good
+    assert rejected >= 1 and scan.skipped["truncated_image"] == plain.skipped["truncated_image"] + rejected
 
 
 def test_scan_report_is_written(messy, tmp_path):
@@ -266,3 +348,15 @@ def test_image_over_the_decompression_bomb_limit_is_skipped_not_raised(monkeypat
     with pytest.raises(SampleError) as error:
         decode_image(data)
     assert error.value.kind == "too_large_image"
+
+
+def test_pil_train_stream_over_shards_with_no_good_sample_stops_with_a_reason(messy, tmp_path, monkeypatch):
+    """An endless stream that never finds a good sample would wait forever; it stops and says why."""
+    import bmc_fast.data.loader as pil_loader
+
+    monkeypatch.setattr(pil_loader, "ALL_BAD_LIMIT", 30)
+    bad = write_shard(tmp_path / "bad-000000.tar", [(f"k{i}", {"jpg": b"", "txt": b"x"}) for i in range(4)])
+    loader = make_loader([bad], messy["tokenizer"], context_length=16, image_size=64, batch_size=2, train=True,
+                         workers=0)
+    with pytest.raises(ConfigError, match=r"30 samples in a row were skipped .*'empty_file': 30.*index SHARDS"):
+        next(iter(loader))

@@ -2,12 +2,17 @@
 
     python -m bmc_fast.data.index 'DIR/shard-{000000..000009}.tar' [--report REPORT.json]
 
-Every sample is checked as the loaders would use it (``bmc_fast.data.samples.check_sample``: one
-image that fully decodes, a non-empty UTF-8 caption). Beside each ``shard.tar`` it writes
+Members are grouped into samples exactly as webdataset groups them (``shards.member_key``). Every
+sample is checked as the loaders would use it (``bmc_fast.data.samples.check_sample``: one JPEG, PNG
+or WebP image that fully decodes, a non-empty UTF-8 caption) and, when DALI is installed, its image is
+also decoded by DALI's own CPU decoder, so the index never lists one that would stop a DALI run.
+Beside each ``shard.tar`` it writes
 
     shard.idx        DALI's webdataset index (the ``wds2idx`` format, v1.2) of the good samples only,
                      so ``fn.readers.webdataset`` never meets a bad one
-    shard.scan.json  {"samples", "good", "skipped": {kind: count}, "shard_bytes"} of that scan
+    shard.scan.json  {"samples", "good", "skipped": {kind: count}, "shard_bytes"} of that scan; an
+                     index without a matching scan (e.g. one DALI's wds2idx wrote, which lists bad
+                     samples too) is not trusted
 
 and the report (default ``index_report.json`` beside the first shard) sums them. Index format, one
 line per sample after the header ``v1.2 <samples>``: ``<ext> <data offset> <size> <member name>`` for
@@ -24,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.samples import SKIP_KINDS, SampleError, check_sample
-from bmc_fast.data.shards import expand_shards, sample_key
+from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_sample
+from bmc_fast.data.shards import expand_shards, member_key
 
 _logger = logging.getLogger(__name__)
 
 INDEX_VERSION = "v1.2"
-_TAR_BLOCK = 512
 
 
 @dataclass
@@ -46,48 +50,83 @@ class ShardScan:
                 "shard_bytes": Path(self.shard).stat().st_size}
 
 
+def _stem(shard: Path) -> str:
+    """The shard's name without its final ``.tar`` only: ``biomedica.v1-000000.tar`` keeps its dots."""
+    return shard.name[:-len(".tar")] if shard.name.endswith(".tar") else shard.name
+
+
 def index_path(shard: str | Path) -> Path:
     """``dir/name.tar`` -> ``dir/name.idx`` (wds2idx's default name)."""
-    shard = Path(shard)
-    return shard.with_name(shard.name.split(".", 1)[0] + ".idx")
+    return Path(shard).with_name(_stem(Path(shard)) + ".idx")
 
 
 def scan_path(shard: str | Path) -> Path:
-    shard = Path(shard)
-    return shard.with_name(shard.name.split(".", 1)[0] + ".scan.json")
+    return Path(shard).with_name(_stem(Path(shard)) + ".scan.json")
+
+
+def index_is_current(shard: str | Path) -> bool:
+    """Whether ``shard`` has an index from our scan of the shard as it is now (its scan records its size)."""
+    if not index_path(shard).is_file() or not scan_path(shard).is_file():
+        return False
+    try:
+        recorded = json.loads(scan_path(shard).read_text()).get("shard_bytes")
+    except (ValueError, AttributeError):
+        return False
+    return recorded == Path(shard).stat().st_size
 
 
 def iter_members(shard: str | Path):
-    """Yield (key, [(extension, data offset, size, member name, bytes)]) per sample, in tar order."""
+    """Yield (key, [(extension, data offset, size, member name, bytes)]) per sample, in tar order.
+
+    Grouping and skipped members follow webdataset (``shards.member_key``); extensions are lower case.
+    """
     try:
-        tar = tarfile.open(shard)
+        tar = tarfile.open(shard, "r:")  # plain tar only: DALI's reader cannot read compressed shards
     except tarfile.TarError as error:
-        raise ConfigError(f"{str(shard)!r} is not a readable tar file ({error}): WebDataset shards are plain tar "
-                          "archives (tar cf shard.tar KEY.jpg KEY.txt ...)") from error
+        raise ConfigError(f"{str(shard)!r} is not a plain tar file ({error}): WebDataset shards for DALI are "
+                          "uncompressed tar archives (tar cf shard.tar KEY.jpg KEY.txt ...): decompress it, or "
+                          "use --loader pil") from error
     key, members = None, []
     with tar:
         for member in tar:
-            if not member.isfile():
+            found = member_key(member.name) if member.isfile() else None
+            if found is None:
                 continue
-            member_key = sample_key(member.name)
-            if member_key != key and members:
+            if found[0] != key and members:
                 yield key, members
                 members = []
-            key = member_key
-            extension = member.name.rpartition("/")[2].split(".", 1)[1] if "." in member.name else ""
-            members.append((extension, member.offset_data, member.size, member.name,
+            key = found[0]
+            members.append((found[1], member.offset_data, member.size, member.name,
                             tar.extractfile(member).read()))
     if members:
         yield key, members
 
 
-def scan_shard(shard: str | Path, progress=None) -> ShardScan:
-    """Check every sample of ``shard``; write its ``.idx`` (good samples) and ``.scan.json``."""
+def check_members(members: list[tuple], dali_check=None) -> None:
+    """Raise ``SampleError`` unless the sample's members make one good (image, caption) pair."""
+    extensions = [ext for ext, *_ in members]
+    if len(set(extensions)) < len(extensions):
+        raise SampleError("duplicate_member", ", ".join(name for *_, name, _ in members))
+    image, _ = check_sample({ext: data for ext, _, _, _, data in members})
+    image.close()
+    if dali_check is not None:  # PIL read it; would DALI's decoder, which the index serves?
+        encoded = next(data for ext, *_, data in members if ext in IMAGE_EXTENSIONS)
+        if (error := dali_check(encoded)) is not None:
+            raise SampleError("truncated_image", f"DALI's decoder: {error}")
+
+
+def scan_shard(shard: str | Path, progress=None, dali_check=None) -> ShardScan:
+    """Check every sample of ``shard``; write its ``.idx`` (good samples) and ``.scan.json``.
+
+    ``dali_check``: bytes -> error text or None (``DaliDecodeCheck``); made here when DALI is installed.
+    """
+    if dali_check is None:
+        dali_check = _dali_check()
     scan, lines = ShardScan(str(shard)), []
     for _, members in iter_members(shard):
         scan.samples += 1
         try:
-            check_sample({ext: data for ext, _, _, _, data in members})
+            check_members(members, dali_check)
         except SampleError as error:
             scan.skipped[error.kind] += 1
             _logger.debug("%s: skipping %s (%s)", shard, members[0][3], error)
@@ -108,10 +147,10 @@ def build_indexes(urls: list[str], report: str | Path | None = None) -> dict:
     """Scan every shard (progress bar); return and optionally write the summed report."""
     from tqdm import tqdm
 
-    scans = []
+    scans, dali_check = [], _dali_check()
     with tqdm(desc="scan", unit="sample") as progress:
         for url in urls:
-            scans.append(scan_shard(url, progress))
+            scans.append(scan_shard(url, progress, dali_check))
     totals = sum((s.skipped for s in scans), Counter())
     result = {"shards": [s.to_dict() for s in scans], "samples": sum(s.samples for s in scans),
               "good": sum(s.good for s in scans), "skipped": {k: totals[k] for k in SKIP_KINDS if totals[k]}}
@@ -123,42 +162,54 @@ def build_indexes(urls: list[str], report: str | Path | None = None) -> dict:
 def read_index(shard: str | Path, index: str | Path | None = None) -> list[list[tuple[str, int, int, str]]]:
     """Parse ``index`` (default ``index_path(shard)``) and check it against the shard's tar headers.
 
-    Raises ``ConfigError`` naming both files when the index is not a v1.2 index or does not describe
-    this shard (another shard's index, or the shard was rewritten after indexing).
+    Raises ``ConfigError`` naming both files when the index is missing, was not written by our scan of
+    this shard as it is now, is not a v1.2 index, or does not describe this shard.
     """
     index = Path(index) if index is not None else index_path(shard)
+    rebuild = f"rebuild it with python -m bmc_fast.data.index {shard}"
 
     def mismatch(why: str) -> ConfigError:
-        return ConfigError(f"index {str(index)!r} does not match shard {str(shard)!r}: {why}; rebuild it with "
-                           f"python -m bmc_fast.data.index {shard}")
+        return ConfigError(f"index {str(index)!r} does not match shard {str(shard)!r}: {why}; {rebuild}")
 
     if not index.is_file():
         raise ConfigError(f"shard {str(shard)!r} has no index {str(index)!r}: build it with "
                           f"python -m bmc_fast.data.index {shard}")
-    header, *rows = index.read_text().splitlines()
+    if index == index_path(shard) and not index_is_current(shard):
+        raise mismatch(f"no scan of the shard as it is now ({str(scan_path(shard))!r} is missing or records "
+                       "another size), so bad samples may be listed (e.g. an index from DALI's wds2idx)")
+    header, *rows = index.read_text().splitlines() or [""]
     parts = header.split()
     if len(parts) != 2 or parts[0] != INDEX_VERSION or not parts[1].isdigit() or int(parts[1]) != len(rows):
         raise mismatch(f"header {header!r} is not '{INDEX_VERSION} <samples>' for its {len(rows)} sample line(s)")
+    with tarfile.open(shard, "r:") as tar:  # headers only: offset of each member's data -> (name, size)
+        members = {m.offset_data: (m.name, m.size) for m in tar if m.isfile()}
     samples = []
-    shard_bytes = Path(shard).stat().st_size
-    with open(shard, "rb") as tar:
-        for line_no, row in enumerate(rows, start=2):
-            fields = row.split(" ")
-            if not fields or len(fields) % 4:
-                raise mismatch(f"line {line_no} is not '<ext> <offset> <size> <name>' groups")
-            components = []
-            for ext, offset, size, name in zip(*[iter(fields)] * 4):
-                offset, size = int(offset), int(size)
-                if offset < _TAR_BLOCK or offset + size > shard_bytes:
-                    raise mismatch(f"line {line_no}: {name} at {offset}+{size} lies outside the shard")
-                tar.seek(offset - _TAR_BLOCK)
-                member = tarfile.TarInfo.frombuf(tar.read(_TAR_BLOCK), tarfile.ENCODING, "surrogateescape")
-                if member.name != name or member.size != size:
-                    raise mismatch(f"line {line_no}: the tar holds {member.name!r} ({member.size} bytes) where "
-                                   f"the index says {name!r} ({size} bytes)")
-                components.append((ext, offset, size, name))
-            samples.append(components)
+    for line_no, row in enumerate(rows, start=2):
+        fields = row.split(" ")
+        if len(fields) % 4 or not all(f.isdigit() for f in fields[1::4] + fields[2::4]):
+            raise mismatch(f"line {line_no} is not '<ext> <offset> <size> <name>' groups")
+        components = []
+        for ext, offset, size, name in zip(*[iter(fields)] * 4):
+            offset, size = int(offset), int(size)
+            held = members.get(offset)
+            if held != (name, size):
+                found = f"{held[0]!r} ({held[1]} bytes)" if held else "no member"
+                raise mismatch(f"line {line_no}: at offset {offset} the tar holds {found} where the index says "
+                               f"{name!r} ({size} bytes)")
+            components.append((ext, offset, size, name))
+        samples.append(components)
     return samples
+
+
+def _dali_check():
+    """DALI's CPU decoder as a check, or None when DALI is not installed."""
+    from bmc_fast.dali_pipelines import dali_available
+
+    if not dali_available():
+        return None
+    from bmc_fast.dali_pipelines.decode_check import DaliDecodeCheck
+
+    return DaliDecodeCheck()
 
 
 def main(argv: list[str] | None = None) -> dict:

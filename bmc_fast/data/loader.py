@@ -21,9 +21,13 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from bmc_fast.config import ConfigError
 from bmc_fast.data.samples import SampleError, check_sample, to_rgb
+from bmc_fast.data.shards import group_samples
 
 _logger = logging.getLogger(__name__)
+
+ALL_BAD_LIMIT = 10_000  # skips before the first good sample after which a loader worker gives up
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,17 +69,33 @@ class GuardedSamples:
 
     transform: Callable
     skipped: Counter = field(default_factory=Counter)
+    delivered: int = 0
+    skipped_before_first: int = 0  # skips before this worker's first good sample
 
     def __call__(self, samples):
         for sample in samples:
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             try:
+                if sample.get("__duplicate__"):
+                    raise SampleError("duplicate_member")
                 image, caption = check_sample(members)
             except SampleError as error:
                 self.skipped[error.kind] += 1
                 _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+                self._check_not_all_bad(sample.get("__url__"))
                 continue
+            self.delivered += 1
             yield self.transform(image), caption
+
+    def _check_not_all_bad(self, url: str | None) -> None:
+        """An endless stream over shards without one good sample would wait forever: stop it with a reason."""
+        if self.delivered:
+            return
+        self.skipped_before_first += 1
+        if self.skipped_before_first >= ALL_BAD_LIMIT:
+            raise ConfigError(f"{ALL_BAD_LIMIT} samples in a row were skipped before any good one (last from "
+                              f"{url!r}; skipped so far {dict(self.skipped)}): these shards hold no usable sample; "
+                              "python -m bmc_fast.data.index SHARDS --report REPORT.json shows why")
 
 
 @dataclass
@@ -113,6 +133,13 @@ class BatchWithSkips:
         return taken
 
 
+def _tar_samples(shards):
+    """Shard dicts -> samples, as ``wds.tarfile_to_samples`` but a repeated member skips one sample (not the run)."""
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    return group_samples(tar_file_expander(url_opener(shards)))
+
+
 class EpochShardList(IterableDataset):
     """Yields ``{"url": shard}`` for this rank and worker; reshuffled each epoch, forever if ``epochs`` is None."""
 
@@ -146,13 +173,11 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
     import webdataset as wds
 
     if train and len(urls) < world_size * max(workers, 1):
-        from bmc_fast.config import ConfigError
-
         raise ConfigError(f"--train-data has {len(urls)} shard(s) but {world_size} rank(s) × {max(workers, 1)} "
                           "worker(s) each need one: write more, smaller shards or lower --workers")
     shards = (EpochShardList(urls, rank, world_size, seed, epochs=epochs) if train
               else EpochShardList(urls, epochs=1, shuffle=False))
-    stages = [shards, wds.tarfile_to_samples()]
+    stages = [shards, _tar_samples]
     if train:
         # Reproducible for a given seed; workers and ranks differ anyway because they read other shards.
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 1000 + rank))

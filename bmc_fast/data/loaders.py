@@ -37,14 +37,14 @@ def resolve_loader(kind: str, urls: list[str], flag: str = "--loader") -> str:
 
 
 def ensure_indexes(urls: list[str]) -> None:
-    """Scan every shard that has no DALI index yet; an existing index is kept (and checked when read)."""
+    """Scan every shard without a current index of ours (none, another tool's, or the shard changed since)."""
     from filelock import FileLock
 
-    from bmc_fast.data.index import index_path, scan_shard
+    from bmc_fast.data.index import index_is_current, index_path, scan_shard
 
     for url in urls:
         with FileLock(str(index_path(url)) + ".lock"):
-            if not index_path(url).is_file():
+            if not index_is_current(url):
                 scan = scan_shard(url)
                 _logger.info("indexed %s: %d good of %d sample(s), skipped %s", url, scan.good, scan.samples,
                              dict(scan.skipped) or "none")

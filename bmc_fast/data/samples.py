@@ -13,12 +13,16 @@ import io
 import numpy as np
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What those members may hold: the formats DALI's decoder reads behind these extensions. PIL opens
+# ~30 more (GIF, ICO, TGA, ...); a GIF named .png would pass PIL and stop a DALI run.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 CAPTION_EXTENSION = "txt"
 SKIP_KINDS = (
     "missing_image",  # no image member
     "two_images",  # more than one image member: which one the caption describes is unknown
+    "duplicate_member",  # the same member name twice in one sample: which copy is meant is unknown
     "empty_file",  # a zero-byte image member
-    "not_an_image",  # bytes no image decoder recognises
+    "not_an_image",  # bytes that are not JPEG, PNG or WebP
     "truncated_image",  # a recognised image whose data ends early or is corrupt
     "too_large_image",  # over PIL's decompression-bomb limit (2 × Image.MAX_IMAGE_PIXELS)
     "missing_caption",  # no .txt member
@@ -54,12 +58,14 @@ def decode_image(data: bytes):
     # Decoder plugins raise many types on malformed files (OSError, SyntaxError, struct.error, ...);
     # any of them means this one sample is unusable, never that the run must stop.
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         raise SampleError("too_large_image", str(error)) from None
     except Exception as error:  # noqa: BLE001 (see above)
         raise SampleError("not_an_image", f"{type(error).__name__}: {error}") from None
     try:
+        if image.format == "PNG":  # load() skips chunk checksums; libpng (DALI) stops on a bad one
+            Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).verify()
         image.load()  # decodes every byte: truncation and corrupt data surface here
     except Image.DecompressionBombError as error:
         raise SampleError("too_large_image", str(error)) from None

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 from tqdm import tqdm
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.shards import REMOTE_PREFIXES, expand_shards
+from bmc_fast.data.shards import REMOTE_PREFIXES, expand_shards, member_key
 
 _logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _shard_texts(urls: Sequence[str], flag: str) -> Iterator[str]:
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
+                    if member.isfile() and (member_key(member.name) or ("", ""))[1] == "txt":  # as the loaders
                         yield tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
         except tarfile.TarError as error:
             raise ConfigError(f"{flag}: {url!r} is not a readable tar file ({error})") from error
