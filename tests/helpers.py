@@ -99,6 +99,7 @@ def corrupt_samples(good_jpeg: bytes, good_png: bytes) -> list[tuple[str, list[t
         ("invalid_utf8", [("jpg", good_jpeg), ("txt", b"lesion \xff\xfe size")]),
         ("two_images", [("jpg", good_jpeg), ("png", good_jpeg), ("txt", b"two images, one caption")]),
         ("duplicate_member", [("jpg", good_jpeg), ("jpg", good_jpeg), ("txt", b"the same member twice")]),
+        ("space_in_name", [("jpg", good_jpeg), ("txt", b"a key with a space (written by the fixture)")]),
         ("missing_image", [("txt", b"a caption without its figure")]),
     ]
 

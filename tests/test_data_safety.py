@@ -53,7 +53,8 @@ def messy(tmp_path_factory):
     # Members webdataset skips (no sample, no skip): a macOS AppleDouble file, a README without extension.
     shards[0].insert(3, (None, [("._good-0-rgb_jpeg.jpg", b"\x00\x05\x16\x07"), ("figs.v1/README", b"notes")]))
     for i, (kind, members) in enumerate(corrupt_samples(good_jpeg, good_png)):
-        shards[i % 2].insert(2 * i % len(shards[i % 2]), (f"bad-{i}-{kind}", members))
+        key = f"bad-{i}-{kind}" + (" copy" if kind == "space_in_name" else "")
+        shards[i % 2].insert(2 * i % len(shards[i % 2]), (key, members))
         broken[kind] += 1
     urls = [write_shard(out / f"shard-{n:06d}.tar", samples) for n, samples in enumerate(shards)]
     tokenizer = train_tokenizer(good, out / "tokenizer", vocab_size=400)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_sample
+from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_sample, has_whitespace
 from bmc_fast.data.shards import expand_shards, member_key
 
 _logger = logging.getLogger(__name__)
@@ -105,6 +105,8 @@ def iter_members(shard: str | Path):
 def check_members(members: list[tuple], dali_check=None) -> None:
     """Raise ``SampleError`` unless the sample's members make one good (image, caption) pair."""
     extensions = [ext for ext, *_ in members]
+    if any(has_whitespace(name) for *_, name, _ in members):
+        raise SampleError("space_in_name", ", ".join(repr(name) for *_, name, _ in members))
     if len(set(extensions)) < len(extensions):
         raise SampleError("duplicate_member", ", ".join(name for *_, name, _ in members))
     image, _ = check_sample({ext: data for ext, _, _, _, data in members})

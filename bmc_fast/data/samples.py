@@ -21,6 +21,7 @@ SKIP_KINDS = (
     "missing_image",  # no image member
     "two_images",  # more than one image member: which one the caption describes is unknown
     "duplicate_member",  # the same member name twice in one sample: which copy is meant is unknown
+    "space_in_name",  # whitespace in a member name: DALI's index format (space-separated) cannot hold it
     "empty_file",  # a zero-byte image member
     "not_an_image",  # bytes that are not JPEG, PNG or WebP
     "truncated_image",  # a recognised image whose data ends early or is corrupt
@@ -72,6 +73,11 @@ def decode_image(data: bytes):
     except Exception as error:  # noqa: BLE001 (see above)
         raise SampleError("truncated_image", f"{type(error).__name__}: {error}") from None
     return to_rgb(image)
+
+
+def has_whitespace(name: str) -> bool:
+    """Whether a member name or key holds whitespace (``space_in_name``: DALI's index cannot list it)."""
+    return any(ch.isspace() for ch in name)
 
 
 def split_sample(sample: dict) -> tuple[bytes, str]:
