@@ -271,7 +271,20 @@ def run(prepared: Prepared) -> dict[str, Any]:
         (p.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _logger.info("done: %s", p.run_dir)
     torch.distributed.barrier()
+    if device.type == "cpu":
+        _release_shm_buffer(env)
     return summary
+
+
+def _release_shm_buffer(env: DistEnv) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment, which DeepSpeed leaves in /dev/shm (~66 MiB a rank,
+    a run). After the last barrier no rank opens it again; mappings outlive the name."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{env.rank}")  # deepspeed/ops/csrc/cpu/comm/shm.cpp
+    segment = Path("/dev/shm") / name
+    if segment.exists():
+        segment.unlink()
+        _logger.debug("removed %s", segment)
 
 
 def _make_loaders(p: Prepared, device: torch.device, half: bool, seed: int):

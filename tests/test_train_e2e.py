@@ -1,6 +1,7 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,10 @@ def _train_args(small_data, ds_config, run_dir, ranks, *extra):
                                                (2, True, "dali")])
 def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = launch_deepspeed(_train_args(small_data, _ds_config(tmp_path, stage, bf16), run_dir, 2, "--loader", loader),
-                            tmp_path)
+    args = _train_args(small_data, _ds_config(tmp_path, stage, bf16), run_dir, 2, "--loader", loader)
+    proc = launch_deepspeed(args, tmp_path)
+    port = args[args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no 66 MiB left per rank
     assert f"ZeRO stage {stage}, torch.{'bfloat16' if bf16 else 'float32'}" in proc.stdout + proc.stderr
     assert f"data loader: {loader} (requested {loader})" in proc.stdout + proc.stderr
 
