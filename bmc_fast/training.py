@@ -304,13 +304,12 @@ def _log_token_waste(p: Prepared) -> None:
     """Rank 0: how many caption tokens this run's context length throws away (first 2,000 captions)."""
     from bmc_fast.data.token_stats import shard_waste
 
-    local = [url for url in p.train_urls if not url.startswith(REMOTE_PREFIXES)]
-    if not local:
+    if all(url.startswith(REMOTE_PREFIXES) for url in p.train_urls):
         _logger.info("caption tokens: not measured (remote shards; python -m bmc_fast.data.token_stats reads "
                      "local copies)")
         return
     context = p.model_cfg.context_length
-    stats = shard_waste(local, p.tokenizer, sorted({77, context}), max_texts=2000)
+    stats = shard_waste(p.train_urls, p.tokenizer, sorted({77, context}), max_texts=2000)  # local shards only
     waste = ", ".join(f"{row['waste_pct']:.1f}% of tokens beyond {row['cutoff']} ({row['truncated_pct']:.1f}% of "
                       "captions truncated)" for row in stats["cutoffs"])
     _logger.info("caption tokens: mean %.1f, median %.0f over %d captions; %s", stats["mean"], stats["median"],

@@ -3,6 +3,7 @@ both loaders (webdataset + PIL, DALI on CPU) deliver each good sample exactly on
 
 The reference for counts and identities is what the test itself wrote into the shards.
 """
+import gc
 import gzip
 import json
 import logging
@@ -28,6 +29,14 @@ dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda130 is in requ
 from bmc_fast.dali_pipelines import DaliLoader, index_skips  # noqa: E402
 
 COVID = SHARED_DATA / "covid_cxr"
+
+
+@pytest.fixture(autouse=True)
+def free_dali_pipelines():
+    """Destroy each test's DALI pipelines (and their threads) before the next test: a DataLoader that
+    forks workers while DALI threads run can crash them (later tests in this process fork)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
@@ -351,13 +360,37 @@ def test_image_over_the_decompression_bomb_limit_is_skipped_not_raised(monkeypat
     assert error.value.kind == "too_large_image"
 
 
-def test_pil_train_stream_over_shards_with_no_good_sample_stops_with_a_reason(messy, tmp_path, monkeypatch):
-    """An endless stream that never finds a good sample would wait forever; it stops and says why."""
+def test_pil_train_stream_over_shards_with_no_good_sample_stops_after_one_pass(messy, tmp_path):
+    """An endless stream that never finds a good sample would wait forever; after one full pass over the
+    shards it stops, naming them and the skip counts."""
+    bad = [write_shard(tmp_path / f"bad-{n:06d}.tar", [(f"k{i}", {"jpg": b"", "txt": b"x"}) for i in range(3)])
+           for n in range(2)]
+    loader = make_loader(bad, messy["tokenizer"], context_length=16, image_size=64, batch_size=2, train=True,
+                         workers=0, shuffle_buffer=4)
+    with pytest.raises(ConfigError, match=r"all 6 sample\(s\) of a full pass over 2 shard\(s\) \[.*bad-000000.tar', "
+                                          r".*bad-000001.tar'\] were skipped.*'empty_file': \d+.*index SHARDS"):
+        next(iter(loader))
+
+
+def test_pil_train_stream_with_one_good_sample_among_many_bad_keeps_going(messy, tmp_path):
+    bad = write_shard(tmp_path / "bad-000000.tar", [(f"k{i}", {"jpg": b"", "txt": b"x"}) for i in range(20)])
+    good = write_shard(tmp_path / "good-000000.tar", [("g", {"jpg": messy["kinds"]["rgb_jpeg"][1],
+                                                              "txt": messy["good"][0].encode()})])
+    loader = make_loader([bad, good], messy["tokenizer"], context_length=16, image_size=64, batch_size=1,
+                         train=True, workers=0, shuffle_buffer=50)
+    stream = iter(loader)
+    batches = [next(stream) for _ in range(3)]  # the good sample of three passes, many skips between them
+    assert all(batch["pixels"].shape == (1, 3, 64, 64) for batch in batches)
+    assert sum(batch["skipped"].get("empty_file", 0) for batch in batches) > 0
+
+
+def test_pil_train_stream_stops_after_the_backstop_limit(messy, tmp_path, monkeypatch):
+    """A key repeated apart in one shard never completes the full-pass rule; the skip limit still stops it."""
     import bmc_fast.data.loader as pil_loader
 
     monkeypatch.setattr(pil_loader, "ALL_BAD_LIMIT", 30)
-    bad = write_shard(tmp_path / "bad-000000.tar", [(f"k{i}", {"jpg": b"", "txt": b"x"}) for i in range(4)])
+    bad = write_shard(tmp_path / "bad-000000.tar", [(k, {"jpg": b"", "txt": b"x"}) for k in ("a", "b", "a")])
     loader = make_loader([bad], messy["tokenizer"], context_length=16, image_size=64, batch_size=2, train=True,
                          workers=0)
-    with pytest.raises(ConfigError, match=r"30 samples in a row were skipped .*'empty_file': 30.*index SHARDS"):
+    with pytest.raises(ConfigError, match=r"30 samples in a row over 1 shard\(s\).*'empty_file': 30.*index SHARDS"):
         next(iter(loader))

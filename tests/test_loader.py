@@ -106,3 +106,20 @@ def test_synthetic_json_describes_the_caption(small_data):
     meta = json.loads(members[f"{key}.json"])
     caption = members[f"{key}.txt"].decode()
     assert caption[meta["findings_start_char"]:].startswith("Findings:")
+
+
+def test_token_waste_leaves_out_remote_shards_with_a_log_line(small_data, caplog):
+    """The trainer's start-up statistic must not stop a run that streams some shards (pipe:, http)."""
+    import logging
+
+    from bmc_fast.config import ConfigError
+    from bmc_fast.data.token_stats import shard_waste
+
+    local = expand_shards(small_data["eval"], "--eval-data")
+    remote = ["pipe:curl -s https://example.org/shard-000000.tar", "https://example.org/shard-000001.tar"]
+    with caplog.at_level(logging.INFO, logger="bmc_fast.data.token_stats"):
+        mixed = shard_waste(remote + local, small_data["tokenizer"], [77], max_texts=8)
+    assert mixed == shard_waste(local, small_data["tokenizer"], [77], max_texts=8)
+    assert "leaving out 2 remote shard(s)" in caplog.text
+    with pytest.raises(ConfigError, match="every shard is remote"):
+        shard_waste(remote, small_data["tokenizer"], [77])

@@ -27,7 +27,7 @@ from bmc_fast.data.shards import group_samples
 
 _logger = logging.getLogger(__name__)
 
-ALL_BAD_LIMIT = 10_000  # skips before the first good sample after which a loader worker gives up
+ALL_BAD_LIMIT = 10_000  # skips in a row before any good sample after which a worker gives up (backstop)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,13 +64,37 @@ class Collate:
 
 
 @dataclass
+class FirstPass:
+    """One worker's first pass over its shards: its sample count, and whether it has ended.
+
+    Two stages share it: ``shards`` (after ``EpochShardList``) sees the second pass start, ``count``
+    (after grouping, before the shuffle) counts the samples read until then.
+    """
+
+    samples: int = 0
+    done: bool = False
+
+    def shards(self, items):
+        for item in items:
+            self.done = self.done or item.get("epoch", 0) > 0  # every first-pass sample was counted
+            yield item
+
+    def count(self, samples):
+        for sample in samples:
+            self.samples += not self.done
+            yield sample
+
+
+@dataclass
 class GuardedSamples:
     """Pipeline stage: raw WebDataset samples -> (transformed image, caption); bad ones skipped and counted."""
 
     transform: Callable
+    first_pass: FirstPass | None = None  # set for an endless stream: stops it when no sample is good
     skipped: Counter = field(default_factory=Counter)
     delivered: int = 0
-    skipped_before_first: int = 0  # skips before this worker's first good sample
+    bad_before_first: set = field(default_factory=set)  # (shard, key) of samples skipped before the first good one
+    skipped_before_first: int = 0  # skips before the first good sample (for ALL_BAD_LIMIT)
 
     def __call__(self, samples):
         for sample in samples:
@@ -84,20 +108,32 @@ class GuardedSamples:
             except SampleError as error:
                 self.skipped[error.kind] += 1
                 _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
-                self._check_not_all_bad(sample.get("__url__"))
+                self._check_not_all_bad(sample)
                 continue
             self.delivered += 1
+            self.bad_before_first.clear()
             yield self.transform(image), caption
 
-    def _check_not_all_bad(self, url: str | None) -> None:
-        """An endless stream over shards without one good sample would wait forever: stop it with a reason."""
+    def _check_not_all_bad(self, sample: dict) -> None:
+        """An endless stream over shards without one good sample would wait forever: stop it with a reason.
+
+        Raised once every sample of the first pass over this worker's shards was skipped (exact: distinct
+        (shard, key) pairs, so samples of the second pass that the shuffle mixed in count once), or after
+        ``ALL_BAD_LIMIT`` skips in a row (a key that occurs twice in a shard never completes the first rule).
+        """
         if self.delivered:
             return
         self.skipped_before_first += 1
-        if self.skipped_before_first >= ALL_BAD_LIMIT:
-            raise ConfigError(f"{ALL_BAD_LIMIT} samples in a row were skipped before any good one (last from "
-                              f"{url!r}; skipped so far {dict(self.skipped)}): these shards hold no usable sample; "
-                              "python -m bmc_fast.data.index SHARDS --report REPORT.json shows why")
+        self.bad_before_first.add((sample.get("__url__"), sample.get("__key__")))
+        whole_pass = (self.first_pass is not None and self.first_pass.done
+                      and len(self.bad_before_first) >= self.first_pass.samples)
+        if whole_pass or self.skipped_before_first >= ALL_BAD_LIMIT:
+            shards = sorted({str(url) for url, _ in self.bad_before_first})
+            what = (f"all {self.first_pass.samples} sample(s) of a full pass" if whole_pass
+                    else f"{ALL_BAD_LIMIT} samples in a row")
+            raise ConfigError(f"{what} over {len(shards)} shard(s) {shards[:5]} were skipped, none good (skipped so "
+                              f"far {dict(self.skipped)}): these shards hold no usable sample; python -m "
+                              "bmc_fast.data.index SHARDS --report REPORT.json shows why")
 
 
 @dataclass
@@ -143,7 +179,7 @@ def _tar_samples(shards):
 
 
 class EpochShardList(IterableDataset):
-    """Yields ``{"url": shard}`` for this rank and worker; reshuffled each epoch, forever if ``epochs`` is None."""
+    """Yields ``{"url": shard, "epoch": n}`` for this rank and worker; reshuffled each epoch, forever if ``epochs`` is None."""
 
     def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  shuffle: bool = True):
@@ -159,7 +195,7 @@ class EpochShardList(IterableDataset):
             if self.shuffle:
                 random.Random(self.seed + epoch).shuffle(urls)  # same order on every rank: disjoint splits
             for url in urls[self.rank::self.world_size][worker::workers]:
-                yield {"url": url}
+                yield {"url": url, "epoch": epoch}
 
 
 def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: int, batch_size: int,
@@ -179,11 +215,12 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
                           "worker(s) each need one: write more, smaller shards or lower --workers")
     shards = (EpochShardList(urls, rank, world_size, seed, epochs=epochs) if train
               else EpochShardList(urls, epochs=1, shuffle=False))
-    stages = [shards, _tar_samples]
+    first_pass = FirstPass() if train and epochs is None else None  # only an endless stream can hang
+    stages = [shards, first_pass.shards, _tar_samples, first_pass.count] if first_pass else [shards, _tar_samples]
     if train:
         # Reproducible for a given seed; workers and ranks differ anyway because they read other shards.
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 1000 + rank))
-    guard = GuardedSamples(transform or image_transform(image_size, train))
+    guard = GuardedSamples(transform or image_transform(image_size, train), first_pass)
     stages += [guard, BatchWithSkips(batch_size, Collate(tokenizer, context_length), guard,
                                      partial=not train or epochs is not None)]
     dataset = wds.DataPipeline(*stages)

@@ -121,7 +121,18 @@ def _check_cutoffs(cutoffs: Sequence[int], flag: str) -> None:
 
 
 def shard_waste(urls: Sequence[str], tokenizer, cutoffs: Sequence[int], max_texts: int = 5000) -> dict:
-    """``waste_stats`` over the first ``max_texts`` non-empty captions of ``urls`` (a trainer start-up check)."""
+    """``waste_stats`` over the first ``max_texts`` non-empty captions of ``urls`` (a trainer start-up check).
+
+    Remote shards (``pipe:``, ``s3://``, ``http(s)://``) are left out with a log line: a start-up
+    statistic must not stop a run that streams its data.
+    """
+    remote = [url for url in urls if url.startswith(REMOTE_PREFIXES)]
+    if remote:
+        _logger.info("token waste: leaving out %d remote shard(s) (e.g. %s); local shards only", len(remote),
+                     remote[0])
+        urls = [url for url in urls if not url.startswith(REMOTE_PREFIXES)]
+    if not urls:
+        raise ConfigError("token waste: every shard is remote; it reads local shards only (copy one to disk)")
     texts: list[str] = []
     for text in _shard_texts(urls, "shards"):
         if text:
