@@ -25,8 +25,7 @@ from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD, image_transform, make_load
 from bmc_fast.data.samples import SKIP_KINDS, decode_image
 from bmc_fast.data.text_tokenizer import train_tokenizer
 
-dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda130 is in requirements/cpu-pins.txt")
-from bmc_fast.dali_pipelines import DaliLoader, index_skips  # noqa: E402
+from bmc_fast.dali_pipelines import DaliLoader, index_skips  # DALI is pinned: a missing one fails
 
 COVID = SHARED_DATA / "covid_cxr"
 
@@ -163,7 +162,20 @@ def test_every_image_kind_decodes_to_rgb_like_dali(messy, tmp_path):
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1, kind
 
 
-@pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data)")
+def _eval_pixel_errors(urls, tokenizer) -> torch.Tensor:
+    """Per-image mean |DALI − PIL| of the eval pixels over ``urls`` (same captions, same order)."""
+    build_indexes(urls)
+    kwargs = dict(context_length=512, image_size=224, batch_size=16, train=False)
+    dali_batches = list(DaliLoader(urls, tokenizer, **kwargs))
+    pil_batches = list(make_loader(urls, tokenizer, workers=0, **kwargs))
+    assert [b["input_ids"].tolist() for b in dali_batches] == [b["input_ids"].tolist() for b in pil_batches]
+    dali_pixels = torch.cat([b["pixels"] for b in dali_batches])  # (N, 3, 224, 224), shard order
+    pil_pixels = torch.cat([b["pixels"] for b in pil_batches])
+    return (dali_pixels - pil_pixels).abs().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data); "
+                                              "test_dali_eval_matches_pil_on_generated_images runs without it")
 def test_dali_eval_matches_pil_resize_centre_crop_on_covid_cxr(tmp_path, modernbert_tokenizer):
     """Mixed JPEG/PNG, RGB/RGBA/L X-rays: DALI eval pixels vs torchvision's PIL transform, row by row.
 
@@ -175,17 +187,27 @@ def test_dali_eval_matches_pil_resize_centre_crop_on_covid_cxr(tmp_path, modernb
     """
     for shard in sorted(COVID.glob("*.tar")):
         shutil.copy(shard, tmp_path / shard.name)
-    urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
-    build_indexes(urls)
-    kwargs = dict(context_length=512, image_size=224, batch_size=16, train=False)
-    dali_batches = list(DaliLoader(urls, modernbert_tokenizer, **kwargs))
-    pil_batches = list(make_loader(urls, modernbert_tokenizer, workers=0, **kwargs))
-    assert [b["input_ids"].tolist() for b in dali_batches] == [b["input_ids"].tolist() for b in pil_batches]
-    dali_pixels = torch.cat([b["pixels"] for b in dali_batches])  # (196, 3, 224, 224), shard order
-    pil_pixels = torch.cat([b["pixels"] for b in pil_batches])
-    assert len(pil_pixels) == 196
-    errors = (dali_pixels - pil_pixels).abs().mean(dim=(1, 2, 3))
+    errors = _eval_pixel_errors(sorted(str(p) for p in tmp_path.glob("*.tar")), modernbert_tokenizer)
+    assert len(errors) == 196
     assert errors.max() < 0.01, errors.max()
+
+
+def test_dali_eval_matches_pil_on_generated_images(tmp_path, messy):
+    """The same comparison without ../shared/data: smooth JPEG/PNG images, RGB/RGBA/L, sizes whose resize
+    and centre crop hit torchvision's rounding cases (odd slack, portrait and landscape, upscaling)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    samples = []
+    for i, (height, width) in enumerate([(300, 401), (513, 257), (224, 225), (150, 97), (640, 480), (333, 333)]):
+        coarse = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+        fmt, mode = [("JPEG", None), ("PNG", "RGBA"), ("PNG", "L")][i % 3]
+        samples.append((f"gen-{i}", {"jpg" if fmt == "JPEG" else "png": encode_image(smooth, fmt, mode),
+                                     "txt": messy["good"][i].encode()}))
+    errors = _eval_pixel_errors([write_shard(tmp_path / "gen-000000.tar", samples)], messy["tokenizer"])
+    assert len(errors) == len(samples)
+    assert errors.max() < 0.01, errors
 
 
 def _gradient_image() -> bytes:

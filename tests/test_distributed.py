@@ -67,7 +67,6 @@ def _worker(rank, world, port, inputs, out_dir):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_reproduce_the_global_batch(world, small_data, tmp_path):
-    pytest.importorskip("open_clip")
     inputs = tmp_path / "inputs.pt"
     _make_inputs(small_data["tokenizer"], inputs)
     mp.spawn(_worker, args=(world, free_port(), str(inputs), str(tmp_path)), nprocs=world, join=True)

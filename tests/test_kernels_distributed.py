@@ -89,7 +89,6 @@ def _worker(rank, world, port, out_dir, backend_string, collective):
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w[0]}-{w[2]}")
 def per_rank(request, tmp_path_factory):
-    pytest.importorskip("open_clip")
     world, backend_string, collective = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
     mp.spawn(_worker, args=(world, free_port(), str(out), backend_string, collective), nprocs=world, join=True)

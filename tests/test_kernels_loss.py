@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from bmc_fast.kernels import (FusedClipLoss, FusedSigLipLoss, clip_loss, clip_loss_ref, siglip_loss,
                               siglip_loss_ref)
 
-open_clip_loss = pytest.importorskip("open_clip.loss")
+import open_clip.loss as open_clip_loss  # noqa: E402 (pinned in the test extra: missing fails)
 BACKENDS = ["torch", "triton"]
 LOSSES = {"clip": (clip_loss, clip_loss_ref), "siglip": (siglip_loss, siglip_loss_ref)}
 
@@ -287,12 +287,29 @@ def restore_fp32_precision():
     """_dot_mode's test sets torch's global TF32 switches; put them back (through the new API only,
     since mixing it with the legacy allow_tf32 makes reading either raise)."""
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("torch without fp32_precision: _dot_mode reads allow_tf32")
     saved = torch.backends.fp32_precision, matmul.fp32_precision
     yield
     torch.backends.fp32_precision = saved[0]
     matmul.fp32_precision = saved[1]
+
+
+@pytest.mark.parametrize("matmul, backends, allowed", [
+    ({"fp32_precision": "tf32"}, {"fp32_precision": "ieee"}, True),
+    ({"fp32_precision": "ieee"}, {"fp32_precision": "tf32"}, False),
+    ({"fp32_precision": "none"}, {"fp32_precision": "tf32"}, True),  # "none" inherits the global switch
+    ({"fp32_precision": "none"}, {}, False),
+    ({"allow_tf32": True}, {}, True),  # torch before fp32_precision: the legacy flag
+    ({"allow_tf32": False}, {}, False),
+], ids=["matmul-tf32", "matmul-ieee", "inherit-tf32", "inherit-unset", "legacy-on", "legacy-off"])
+def test_tf32_setting_is_read_from_the_api_the_torch_has(monkeypatch, matmul, backends, allowed):
+    """Both branches of the TF32 read, including the legacy one the pinned torch never takes."""
+    import types
+
+    from bmc_fast.kernels import contrastive_triton as kt
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(matmul=types.SimpleNamespace(**matmul)), **backends)
+    monkeypatch.setattr(kt.torch, "backends", fake)
+    assert kt._tf32_matmul_allowed() is allowed
 
 
 @pytest.mark.parametrize("switch", ["cuda.matmul", "global"])

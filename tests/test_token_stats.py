@@ -20,11 +20,11 @@ def _need(*paths):
             pytest.skip(f"{path} absent; it comes with ../shared/data")
 
 
-def _direct_lengths(texts):
+def _direct_lengths(texts, tokenizer_dir=MODERNBERT_TOKENIZER):
     """Token counts straight from the Rust tokenizer: special tokens in, no truncation."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(MODERNBERT_TOKENIZER / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     tokenizer.no_truncation()
     return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
 
@@ -76,8 +76,34 @@ def _write_shard(path, members):
             tar.addfile(info, io.BytesIO(payload))
 
 
-def test_webdataset_shard_reads_only_txt_members(tmp_path):
-    _need(MODERNBERT_TOKENIZER / "tokenizer.json")
+@pytest.fixture(params=["modernbert", "trained"])
+def tokenizer_dir(request, tmp_path):
+    """The ModernBERT tokenizer from ../shared/data, and a BPE trained here (runs without the data)."""
+    if request.param == "modernbert":
+        _need(MODERNBERT_TOKENIZER / "tokenizer.json")
+        return MODERNBERT_TOKENIZER
+    from bmc_fast.data.text_tokenizer import train_tokenizer
+
+    words = ["chest x-ray axial ct abdomen hepatic lesion adenocarcinoma glandular ultrasound stain"] * 20
+    train_tokenizer(words, tmp_path / "trained", vocab_size=300)
+    return tmp_path / "trained"
+
+
+def test_jsonl_matches_a_direct_count_and_plots(tmp_path, tokenizer_dir):
+    """The .jsonl path of the CLI without ../shared/data's captions (an empty text, a very long one)."""
+    texts = ["Chest X-ray: no acute process.", "   ", "Axial CT, hepatic lesion " * 60, "H&E stain, 40x"]
+    data = tmp_path / "captions.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out_json, out_png = tmp_path / "waste.json", tmp_path / "waste.png"
+    stats = main(["--tokenizer", str(tokenizer_dir), "--data", str(data), "--cutoffs", *map(str, CUTOFFS),
+                  "--json", str(out_json), "--plot", str(out_png)])
+    kept = [t.strip() for t in texts if t.strip()]
+    _assert_matches(stats, _direct_lengths(kept, tokenizer_dir))
+    assert stats["n_empty"] == 1 and json.loads(out_json.read_text()) == stats
+    assert out_png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_webdataset_shard_reads_only_txt_members(tmp_path, tokenizer_dir):
     captions = ["Chest X-ray: no acute cardiopulmonary process.",
                 "  Axial CT of the abdomen showing a 3 cm hypodense hepatic lesion.\n",
                 "H&E stain, 40x: " + "poorly differentiated adenocarcinoma with glandular structures " * 20,
@@ -91,17 +117,17 @@ def test_webdataset_shard_reads_only_txt_members(tmp_path):
     pattern = str(tmp_path / "shard-{000000..000000}.tar")
 
     assert read_texts(pattern) == [caption.strip() for caption in captions]
-    stats = main(["--tokenizer", str(MODERNBERT_TOKENIZER), "--data", pattern, "--cutoffs", *map(str, CUTOFFS)])
+    stats = main(["--tokenizer", str(tokenizer_dir), "--data", pattern, "--cutoffs", *map(str, CUTOFFS)])
     kept = [caption.strip() for caption in captions if caption.strip()]
-    _assert_matches(stats, _direct_lengths(kept))
+    _assert_matches(stats, _direct_lengths(kept, tokenizer_dir))
     assert stats["n_empty"] == 1
     assert stats["cutoffs"][0]["truncated_pct"] > 0  # the long H&E caption is cut at 77
 
     from bmc_fast.data.text_tokenizer import load_tokenizer
 
-    sample = shard_waste([str(tmp_path / "shard-000000.tar")], load_tokenizer(MODERNBERT_TOKENIZER), CUTOFFS,
+    sample = shard_waste([str(tmp_path / "shard-000000.tar")], load_tokenizer(tokenizer_dir), CUTOFFS,
                          max_texts=2)
-    _assert_matches(sample, _direct_lengths(kept[:2]))
+    _assert_matches(sample, _direct_lengths(kept[:2], tokenizer_dir))
 
 
 def test_jsonl_line_without_text_names_the_line(tmp_path):

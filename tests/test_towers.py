@@ -25,7 +25,8 @@ def _relative_error(ours, reference):
 
 @pytest.fixture(scope="module")
 def open_clip_vit(tmp_path_factory):
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
+
     model = open_clip.create_model("ViT-L-14")  # random init (no hub), GELU
     model.load_state_dict(_perturbed(model.state_dict()))
     path = tmp_path_factory.mktemp("open_clip") / "vit-l-14.pt"
@@ -45,7 +46,8 @@ def test_open_clip_vit_l14_loads_and_matches(open_clip_vit):
 
 
 def test_timm_names_load_and_match(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
+
     from bmc_fast.weights import load_image_weights
 
     model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=768).eval()
