@@ -117,13 +117,14 @@ def first_images(urls: list[str], count: int) -> list[bytes]:
     """The shards' first ``count`` image members that decode."""
     import tarfile
 
-    from bmc_fast.data.samples import SampleError, decode_image
+    from bmc_fast.data.samples import IMAGE_EXTENSIONS, SampleError, decode_image
+    from bmc_fast.data.shards import member_key
 
     found = []
     for url in urls:
         with tarfile.open(url) as tar:
             for member in tar:
-                if member.isfile() and member.name.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png"):
+                if member.isfile() and (member_key(member.name) or ("", ""))[1] in IMAGE_EXTENSIONS:
                     data = tar.extractfile(member).read()
                     try:
                         decode_image(data)

@@ -7,10 +7,12 @@ batch's longest, with their lengths; the host tokenises them (``dali_pipelines.l
 """
 from __future__ import annotations
 
+from bmc_fast.data.samples import IMAGE_EXTENSIONS
+
 from .augment import clip_augment
 
 READER_NAME = "Reader"
-IMAGE_EXT = "jpg;jpeg;png;webp"  # one output: whichever image member the sample has (the index holds one)
+IMAGE_EXT = ";".join(IMAGE_EXTENSIONS)  # one output: whichever image member the sample has (the index holds one)
 
 
 def build_pipeline(shards: list[str], index_paths: list[str], *, image_size: int, train: bool, batch_size: int,

@@ -18,11 +18,12 @@ import torch
 from helpers import SHARED_DATA, corrupt_samples, encode_image, image_kinds, write_shard
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.index import build_indexes, index_path, main as index_main, read_index, scan_path, scan_shard
+from bmc_fast.data.index import (build_indexes, index_is_current, index_path, main as index_main, read_index,
+                                 scan_path, scan_shard)
 from bmc_fast.data.loaders import ensure_indexes
 from bmc_fast.data.shards import expand_shards
 from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD, image_transform, make_loader
-from bmc_fast.data.samples import SKIP_KINDS, decode_image
+from bmc_fast.data.samples import decode_image
 from bmc_fast.data.text_tokenizer import train_tokenizer
 
 from bmc_fast.dali_pipelines import DaliLoader, index_skips  # DALI is pinned: a missing one fails
@@ -112,10 +113,10 @@ def test_dali_loader_two_ranks_deliver_each_good_sample_once(messy, train):
     for rank in range(2):
         loader = DaliLoader(messy["urls"], messy["tokenizer"], context_length=64, image_size=64, batch_size=4,
                             train=train, rank=rank, world_size=2, seed=1, epochs=2)
-        rows, skipped = _captions(loader, messy["tokenizer"])
-        assert not skipped  # DALI never meets a bad sample: the index left them out
+        rows, _ = _captions(loader, messy["tokenizer"])
         seen += rows
     assert sorted(seen) == sorted(messy["good"] * 2)  # two epochs, each good sample once per epoch
+    assert index_skips(messy["urls"]) == messy["broken"]  # the skips the DALI loader reports
 
 
 def test_endless_dali_train_stream_keeps_epochs_whole(messy, caplog):
@@ -285,6 +286,11 @@ def test_index_of_another_tool_is_replaced_by_a_scan(messy, tmp_path):
     index_path(shard).write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
     ensure_indexes([str(shard)])
     assert scan_path(shard).is_file() and len(read_index(shard)) < len(lines)
+    scan = json.loads(scan_path(shard).read_text())
+    scan_path(shard).write_text(json.dumps({**scan, "dali_checked": False}))  # scanned where DALI was missing
+    assert not index_is_current(shard)  # DALI is here now: its decoder must check the images once
+    ensure_indexes([str(shard)])
+    assert json.loads(scan_path(shard).read_text())["dali_checked"]
 
 
 def test_shards_with_dots_in_their_names_keep_their_own_index(messy, tmp_path):
@@ -333,9 +339,9 @@ def test_scan_skips_images_dali_rejects_though_pil_reads_them(messy, tmp_path):
 
 def test_scan_report_is_written(messy, tmp_path):
     report = tmp_path / "report.json"
-    result = index_main([" :: ".join(messy["urls"]).replace(" ", ""), "--report", str(report)])
+    result = index_main(["::".join(messy["urls"]), "--report", str(report)])
     assert json.loads(report.read_text()) == result
-    assert set(result["skipped"]) <= set(SKIP_KINDS)
+    assert result["skipped"] == messy["broken"] and all(shard["dali_checked"] for shard in result["shards"])
 
 
 @pytest.mark.parametrize("loader", ["pil", "dali"])

@@ -1,11 +1,9 @@
 """Token-waste statistics: checked against an independent count made with the `tokenizers` library."""
-import io
 import json
 import statistics
-import tarfile
 
 import pytest
-from helpers import MODERNBERT_TOKENIZER, SHARED_DATA
+from helpers import MODERNBERT_TOKENIZER, SHARED_DATA, write_shard
 
 from bmc_fast.config import ConfigError
 from bmc_fast.data.token_stats import main, read_texts, shard_waste, waste_stats
@@ -68,14 +66,6 @@ def test_biomed_captions_match_a_direct_count(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
-def _write_shard(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-
-
 @pytest.fixture(params=["modernbert", "trained"])
 def tokenizer_dir(request, tmp_path):
     """The ModernBERT tokenizer from ../shared/data, and a BPE trained here (runs without the data)."""
@@ -113,7 +103,7 @@ def test_webdataset_shard_reads_only_txt_members(tmp_path, tokenizer_dir):
     for i, caption in enumerate(captions):
         members += [(f"sample{i:03d}.jpg", b"\xff\xd8\xff\xe0 not a caption " * 50),
                     (f"sample{i:03d}.txt", caption.encode("utf-8"))]
-    _write_shard(tmp_path / "shard-000000.tar", members)
+    write_shard(tmp_path / "shard-000000.tar", [(None, members)])  # whole member names
     pattern = str(tmp_path / "shard-{000000..000000}.tar")
 
     assert read_texts(pattern) == [caption.strip() for caption in captions]

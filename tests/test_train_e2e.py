@@ -31,7 +31,7 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     port = args[args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no 66 MiB left per rank
     assert f"ZeRO stage {stage}, torch.{'bfloat16' if bf16 else 'float32'}" in proc.stdout + proc.stderr
-    assert f"data loader: {loader} (requested {loader})" in proc.stdout + proc.stderr
+    assert f"data loader: {loader} (requested {loader}: as requested)" in proc.stdout + proc.stderr
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

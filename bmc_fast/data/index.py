@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_sample, has_whitespace
+from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_names, check_sample
 from bmc_fast.data.shards import expand_shards, member_key
 
 _logger = logging.getLogger(__name__)
@@ -43,11 +43,12 @@ class ShardScan:
     samples: int = 0
     good: int = 0
     skipped: Counter = field(default_factory=Counter)
+    dali_checked: bool = False  # every good image was also decoded by DALI's CPU decoder
 
     def to_dict(self) -> dict:
         return {"shard": self.shard, "samples": self.samples, "good": self.good,
                 "skipped": {kind: self.skipped[kind] for kind in SKIP_KINDS if self.skipped[kind]},
-                "shard_bytes": Path(self.shard).stat().st_size}
+                "shard_bytes": Path(self.shard).stat().st_size, "dali_checked": self.dali_checked}
 
 
 def _stem(shard: Path) -> str:
@@ -65,14 +66,18 @@ def scan_path(shard: str | Path) -> Path:
 
 
 def index_is_current(shard: str | Path) -> bool:
-    """Whether ``shard`` has an index from our scan of the shard as it is now (its scan records its size)."""
+    """Whether ``shard`` has an index from our scan of the shard as it is now (its scan records its size)
+    that DALI's decoder also checked, unless DALI is not installed here."""
+    from bmc_fast.dali_pipelines import dali_available
+
     if not index_path(shard).is_file() or not scan_path(shard).is_file():
         return False
     try:
-        recorded = json.loads(scan_path(shard).read_text()).get("shard_bytes")
+        scan = json.loads(scan_path(shard).read_text())
+        recorded, dali_checked = scan.get("shard_bytes"), scan.get("dali_checked", False)
     except (ValueError, AttributeError):
         return False
-    return recorded == Path(shard).stat().st_size
+    return recorded == Path(shard).stat().st_size and (dali_checked or not dali_available())
 
 
 def iter_members(shard: str | Path):
@@ -105,10 +110,7 @@ def iter_members(shard: str | Path):
 def check_members(members: list[tuple], dali_check=None) -> None:
     """Raise ``SampleError`` unless the sample's members make one good (image, caption) pair."""
     extensions = [ext for ext, *_ in members]
-    if any(has_whitespace(name) for *_, name, _ in members):
-        raise SampleError("space_in_name", ", ".join(repr(name) for *_, name, _ in members))
-    if len(set(extensions)) < len(extensions):
-        raise SampleError("duplicate_member", ", ".join(name for *_, name, _ in members))
+    check_names([name for *_, name, _ in members], repeated=len(set(extensions)) < len(extensions))
     image, _ = check_sample({ext: data for ext, _, _, _, data in members})
     image.close()
     if dali_check is not None:  # PIL read it; would DALI's decoder, which the index serves?
@@ -124,7 +126,10 @@ def scan_shard(shard: str | Path, progress=None, dali_check=None) -> ShardScan:
     """
     if dali_check is None:
         dali_check = _dali_check()
-    scan, lines = ShardScan(str(shard)), []
+    scan, lines = ShardScan(str(shard), dali_checked=dali_check is not None), []
+    if dali_check is None:
+        _logger.warning("%s: DALI is not installed, so images are checked with PIL only; the DALI loader "
+                        "rescans the shard once DALI is installed", shard)
     for _, members in iter_members(shard):
         scan.samples += 1
         try:
@@ -161,13 +166,13 @@ def build_indexes(urls: list[str], report: str | Path | None = None) -> dict:
     return result
 
 
-def read_index(shard: str | Path, index: str | Path | None = None) -> list[list[tuple[str, int, int, str]]]:
-    """Parse ``index`` (default ``index_path(shard)``) and check it against the shard's tar headers.
+def read_index(shard: str | Path) -> list[list[tuple[str, int, int, str]]]:
+    """Parse the shard's index (``index_path``) and check it against the shard's tar headers.
 
     Raises ``ConfigError`` naming both files when the index is missing, was not written by our scan of
     this shard as it is now, is not a v1.2 index, or does not describe this shard.
     """
-    index = Path(index) if index is not None else index_path(shard)
+    index = index_path(shard)
     rebuild = f"rebuild it with python -m bmc_fast.data.index {shard}"
 
     def mismatch(why: str) -> ConfigError:
@@ -176,7 +181,7 @@ def read_index(shard: str | Path, index: str | Path | None = None) -> list[list[
     if not index.is_file():
         raise ConfigError(f"shard {str(shard)!r} has no index {str(index)!r}: build it with "
                           f"python -m bmc_fast.data.index {shard}")
-    if index == index_path(shard) and not index_is_current(shard):
+    if not index_is_current(shard):
         raise mismatch(f"no scan of the shard as it is now ({str(scan_path(shard))!r} is missing or records "
                        "another size), so bad samples may be listed (e.g. an index from DALI's wds2idx)")
     header, *rows = index.read_text().splitlines() or [""]

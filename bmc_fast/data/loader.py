@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bmc_fast.config import ConfigError
-from bmc_fast.data.samples import SampleError, check_sample, has_whitespace, to_rgb
+from bmc_fast.data.samples import SampleError, check_names, check_sample, to_rgb
 from bmc_fast.data.shards import group_samples
 
 _logger = logging.getLogger(__name__)
@@ -100,10 +100,7 @@ class GuardedSamples:
         for sample in samples:
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             try:
-                if any(has_whitespace(name) for name in [sample.get("__key__", ""), *members]):
-                    raise SampleError("space_in_name")  # skipped by the index scan too (DALI's index format)
-                if sample.get("__duplicate__"):
-                    raise SampleError("duplicate_member")
+                check_names([sample.get("__key__", ""), *members], repeated=bool(sample.get("__duplicate__")))
                 image, caption = check_sample(members)
             except SampleError as error:
                 self.skipped[error.kind] += 1

@@ -24,15 +24,18 @@ def resolve_loader(kind: str, urls: list[str], flag: str = "--loader") -> str:
         raise ConfigError(f"{flag} must be one of {LOADERS}, got {kind!r}")
     if kind == "dali" and not dali_available():
         raise ConfigError(f"{flag} dali needs NVIDIA DALI: pip install nvidia-dali-cuda130, or pass {flag} pil")
-    resolved = ("dali" if dali_available() else "pil") if kind == "auto" else kind
+    resolved, why = kind, "as requested"
+    if kind == "auto":
+        resolved, why = ("dali", "DALI is installed") if dali_available() else ("pil", "DALI is not installed")
     if resolved == "dali":
         remote = [url for url in urls if url.startswith(REMOTE_PREFIXES)]
         if remote and kind == "dali":
             raise ConfigError(f"{flag} dali reads local, indexed shards; {remote[0]!r} is remote: pass {flag} pil")
-        resolved = "pil" if remote else resolved
-        if resolved == "dali":
+        if remote:
+            resolved, why = "pil", f"DALI reads local shards only and {remote[0]!r} is remote"
+        else:
             ensure_indexes(urls)
-    _logger.info("data loader: %s (requested %s)", resolved, kind)
+    _logger.info("data loader: %s (requested %s: %s)", resolved, kind, why)
     return resolved
 
 

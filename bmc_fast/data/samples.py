@@ -75,9 +75,13 @@ def decode_image(data: bytes):
     return to_rgb(image)
 
 
-def has_whitespace(name: str) -> bool:
-    """Whether a member name or key holds whitespace (``space_in_name``: DALI's index cannot list it)."""
-    return any(ch.isspace() for ch in name)
+def check_names(names: list[str], repeated: bool) -> None:
+    """``SampleError`` for a sample whose member names (or key) hold whitespace, which DALI's
+    space-separated index cannot list, or that repeats a member (``repeated``); both loaders use it."""
+    if any(ch.isspace() for name in names for ch in name):
+        raise SampleError("space_in_name", ", ".join(map(repr, names)))
+    if repeated:
+        raise SampleError("duplicate_member", ", ".join(names))
 
 
 def split_sample(sample: dict) -> tuple[bytes, str]:
