@@ -87,17 +87,11 @@ def load_run(run_dir: str | Path, tag: str | None = None):
         state = torch_state_from_te(state)
         model_cfg = dataclasses.replace(model_cfg, te_precision="none")
     model = BMCLongCLIP(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _non_persistent(model)]
+    missing, unexpected = model.load_state_dict(state, strict=False)  # lists persistent keys only
     if missing or unexpected:
         raise ConfigError(f"checkpoint in {str(checkpoints)!r} does not fit the run's model config: "
                           f"missing {missing}, unexpected {unexpected}")
     return model.eval(), tokenizer, model_cfg
-
-
-def _non_persistent(model: torch.nn.Module) -> set[str]:
-    persistent = set(model.state_dict())
-    return {name for name, _ in model.named_buffers() if name not in persistent}
 
 
 def evaluate_shards(model, tokenizer, model_cfg, data: str, batch_size: int = 64, workers: int = 1,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmc_fast.config import ConfigError, TextConfig
+from bmc_fast.vision_tower import flash_attn_installed
 
 _logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class TextTower(nn.Module):
         dtype = self.transformer.get_input_embeddings().weight.dtype
         if self._attention is None or self._attention[:2] != (device.type, dtype):
             half = dtype in (torch.float16, torch.bfloat16)
-            installed = device.type == "cuda" and _flash_attn_installed()
+            installed = device.type == "cuda" and flash_attn_installed()
             name = "flash_attention_2" if installed and half else VARLEN_SDPA
             if device.type == "cuda" and not installed:
                 _logger.warning("text tower: flash-attn is not installed, so the unpadded path runs SDPA over "
@@ -203,12 +204,6 @@ class TextTower(nn.Module):
     def _use_attention(self, name: str) -> None:
         if self.transformer.config._attn_implementation != name:
             self.transformer.set_attn_implementation(name)
-
-
-def _flash_attn_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _load_pretrained(model_class, weights: str | Path, cfg: TextConfig):

@@ -258,7 +258,7 @@ def run(prepared: Prepared) -> dict[str, Any]:
                          last_eval["i2t_r1"], n_eval)
             window.restart_clock()  # keep evaluation out of the throughput
         if step == p.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            engine.save_checkpoint(str(p.run_dir / "checkpoints"), tag=f"step{step:07d}", client_state={"step": step})
+            engine.save_checkpoint(str(p.run_dir / "checkpoints"), tag=checkpoint_tag(step), client_state={"step": step})
     progress.close()
     writer.close()
 
@@ -333,6 +333,16 @@ def _total_skips(skipped: Counter, loader: str, urls: list[str], device: torch.d
 RUNTIME_SWITCHES = {"text_unpad", "attn_backend", "vision.grad_checkpointing", "text.grad_checkpointing"}
 
 
+def checkpoint_tag(step: int) -> str:
+    """The DeepSpeed checkpoint tag of ``step``: ``step0000006``."""
+    return f"step{step:07d}"
+
+
+def tag_step(tag: str) -> int | None:
+    """The step of a ``checkpoint_tag``, or None for a tag this trainer did not write."""
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+
+
 def _check_resumable(run_dir: Path, model_cfg: ModelConfig, ds_config: dict[str, Any], plan: BatchPlan,
                      max_steps: int) -> None:
     """The checkpoint exists, holds the same weights layout and steps are left; a changed set-up is logged."""
@@ -340,9 +350,9 @@ def _check_resumable(run_dir: Path, model_cfg: ModelConfig, ds_config: dict[str,
     if not latest.is_file():
         raise ConfigError(f"--resume: {str(run_dir)!r} has no checkpoints/latest to resume from; drop --resume "
                           "to start a new run")
-    tag = latest.read_text().strip()  # "step0000006", as run() names its checkpoints
-    if tag.startswith("step") and tag[4:].isdigit() and int(tag[4:]) >= max_steps:
-        raise ConfigError(f"--resume: the checkpoint {tag!r} is at step {int(tag[4:])} and --max-steps is "
+    tag = latest.read_text().strip()
+    if (done := tag_step(tag)) is not None and done >= max_steps:
+        raise ConfigError(f"--resume: the checkpoint {tag!r} is at step {done} and --max-steps is "
                           f"{max_steps}: nothing is left to train; raise --max-steps")
     saved = json.loads((run_dir / "config.json").read_text())
     differs = sorted(set(_differing_keys(saved.get("model", {}), model_cfg.to_dict())) - RUNTIME_SWITCHES)

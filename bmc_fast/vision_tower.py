@@ -28,7 +28,7 @@ def resolve_attn_backend(requested: str, x: torch.Tensor) -> str:
     half = x.dtype in (torch.float16, torch.bfloat16)
     chosen = requested
     if requested == "auto":
-        chosen = "flash" if x.is_cuda and half and _flash_attn_available() else "sdpa"
+        chosen = "flash" if x.is_cuda and half and flash_attn_installed() else "sdpa"
     elif requested == "flash" and not (x.is_cuda and half):
         raise ValueError(f"attn_backend='flash' needs CUDA bf16/fp16 activations, got {x.dtype} on {x.device}; "
                          "use 'auto' or 'sdpa'")
@@ -38,7 +38,8 @@ def resolve_attn_backend(requested: str, x: torch.Tensor) -> str:
     return chosen
 
 
-def _flash_attn_available() -> bool:
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package is importable (both towers ask before choosing it)."""
     import importlib.util
 
     return importlib.util.find_spec("flash_attn") is not None

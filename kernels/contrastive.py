@@ -175,6 +175,10 @@ def _reduce_scatter_rows(x: torch.Tensor, group, rank: int, world: int) -> torch
         return x
     b = x.shape[0] // world
     if not _GLOO_HAS_REDUCE_SCATTER and _backend_for(group, x.device) == "gloo":
+        if ("text gradients", "all_reduce", "gloo") not in _logged_choices:
+            _logged_choices.add(("text gradients", "all_reduce", "gloo"))
+            _logger.info("fused loss: gloo on torch %s has no reduce-scatter; text gradients go by an all-reduce "
+                         "of N×D floats", torch.__version__)
         torch.distributed.all_reduce(x, group=group)  # torch < 2.2: gloo has no reduce-scatter
         return x[rank * b:(rank + 1) * b].clone()  # a copy, so the gradient does not pin the N×D buffer
     out = torch.empty((b,) + x.shape[1:], device=x.device, dtype=x.dtype)

@@ -184,7 +184,7 @@ def test_unpadded_path_picks_flash_attn_only_for_half_weights(monkeypatch, dtype
     from bmc_fast import text_tower
 
     tower = create_model("tiny", text=TINY_TEXT).text.to(dtype)
-    monkeypatch.setattr(text_tower, "_flash_attn_installed", lambda: True)
+    monkeypatch.setattr(text_tower, "flash_attn_installed", lambda: True)
     assert tower._varlen_attention(torch.device("cuda")) == expected  # only the device type is read
 
 
