@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "open-clip-torch>=2.24"],
+    "test": ["pytest>=8", "open-clip-torch>=2.24", "ruff"],
     "bench": ["matplotlib", "open-clip-torch>=2.24"],
     # GPU-only accelerators, not installable on the CPU machines this project is developed on.
     # NVIDIA apex is never listed: the PyPI `apex` is an unrelated package (build NVIDIA apex from source).
@@ -42,6 +42,8 @@ setup(
     packages=[
         "bmc_fast",
         "bmc_fast.data",
+        "bmc_fast.eval",
+        "bmc_fast.trainer",
         "bmc_fast.kernels",
         "bmc_fast.dali_pipelines",
     ],
@@ -50,7 +52,7 @@ setup(
         "bmc_fast.kernels": "kernels",
         "bmc_fast.dali_pipelines": "dali_pipelines",
     },
-    package_data={"bmc_fast": ["model_configs/*.json"]},
+    package_data={"bmc_fast": ["model_configs/*.json"], "bmc_fast.data": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

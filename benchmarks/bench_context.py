@@ -2,13 +2,12 @@
 
     python benchmarks/bench_context.py --seeds 0 1 2
 
-Runs ``python -m bmc_fast.demo`` once per seed (each seed draws its own synthetic dataset, model
+Runs ``python -m bmc_fast.trainer.demo`` once per seed (each seed draws its own synthetic dataset, model
 init and data order), then writes ``benchmarks/results/context_ablation.json`` and ``.md`` with the
 per-seed Recall@k of context 77 and 512, the T2I R@1 ratio, and the machine, and a bar chart ``.png``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -17,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from bmc_fast import demo
+from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.trainer import demo
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,7 +55,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/bench_context", help="where the demo runs go")
     parser.add_argument("--out", default=str(RESULTS / "context_ablation"), help="output path without suffix")
@@ -97,4 +97,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

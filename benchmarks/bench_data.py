@@ -15,7 +15,6 @@ benchmarks/results/data_<device>.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -67,10 +68,10 @@ def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, device
     """The endless training stream the trainer draws from (train mode, no ``epochs`` bound)."""
     common = dict(context_length=512, image_size=IMAGE_SIZE, batch_size=batch, train=True)
     if kind == "dali":
-        from bmc_fast.dali_pipelines import DaliLoader
+        from bmc_fast.dali_pipelines.dali_loader import DaliLoader
 
         return DaliLoader(urls, tokenizer, num_threads=threads, device_id=device_id, **common)
-    from bmc_fast.data.loader import make_loader
+    from bmc_fast.data.pil_loader import make_loader
 
     transform = None
     if kind == "open_clip":
@@ -114,25 +115,21 @@ def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, de
 
 
 def first_images(urls: list[str], count: int) -> list[bytes]:
-    """The shards' first ``count`` image members that decode."""
-    import tarfile
-
+    """The shards' first ``count`` images that decode (one per sample, as the loaders group them)."""
     from bmc_fast.data.samples import IMAGE_EXTENSIONS, SampleError, decode_image
-    from bmc_fast.data.shards import member_key
+    from bmc_fast.data.tar_samples import read_tar_samples
 
     found = []
     for url in urls:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile() and (member_key(member.name) or ("", ""))[1] in IMAGE_EXTENSIONS:
-                    data = tar.extractfile(member).read()
-                    try:
-                        decode_image(data)
-                    except SampleError:
-                        continue
-                    found.append(data)
-                    if len(found) == count:
-                        return found
+        for sample in read_tar_samples(url):
+            for data in (sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample):
+                try:
+                    decode_image(data)
+                except SampleError:
+                    continue
+                found.append(data)
+                if len(found) == count:
+                    return found
     return found
 
 
@@ -146,8 +143,8 @@ def stage_profile(urls: list[str], images: int = 256) -> dict:
     """
     from torchvision import transforms as T
 
-    from bmc_fast.data.loader import image_transform
     from bmc_fast.data.samples import decode_image
+    from bmc_fast.data.transforms import image_transform
 
     data = first_images(urls, images)
     crop = T.RandomResizedCrop(IMAGE_SIZE, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)
@@ -189,7 +186,7 @@ def dali_stage_pipelines(data: list[bytes]) -> dict:
         @pipeline_def(batch_size=len(arrays), num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
                       exec_pipelined=False, exec_async=False)
         def pipe():
-            return stage(fn.external_source(source=lambda: arrays, batch=True))
+            return stage(fn.external_source(source=lambda: arrays, batch=True))  # noqa: B023 (built this iteration)
 
         pipes[name] = pipe()
         pipes[name].build()
@@ -206,10 +203,11 @@ def tokenizer_for_bench(tmp: Path):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads = PIL / open_clip worker processes")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=64)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="DALI threads = PIL / open_clip worker processes")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the DALI graph runs")
     args = parser.parse_args(argv)
     device_id = 0 if args.device == "cuda" else None
@@ -271,4 +269,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.optional import installed
+
 RESULTS = Path(__file__).parent / "results"
 CPU_NS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 GPU_NS = [1024, 4096, 16384, 65536, 262144, 1048576]
@@ -37,6 +40,9 @@ SCALE = 1 / 0.07
 def _status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
     return {key: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
+
+
+IMPLS = ("fused", "fused_torch", "open_clip", "naive", "inf_cl")  # what make_loss builds
 
 
 def make_loss(impl: str):
@@ -205,13 +211,13 @@ def rerender(json_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--n", type=int, nargs="+", help="global batch sizes (default: a grid per device)")
-    parser.add_argument("--d", type=int, nargs="+", default=DS, help="feature widths")
-    parser.add_argument("--impls", nargs="+", help="implementations (default: all available)")
-    parser.add_argument("--repeats", type=int, default=3, help="passes per case; the best time is kept")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--n", type=positive_int, nargs="+", help="global batch sizes (default: a grid per device)")
+    parser.add_argument("--d", type=positive_int, nargs="+", default=DS, help="feature widths")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (default: all available)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="passes per case; the best time is kept")
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="skip cases whose estimated peak exceeds this share of memory")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    impls = args.impls or (["fused", "fused_torch", "open_clip", "naive"] + (["inf_cl"] if _has("inf_cl") else [])
+    impls = args.impls or (["fused", "fused_torch", "open_clip", "naive"] + (["inf_cl"] if installed("inf_cl") else [])
                            if cuda else ["fused", "open_clip", "naive"])
     capacity = torch.cuda.get_device_properties(0).total_memory if cuda else os.sysconf("SC_PAGE_SIZE") * \
         os.sysconf("SC_PHYS_PAGES")
@@ -257,11 +263,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 if __name__ == "__main__":
-    main()
+    run_main(main)

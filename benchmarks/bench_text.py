@@ -11,17 +11,18 @@ side; time is the best of ``--repeats``. Writes benchmarks/results/text_<device>
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import torch
+
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.data.token_stats import read_texts
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -37,10 +38,7 @@ def real_lengths() -> tuple[list[int] | None, str]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    texts = [json.loads(line)["text"] for line in captions.read_text().splitlines() if line.strip()]
-    for shard in sorted((SHARED / "covid_cxr").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            texts += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+    texts = read_texts(str(captions)) + read_texts(str(SHARED / "covid_cxr" / "*.tar"))  # stripped, as trained on
     return [len(e.ids) for e in tokenizer.encode_batch(texts)], f"{len(texts)} real texts"
 
 
@@ -65,14 +63,14 @@ def time_fwd_bwd(tower, ids, mask, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8, help="captions per step")
-    parser.add_argument("--repeats", type=int, default=2, help="passes per path; the best is kept")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=positive_int, default=8, help="captions per step")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="passes per path; the best is kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    from bmc_fast.config import load_model_config
+    from bmc_fast.model_config import load_model_config
     from bmc_fast.text_tower import TextTower
 
     text_cfg = load_model_config("bmc-longclip-l14-512").text
@@ -153,4 +151,4 @@ def plot(cases: list[dict], pools: dict[str, list[int]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

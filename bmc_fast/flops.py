@@ -19,9 +19,9 @@ gives the FLOPs a padded SDPA forward executes instead: every caption at length 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-from bmc_fast.config import ModelConfig, TextConfig, VisionConfig
+from bmc_fast.model_config import ModelConfig, TextConfig, VisionConfig
 
 
 def vision_forward_flops(cfg: VisionConfig, embed_dim: int) -> int:
@@ -48,7 +48,8 @@ def text_forward_flops(cfg: TextConfig, embed_dim: int, lengths: Iterable[int], 
         for layer in range(cfg.num_hidden_layers):
             is_global = layer % cfg.global_attn_every_n_layers == 0
             pairs = ell * ell if is_global or padded_to is not None else window_pairs(ell, cfg.local_attention // 2)
-            total += 2 * ell * h * 3 * h + 4 * h * pairs + 2 * ell * h * h + 2 * ell * h * 2 * inner + 2 * ell * inner * h
+            total += (2 * ell * h * 3 * h + 4 * h * pairs + 2 * ell * h * h + 2 * ell * h * 2 * inner
+                      + 2 * ell * inner * h)
     return total + captions * (2 * h * h + 2 * h * embed_dim)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmc_fast.config import ModelConfig, load_model_config
+from bmc_fast.model_config import ModelConfig, load_model_config
 from bmc_fast.text_tower import TextTower
 from bmc_fast.vision_tower import VisionTransformer
 
@@ -94,7 +94,7 @@ def create_model(preset_or_json: str, image_weights: str | Path | None = None, t
     """
     cfg = load_model_config(preset_or_json, **overrides)
     if cfg.text.vocab_size is None:
-        from bmc_fast.config import ConfigError
+        from bmc_fast.errors import ConfigError
 
         raise ConfigError(f"preset {preset_or_json!r} sets no text.vocab_size: pass text={{'vocab_size': N}} or build "
                           "the config with ModelConfig.with_tokenizer(tokenizer)")

@@ -143,7 +143,8 @@ class TEResidualAttentionBlock(nn.Module):
         self.heads, self.backend = attn.heads, attn.backend
         self.ln_qkv = _load(te.LayerNormLinear(width, 3 * width, eps=block.ln_1.eps, bias=True,
                                                params_dtype=params_dtype, device=device),
-                            {"layer_norm_weight": block.ln_1.weight.detach(), "layer_norm_bias": block.ln_1.bias.detach(),
+                            {"layer_norm_weight": block.ln_1.weight.detach(),
+                             "layer_norm_bias": block.ln_1.bias.detach(),
                              "weight": attn.in_proj_weight.detach(), "bias": attn.in_proj_bias.detach()})
         self.out_proj = _load(te.Linear(width, width, bias=True, params_dtype=params_dtype, device=device),
                               layernorm_linear_state(None, attn.out_proj))

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmc_fast.config import ConfigError, TextConfig
-from bmc_fast.vision_tower import flash_attn_installed
+from bmc_fast.errors import ConfigError
+from bmc_fast.model_config import TextConfig
+from bmc_fast.optional import flash_attn_installed
 
 _logger = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class TextTower(nn.Module):
             self.transformer = _load_pretrained(ModernBertModel, weights, cfg)
         if cfg.grad_checkpointing:
             self.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            _logger.info("text tower: activation checkpointing on (%d layers recomputed in backward)", cfg.num_hidden_layers)
+            _logger.info("text tower: activation checkpointing on (%d layers recomputed in backward)",
+                         cfg.num_hidden_layers)
         self._attention = None  # the unpadded path's attention implementation, chosen at the first forward
         self.pad_tokens_to = 1  # FP8 GEMMs need row counts in multiples of 16 (32 for MXFP8): te_swap sets it
         self.last_token_counts = (0, 0)  # (tokens computed, real tokens) of the last forward

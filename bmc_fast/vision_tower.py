@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bmc_fast.config import VisionConfig
+from bmc_fast.model_config import VisionConfig
+from bmc_fast.optional import flash_attn_installed
 
 _logger = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
@@ -36,13 +37,6 @@ def resolve_attn_backend(requested: str, x: torch.Tensor) -> str:
         _logged.add((requested, chosen))
         _logger.info("image tower attention: %s (requested %s)", chosen, requested)
     return chosen
-
-
-def flash_attn_installed() -> bool:
-    """Whether the flash-attn package is importable (both towers ask before choosing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _flash_attn_func():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bmc_fast.config import ConfigError
+from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

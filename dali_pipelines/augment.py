@@ -1,7 +1,7 @@
 """DALI graph helpers: encoded image bytes -> CLIP-normalised CHW pixels. Used inside a pipeline only.
 
 The same graph runs on CPU (``decoder_device="cpu"``) and on GPU (``"mixed"``: nvJPEG / nvImageCodec
-decode on the device, everything after it on the GPU). Semantics follow ``bmc_fast.data.loader``:
+decode on the device, everything after it on the GPU). Semantics follow ``bmc_fast.data.pil_loader``:
 
 - train: RandomResizedCrop(image_size, scale (0.9, 1.0), ratio (3/4, 4/3)), fused into the decoder so
   only the crop is decoded; cubic resize with antialiasing; no flip unless ``flip`` (captions state
@@ -12,10 +12,7 @@ EXIF orientation is ignored (``adjust_orientation=False``), as PIL, torchvision 
 """
 from __future__ import annotations
 
-from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD
-
-TRAIN_SCALE = (0.9, 1.0)  # open_clip's RandomResizedCrop area range
-TRAIN_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range
+from bmc_fast.data.transforms import CLIP_MEAN, CLIP_STD, TRAIN_RATIO, TRAIN_SCALE
 
 
 def shorter_side_size(encoded, image_size: int):

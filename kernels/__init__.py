@@ -8,8 +8,8 @@ Depends on torch (and triton for the CUDA kernels) only, so it drops into any CL
 Layers: ``contrastive_triton`` / ``contrastive_torch`` (kernels and their tiled torch twin),
 ``contrastive`` (math, references, autograd, functional API), ``modules`` (open_clip-shaped modules).
 """
-from .contrastive import SINGLE_PROCESS, clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
+from .contrastive import BACKENDS, SINGLE_PROCESS, clip_loss, clip_loss_ref, siglip_loss, siglip_loss_ref
 from .modules import FusedClipLoss, FusedSigLipLoss
 
-__all__ = ["FusedClipLoss", "FusedSigLipLoss", "SINGLE_PROCESS", "clip_loss", "clip_loss_ref", "siglip_loss",
-           "siglip_loss_ref"]
+__all__ = ["BACKENDS", "FusedClipLoss", "FusedSigLipLoss", "SINGLE_PROCESS", "clip_loss", "clip_loss_ref",
+           "siglip_loss", "siglip_loss_ref"]

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 _logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "triton", "torch"]
-_BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch")  # the legal values of backend=
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _logged_choices: set[tuple[str, str, str]] = set()
 SINGLE_PROCESS = "single_process"  # process_group value: no collectives, even inside an initialised world
@@ -101,8 +101,8 @@ def siglip_loss_ref(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
 # ---------------------------------------------------------------------------------------------------
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
     """The module implementing the kernels for ``backend`` on ``device``; logs each new choice once."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from . import contrastive_torch
 
     chosen = backend

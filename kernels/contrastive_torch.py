@@ -7,7 +7,7 @@ so no allocator churn); row statistics run online across column tiles, as in the
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

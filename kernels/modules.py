@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .contrastive import _BACKENDS, SINGLE_PROCESS, Backend, clip_loss, require_triton, siglip_loss
+from .contrastive import BACKENDS, SINGLE_PROCESS, Backend, clip_loss, require_triton, siglip_loss
 
 
 def _check_backend(cls: str, backend) -> None:
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"{cls}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{cls}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
         require_triton()
 

@@ -5,9 +5,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import random  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import random
+import sys
+from pathlib import Path
 
 # `python -m pytest` puts the working directory (the repo root) on sys.path, where the kernels/ folder
 # would import as a top-level `kernels` and shadow Hugging Face's package. Only bmc_fast.* is ours.
@@ -16,6 +16,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from helpers import MODERNBERT_TOKENIZER  # noqa: E402
 
 
@@ -38,12 +39,12 @@ def modernbert_tokenizer():
 def small_data(tmp_path_factory):
     """A small synthetic dataset (4 train shards of 64, 1 eval shard of 32) and a tokenizer trained on it."""
     from bmc_fast.data import synthetic
-    from bmc_fast.data.default_data import _captions
+    from bmc_fast.data.default_data import shard_captions
     from bmc_fast.data.text_tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("small_data")
     manifest = synthetic.generate(out, seed=3, n_train=256, n_eval=32, samples_per_shard=64)
-    tokenizer = train_tokenizer(_captions(out / "train"), out / "tokenizer", vocab_size=1024)
+    tokenizer = train_tokenizer(shard_captions(out / "train"), out / "tokenizer", vocab_size=1024)
     return {"root": out, "train": manifest["train"], "eval": manifest["eval"], "tokenizer_dir": str(out / "tokenizer"),
             "tokenizer": tokenizer}
 

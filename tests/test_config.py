@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from bmc_fast.config import ConfigError, ModelConfig, load_model_config
+from bmc_fast.errors import ConfigError
+from bmc_fast.model_config import ModelConfig, load_model_config
 
 
 def test_tiny_preset_loads_typed():

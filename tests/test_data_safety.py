@@ -9,24 +9,32 @@ import json
 import logging
 import shutil
 import tarfile
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_DATA, corrupt_samples, encode_image, image_kinds, write_shard
 
-from bmc_fast.config import ConfigError
-from bmc_fast.data.index import (build_indexes, index_is_current, index_path, main as index_main, read_index,
-                                 scan_path, scan_shard)
-from bmc_fast.data.loaders import ensure_indexes
-from bmc_fast.data.shards import expand_shards
-from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD, image_transform, make_loader
+from bmc_fast.dali_pipelines.dali_loader import DaliLoader  # DALI is pinned: a missing one fails
+from bmc_fast.data.index import (
+    build_indexes,
+    index_is_current,
+    index_path,
+    index_skips,
+    read_index,
+    scan_path,
+    scan_shard,
+)
+from bmc_fast.data.index import main as index_main
+from bmc_fast.data.pil_loader import make_loader
 from bmc_fast.data.samples import decode_image
+from bmc_fast.data.select_loader import ensure_indexes
+from bmc_fast.data.shards import expand_shards
 from bmc_fast.data.text_tokenizer import train_tokenizer
-
-from bmc_fast.dali_pipelines import DaliLoader, index_skips  # DALI is pinned: a missing one fails
+from bmc_fast.data.transforms import CLIP_MEAN, CLIP_STD
+from bmc_fast.errors import ConfigError, DataError
+from helpers import SHARED_DATA, corrupt_samples, encode_image, image_kinds, write_shard
 
 COVID = SHARED_DATA / "covid_cxr"
 
@@ -344,6 +352,7 @@ def test_scan_report_is_written(messy, tmp_path):
     assert result["skipped"] == messy["broken"] and all(shard["dali_checked"] for shard in result["shards"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["pil", "dali"])
 def test_trainer_runs_on_messy_shards_and_reports_skips(messy, tmp_path, loader):
     """The real launcher, 1 rank, 4 steps (over one epoch) on the messy shards: no crash, skips in summary.json.
@@ -395,7 +404,7 @@ def test_pil_train_stream_over_shards_with_no_good_sample_stops_after_one_pass(m
            for n in range(2)]
     loader = make_loader(bad, messy["tokenizer"], context_length=16, image_size=64, batch_size=2, train=True,
                          workers=0, shuffle_buffer=4)
-    with pytest.raises(ConfigError, match=r"all 6 sample\(s\) of a full pass over 2 shard\(s\) \[.*bad-000000.tar', "
+    with pytest.raises(DataError, match=r"all 6 sample\(s\) of a full pass over 2 shard\(s\) \[.*bad-000000.tar', "
                                           r".*bad-000001.tar'\] were skipped.*'empty_file': \d+.*index SHARDS"):
         next(iter(loader))
 
@@ -414,11 +423,11 @@ def test_pil_train_stream_with_one_good_sample_among_many_bad_keeps_going(messy,
 
 def test_pil_train_stream_stops_after_the_backstop_limit(messy, tmp_path, monkeypatch):
     """A key repeated apart in one shard never completes the full-pass rule; the skip limit still stops it."""
-    import bmc_fast.data.loader as pil_loader
+    import bmc_fast.data.pil_loader as pil_loader
 
     monkeypatch.setattr(pil_loader, "ALL_BAD_LIMIT", 30)
     bad = write_shard(tmp_path / "bad-000000.tar", [(k, {"jpg": b"", "txt": b"x"}) for k in ("a", "b", "a")])
     loader = make_loader([bad], messy["tokenizer"], context_length=16, image_size=64, batch_size=2, train=True,
                          workers=0)
-    with pytest.raises(ConfigError, match=r"30 samples in a row over 1 shard\(s\).*'empty_file': 30.*index SHARDS"):
+    with pytest.raises(DataError, match=r"30 samples in a row over 1 shard\(s\).*'empty_file': 30.*index SHARDS"):
         next(iter(loader))

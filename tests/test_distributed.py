@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bmc_fast.config import load_model_config
 from bmc_fast.kernels import FusedClipLoss
 from bmc_fast.model import BMCLongCLIP
+from bmc_fast.model_config import load_model_config
 from helpers import free_port
+
+pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
 
 N = 6  # global batch: 3 per rank with 2 ranks, 2 per rank with 3
 

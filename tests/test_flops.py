@@ -30,7 +30,7 @@ def test_forward_flops_match_flop_counter(preset, text):
 
 
 def test_l14_magnitudes():
-    from bmc_fast.config import load_model_config
+    from bmc_fast.model_config import load_model_config
 
     cfg = load_model_config("bmc-longclip-l14-512")
     assert vision_forward_flops(cfg.vision, cfg.embed_dim) / 1e9 == pytest.approx(162, rel=0.01)
@@ -46,7 +46,7 @@ def test_window_pairs_by_enumeration(length, half):
 
 
 def test_local_layers_count_windowed_pairs():
-    from bmc_fast.config import load_model_config
+    from bmc_fast.model_config import load_model_config
 
     text = load_model_config("tiny").text  # layers g, l, l with a 128-token window
     h = text.hidden_size
@@ -57,10 +57,11 @@ def test_local_layers_count_windowed_pairs():
 
 
 def test_train_step_is_three_forwards():
-    from bmc_fast.config import load_model_config
+    from bmc_fast.model_config import load_model_config
 
     cfg = load_model_config("tiny")
-    forward = 2 * vision_forward_flops(cfg.vision, cfg.embed_dim) + text_forward_flops(cfg.text, cfg.embed_dim, [30, 90])
+    forward = (2 * vision_forward_flops(cfg.vision, cfg.embed_dim)
+               + text_forward_flops(cfg.text, cfg.embed_dim, [30, 90]))
     assert train_step_flops(cfg, 2, [30, 90]) == 3 * forward
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from helpers import free_port
 
+pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
+
 B, D = 5, 24  # per-rank batch (odd on purpose) and feature width
 B_TILE, D_TILE = 65, 8  # rank r's diagonal offset 65·r crosses 64-wide Triton tiles
 CLIP_FLAGS = [(True, True), (False, False), (False, True), (True, False)]  # (local_loss, gather_with_grad)
@@ -98,11 +100,12 @@ def per_rank(request, tmp_path_factory):
 def _assert_matches_open_clip(results, key):
     for rank, result in enumerate(results):
         (loss, grads), (their_loss, their_grads) = result[key]
-        torch.testing.assert_close(loss, their_loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} loss: {m}")
+        torch.testing.assert_close(loss, their_loss, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, rank=rank: f"rank {rank} loss: {m}")
         for name, g, theirs in zip(("image", "text", "scale", "bias"), grads, their_grads):
             theirs = torch.zeros_like(g) if theirs is None else theirs
             torch.testing.assert_close(g, theirs, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, name=name: f"rank {rank} d{name}: {m}")
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} d{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

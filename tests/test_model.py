@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from bmc_fast.config import load_model_config
 from bmc_fast.model import BMCLongCLIP, param_groups
+from bmc_fast.model_config import load_model_config
 from bmc_fast.text_tower import masked_mean
 
 

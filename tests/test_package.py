@@ -4,6 +4,8 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 
@@ -35,6 +37,7 @@ def test_folders_install_under_bmc_fast_only():
         assert spec is None or not str(spec.origin).startswith(str(REPO)), spec
 
 
+@pytest.mark.slow
 def test_train_script_runs_as_a_script():
     proc = subprocess.run([sys.executable, str(REPO / "bmc_fast" / "train.py"), "--help"], capture_output=True,
                           text=True, cwd=REPO / "bmc_fast", timeout=300)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bmc_fast.eval_retrieval import retrieval_recall
+from bmc_fast.eval.retrieval import retrieval_recall
 
 
 def brute_force_recall(image, text, ks):

@@ -6,12 +6,17 @@ kernels are not verified here (README: not yet verified on GPU).
 import importlib.util
 
 import pytest
+import reference_te
 import torch
 
-import reference_te
 from bmc_fast import create_model
-from bmc_fast.te_swap import (layernorm_linear_state, layernorm_mlp_state, swap_to_transformer_engine,
-                              torch_state_from_layernorm_mlp, torch_state_from_te)
+from bmc_fast.te_swap import (
+    layernorm_linear_state,
+    layernorm_mlp_state,
+    swap_to_transformer_engine,
+    torch_state_from_layernorm_mlp,
+    torch_state_from_te,
+)
 
 TEXT = {"vocab_size": 300, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
 EXACT = {"vision": {"act": "quick_gelu"}, "text": {**TEXT, "hidden_activation": "gelu_pytorch_tanh"}}
@@ -40,7 +45,8 @@ def test_mlp_mapping_round_trips():
         for p in module.parameters():
             torch.nn.init.normal_(p)
     back = torch_state_from_layernorm_mlp(layernorm_mlp_state(norm, fc1, fc2))
-    want = {f"{name}.{k}": v for name, m in (("norm", norm), ("fc1", fc1), ("fc2", fc2)) for k, v in m.state_dict().items()}
+    want = {f"{name}.{k}": v for name, m in (("norm", norm), ("fc1", fc1), ("fc2", fc2))
+            for k, v in m.state_dict().items()}
     assert back.keys() == want.keys()
     for key in want:
         assert torch.equal(back[key], want[key]), key

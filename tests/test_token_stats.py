@@ -3,10 +3,10 @@ import json
 import statistics
 
 import pytest
-from helpers import MODERNBERT_TOKENIZER, SHARED_DATA, write_shard
 
-from bmc_fast.config import ConfigError
 from bmc_fast.data.token_stats import main, read_texts, shard_waste, waste_stats
+from bmc_fast.errors import ConfigError
+from helpers import MODERNBERT_TOKENIZER, SHARED_DATA, write_shard
 
 CAPTIONS = SHARED_DATA / "captions" / "biomed_captions.jsonl"
 CUTOFFS = [77, 154, 512]

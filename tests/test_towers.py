@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bmc_fast import create_model
-from bmc_fast.config import ConfigError, load_model_config
+from bmc_fast.errors import ConfigError
+from bmc_fast.model_config import load_model_config
 from bmc_fast.text_tower import TextTower, caption_buckets, masked_mean, varlen_sdpa_attention
 from bmc_fast.vision_tower import VisionTransformer
 
@@ -216,7 +217,8 @@ def test_activation_checkpointing_keeps_gradients(tower):
         # HF checkpoints a layer's forward, not its __call__: count a module inside the text layer
         block = model.visual.transformer.resblocks[0] if tower == "vision" else model.text.transformer.layers[0].attn
         calls = []
-        block.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop before the block ends
+        # the recompute may stop before the block ends
+        block.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         image, text, scale = model(images, ids, mask)
         (image @ text.T * scale).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -6,10 +6,11 @@ import tarfile
 import pytest
 
 import bmc_fast.model
+import bmc_fast.trainer.loop
 from bmc_fast import train
-from bmc_fast.config import ConfigError
 from bmc_fast.data import synthetic
-from bmc_fast.ds_config import batch_plan, with_total_steps
+from bmc_fast.errors import ConfigError
+from bmc_fast.trainer.ds_config import batch_plan, with_total_steps
 from helpers import REPO
 
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
@@ -189,8 +190,8 @@ def test_resume_with_another_model(small_data, tmp_path):
 
 def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, tmp_path, monkeypatch):
     """Checkpointing, attention backend and unpadding change how the model runs, not its weights."""
-    from bmc_fast.config import load_model_config
     from bmc_fast.data.text_tokenizer import load_tokenizer
+    from bmc_fast.model_config import load_model_config
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -199,10 +200,11 @@ def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, 
     saved = load_model_config("tiny", text_unpad=False, attn_backend="eager").with_tokenizer(tokenizer).to_dict()
     (run / "config.json").write_text(json.dumps({"model": saved}))
     args = _args(small_data, tmp_path) + ["--resume", "--preset", "tiny"]
-    monkeypatch.setattr(train, "run", lambda prepared: prepared)  # stop after every check
+    monkeypatch.setattr(bmc_fast.trainer.loop, "run", lambda prepared: prepared)  # stop after every check
     prepared = train.main(args + ["--grad-checkpointing", "--max-steps", "60"])
     assert prepared.cfg.resume and prepared.model_cfg.text.grad_checkpointing and prepared.model_cfg.text_unpad
-    with pytest.raises(ConfigError, match="--resume: the checkpoint .step0000050. is at step 50 and --max-steps is 50: nothing is left"):
+    with pytest.raises(ConfigError, match="--resume: the checkpoint .step0000050. is at step 50 and --max-steps "
+                                          "is 50: nothing is left"):
         train.main(args + ["--max-steps", "50"])
 
 

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bmc_fast import eval_retrieval
+from bmc_fast.eval import retrieval as eval_retrieval
 from helpers import deepspeed_config, free_port, launch_deepspeed
+
+pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
 
 STEPS = 12
 
@@ -81,7 +83,7 @@ def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
 
 
 def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
-    from bmc_fast.config import ConfigError
+    from bmc_fast.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--checkpoint .* is not a finished run directory"):
         eval_retrieval.main(["--checkpoint", str(tmp_path), "--data", "x.tar"])

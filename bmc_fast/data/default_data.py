@@ -9,11 +9,12 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from bmc_fast.data import synthetic
+from bmc_fast.data.samples import CAPTION_EXTENSION
+from bmc_fast.data.tar_samples import read_tar_samples
 from bmc_fast.data.text_tokenizer import train_tokenizer
 
 _logger = logging.getLogger(__name__)
@@ -43,15 +44,15 @@ def ensure_default_data(seed: int = 0, root: str | Path | None = None) -> Defaul
             shutil.rmtree(out, ignore_errors=True)  # a half-written cache from a killed run
             _logger.info("generating the embedded synthetic dataset into %s (once)", out)
             manifest = synthetic.generate(out, seed=seed)
-            train_tokenizer(_captions(out / "train"), out / "tokenizer")
+            train_tokenizer(shard_captions(out / "train"), out / "tokenizer")
             done.write_text(json.dumps(manifest, indent=2))
         manifest = json.loads(done.read_text())
     return DefaultData(train=manifest["train"], eval=manifest["eval"], tokenizer=str(out / "tokenizer"))
 
 
-def _captions(directory: Path):
+def shard_captions(directory: Path):
+    """The caption of every sample in ``directory``'s shards, in order (the tokenizer's corpus)."""
     for shard in sorted(directory.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    yield tar.extractfile(member).read().decode()
+        for sample in read_tar_samples(shard):
+            if CAPTION_EXTENSION in sample:
+                yield sample[CAPTION_EXTENSION].decode()

@@ -2,7 +2,7 @@
 
     python -m bmc_fast.data.index 'DIR/shard-{000000..000009}.tar' [--report REPORT.json]
 
-Members are grouped into samples exactly as webdataset groups them (``shards.member_key``). Every
+Members are grouped into samples exactly as webdataset groups them (``bmc_fast.data.tar_samples``). Every
 sample is checked as the loaders would use it (``bmc_fast.data.samples.check_sample``: one JPEG, PNG
 or WebP image that fully decodes, a non-empty UTF-8 caption) and, when DALI is installed, its image is
 also decoded by DALI's own CPU decoder, so the index never lists one that would stop a DALI run.
@@ -20,17 +20,18 @@ each of the sample's members.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bmc_fast.config import ConfigError
-from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_names, check_sample
-from bmc_fast.data.shards import expand_shards, member_key
+from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_sample
+from bmc_fast.data.shards import expand_shards
+from bmc_fast.data.tar_samples import member_key, read_tar_samples, tar_members
+from bmc_fast.errors import ConfigError
+from bmc_fast.optional import dali_installed
 
 _logger = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ def scan_path(shard: str | Path) -> Path:
 def index_is_current(shard: str | Path) -> bool:
     """Whether ``shard`` has an index from our scan of the shard as it is now (its scan records its size)
     that DALI's decoder also checked, unless DALI is not installed here."""
-    from bmc_fast.dali_pipelines import dali_available
-
     if not index_path(shard).is_file() or not scan_path(shard).is_file():
         return False
     try:
@@ -77,44 +76,15 @@ def index_is_current(shard: str | Path) -> bool:
         recorded, dali_checked = scan.get("shard_bytes"), scan.get("dali_checked", False)
     except (ValueError, AttributeError):
         return False
-    return recorded == Path(shard).stat().st_size and (dali_checked or not dali_available())
+    return recorded == Path(shard).stat().st_size and (dali_checked or not dali_installed())
 
 
-def iter_members(shard: str | Path):
-    """Yield (key, [(extension, data offset, size, member name, bytes)]) per sample, in tar order.
-
-    Grouping and skipped members follow webdataset (``shards.member_key``); extensions are lower case.
-    """
-    try:
-        tar = tarfile.open(shard, "r:")  # plain tar only: DALI's reader cannot read compressed shards
-    except tarfile.TarError as error:
-        raise ConfigError(f"{str(shard)!r} is not a plain tar file ({error}): WebDataset shards for DALI are "
-                          "uncompressed tar archives (tar cf shard.tar KEY.jpg KEY.txt ...): decompress it, or "
-                          "use --loader pil") from error
-    key, members = None, []
-    with tar:
-        for member in tar:
-            found = member_key(member.name) if member.isfile() else None
-            if found is None:
-                continue
-            if found[0] != key and members:
-                yield key, members
-                members = []
-            key = found[0]
-            members.append((found[1], member.offset_data, member.size, member.name,
-                            tar.extractfile(member).read()))
-    if members:
-        yield key, members
-
-
-def check_members(members: list[tuple], dali_check=None) -> None:
-    """Raise ``SampleError`` unless the sample's members make one good (image, caption) pair."""
-    extensions = [ext for ext, *_ in members]
-    check_names([name for *_, name, _ in members], repeated=len(set(extensions)) < len(extensions))
-    image, _ = check_sample({ext: data for ext, _, _, _, data in members})
+def check_members(sample: dict, dali_check=None) -> None:
+    """Raise ``SampleError`` unless the grouped sample makes one good (image, caption) pair."""
+    image, _ = check_sample(sample)
     image.close()
     if dali_check is not None:  # PIL read it; would DALI's decoder, which the index serves?
-        encoded = next(data for ext, *_, data in members if ext in IMAGE_EXTENSIONS)
+        encoded = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
         if (error := dali_check(encoded)) is not None:
             raise SampleError("truncated_image", f"DALI's decoder: {error}")
 
@@ -130,16 +100,17 @@ def scan_shard(shard: str | Path, progress=None, dali_check=None) -> ShardScan:
     if dali_check is None:
         _logger.warning("%s: DALI is not installed, so images are checked with PIL only; the DALI loader "
                         "rescans the shard once DALI is installed", shard)
-    for _, members in iter_members(shard):
+    for sample in read_tar_samples(shard, plain=True, flag="index scan"):  # DALI reads plain tars only
         scan.samples += 1
         try:
-            check_members(members, dali_check)
+            check_members(sample, dali_check)
         except SampleError as error:
             scan.skipped[error.kind] += 1
-            _logger.debug("%s: skipping %s (%s)", shard, members[0][3], error)
+            _logger.debug("%s: skipping %s (%s)", shard, sample["__key__"], error)
         else:
             scan.good += 1
-            lines.append(" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name, _ in members))
+            lines.append(" ".join(f"{member_key(m['fname'])[1]} {m['offset']} {m['size']} {m['fname']}"
+                                  for m in sample["__members__"]))
         if progress is not None:
             progress.update(1)
     if scan.good == 0:
@@ -188,8 +159,8 @@ def read_index(shard: str | Path) -> list[list[tuple[str, int, int, str]]]:
     parts = header.split()
     if len(parts) != 2 or parts[0] != INDEX_VERSION or not parts[1].isdigit() or int(parts[1]) != len(rows):
         raise mismatch(f"header {header!r} is not '{INDEX_VERSION} <samples>' for its {len(rows)} sample line(s)")
-    with tarfile.open(shard, "r:") as tar:  # headers only: offset of each member's data -> (name, size)
-        members = {m.offset_data: (m.name, m.size) for m in tar if m.isfile()}
+    # headers only: offset of each member's data -> (name, size)
+    members = {m["offset"]: (m["fname"], m["size"]) for m in tar_members(shard, read=False, plain=True) if m}
     samples = []
     for line_no, row in enumerate(rows, start=2):
         fields = row.split(" ")
@@ -208,11 +179,17 @@ def read_index(shard: str | Path) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
+def index_skips(shards: list[str]) -> dict[str, int]:
+    """Skip counts by kind that the index scan recorded for ``shards`` (what the DALI loader never meets)."""
+    total = Counter()
+    for shard in shards:  # every DALI shard has its scan: read_index refuses one without
+        total.update(json.loads(scan_path(shard).read_text())["skipped"])
+    return {kind: total[kind] for kind in SKIP_KINDS if total[kind]}
+
+
 def _dali_check():
     """DALI's CPU decoder as a check, or None when DALI is not installed."""
-    from bmc_fast.dali_pipelines import dali_available
-
-    if not dali_available():
+    if not dali_installed():
         return None
     from bmc_fast.dali_pipelines.decode_check import DaliDecodeCheck
 
@@ -220,7 +197,7 @@ def _dali_check():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="WebDataset shard pattern (brace notation, glob, '::'-joined)")
     parser.add_argument("--report", help="summary JSON (default: index_report.json beside the first shard)")
     args = parser.parse_args(argv)
@@ -234,4 +211,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

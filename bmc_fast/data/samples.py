@@ -4,7 +4,8 @@ Biomedical shards hold grayscale, palette, RGBA/LA and 16-bit PNGs, CMYK JPEGs, 
 figures; all of them decode to 3-channel 8-bit RGB here exactly as DALI's ``fn.decoders.image``
 (``output_type=RGB``) decodes them (16-bit scaled by 1/257, alpha dropped). A sample that cannot
 become one (image, caption) pair is skipped with one of ``SKIP_KINDS``; the index scan
-(``bmc_fast.data.index``) and the webdataset + PIL loader both classify through ``check_sample``.
+(``bmc_fast.data.index``) and the webdataset + PIL loader both classify through ``check_sample``,
+after ``bmc_fast.data.tar_samples`` grouped the tar's members.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def decode_image(data: bytes):
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         raise SampleError("too_large_image", str(error)) from None
-    except Exception as error:  # noqa: BLE001 (see above)
+    except Exception as error:
         raise SampleError("not_an_image", f"{type(error).__name__}: {error}") from None
     try:
         if image.format == "PNG":  # load() skips chunk checksums; libpng (DALI) stops on a bad one
@@ -70,7 +71,7 @@ def decode_image(data: bytes):
         image.load()  # decodes every byte: truncation and corrupt data surface here
     except Image.DecompressionBombError as error:
         raise SampleError("too_large_image", str(error)) from None
-    except Exception as error:  # noqa: BLE001 (see above)
+    except Exception as error:
         raise SampleError("truncated_image", f"{type(error).__name__}: {error}") from None
     return to_rgb(image)
 
@@ -106,6 +107,11 @@ def split_sample(sample: dict) -> tuple[bytes, str]:
 
 
 def check_sample(sample: dict):
-    """(RGB PIL image, caption) of a good sample, or ``SampleError`` naming its skip kind."""
-    data, caption = split_sample(sample)
+    """(RGB PIL image, caption) of a good sample, or ``SampleError`` naming its skip kind.
+
+    ``sample``: as ``bmc_fast.data.tar_samples`` groups it (``__key__``, ``__members__``, extension ->
+    bytes); the member names are checked, then the image and the caption.
+    """
+    check_names([member["fname"] for member in sample["__members__"]], repeated=bool(sample.get("__duplicate__")))
+    data, caption = split_sample({k: v for k, v in sample.items() if not k.startswith("__")})
     return decode_image(data), caption

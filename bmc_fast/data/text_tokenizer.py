@@ -7,10 +7,10 @@ special tokens and post-processor) on a corpus, with no download.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from bmc_fast.config import ConfigError
+from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ def load_tokenizer(path: str | Path, flag: str = "--tokenizer"):
         raise ConfigError(f"{flag} {str(path)!r}: the tokenizer defines no {missing}; the text tower needs "
                           "[CLS], [SEP] and [PAD] (as in ModernBERT's tokenizer)")
     return tokenizer
+
+
+def tokenize_captions(tokenizer, captions: list[str], context_length: int) -> dict:
+    """Both loaders' caption tokenisation: ``[CLS] text [SEP]`` truncated to ``context_length`` tokens and
+    padded to the batch's longest caption. ``{"input_ids": (B, L) int64, "attention_mask": (B, L)}``."""
+    tokens = tokenizer(list(captions), padding="longest", truncation=True, max_length=context_length,
+                       return_tensors="pt")
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048, max_length: int = 512):

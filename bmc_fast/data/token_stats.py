@@ -15,19 +15,19 @@ Texts are stripped as the training loader strips them; empty ones are skipped an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
-import sys
-import tarfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from bmc_fast.config import ConfigError
-from bmc_fast.data.shards import REMOTE_PREFIXES, expand_shards, member_key
+from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.data.samples import CAPTION_EXTENSION
+from bmc_fast.data.shards import REMOTE_PREFIXES, expand_shards
+from bmc_fast.data.tar_samples import read_tar_samples
+from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -62,18 +62,14 @@ def _jsonl_texts(path: Path, flag: str) -> Iterator[str]:
 
 
 def _shard_texts(urls: Sequence[str], flag: str) -> Iterator[str]:
-    """The ``.txt`` members of each local tar, decoded as UTF-8 (bad bytes replaced) and stripped."""
+    """The caption (``.txt`` member) of each sample of each local tar, as UTF-8 (bad bytes replaced), stripped."""
     for url in urls:
         if url.startswith(REMOTE_PREFIXES):
             raise ConfigError(f"{flag}: {url!r} is remote; token statistics read local shards only, copy "
                               "them to disk first")
-        try:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if member.isfile() and (member_key(member.name) or ("", ""))[1] == "txt":  # as the loaders
-                        yield tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
-        except tarfile.TarError as error:
-            raise ConfigError(f"{flag}: {url!r} is not a readable tar file ({error})") from error
+        for sample in read_tar_samples(url, flag=flag):  # grouped as the loaders group them
+            if CAPTION_EXTENSION in sample:
+                yield sample[CAPTION_EXTENSION].decode("utf-8", errors="replace").strip()
 
 
 def token_lengths(texts: Sequence[str], tokenizer, batch_size: int = BATCH_SIZE) -> list[int]:
@@ -181,7 +177,7 @@ def _pct(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
     parser.add_argument("--data", required=True, help="a .jsonl file (field 'text') or WebDataset shards")
     parser.add_argument("--cutoffs", type=int, nargs="+", default=list(DEFAULT_CUTOFFS),
@@ -220,7 +216,4 @@ def _log_summary(stats: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    run_main(main)

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bmc_fast.errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "model_configs"
 
-
-class ConfigError(ValueError):
-    """Bad user input (a flag, a config field, a file): the message names it and says how to fix it."""
+# The legal values of the model's switches; the trainer's flags take their choices from here.
+ATTN_BACKENDS = ("auto", "flash", "sdpa", "eager")  # image tower and padded text path
+TE_PRECISIONS = ("none", "bf16", "fp8")  # Transformer Engine layers (CUDA only)
+IMAGE_PROJECTIONS = ("pretrained", "linear")  # with image weights: keep their projection, or a fresh one
 
 
 @dataclass
@@ -123,14 +126,14 @@ class ModelConfig:
                               f"{self.text.max_position_embeddings}: lower --context-length")
         if self.text_pooling != "mean":
             raise ConfigError(f"text_pooling must be 'mean', got {self.text_pooling!r}")
-        for name, allowed in (("attn_backend", ("auto", "flash", "sdpa", "eager")),
-                              ("te_precision", ("none", "bf16", "fp8")), ("image_proj", ("pretrained", "linear"))):
+        for name, allowed in (("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
+                              ("image_proj", IMAGE_PROJECTIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.init_logit_scale > self.max_logit_scale:
             raise ConfigError(f"init_logit_scale {self.init_logit_scale} > max_logit_scale {self.max_logit_scale}")
 
-    def with_tokenizer(self, tokenizer) -> "ModelConfig":
+    def with_tokenizer(self, tokenizer) -> ModelConfig:
         """Fill the text tower's vocabulary and special-token ids from a Hugging Face tokenizer."""
         text = self.text
         vocab = len(tokenizer)
@@ -150,7 +153,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
         return _from_dict(cls, data, source)
 
 

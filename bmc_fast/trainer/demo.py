@@ -1,9 +1,9 @@
 """The context-length ablation of BMC-LongCLIP, on the embedded synthetic data, on CPU.
 
-    python -m bmc_fast.demo --out runs/demo
+    python -m bmc_fast.trainer.demo --out runs/demo
 
 Trains the ``tiny`` model twice with the real ``deepspeed`` launcher on 2 ranks, at context 77 and
-512 with everything else equal, evaluates both with ``bmc_fast.eval_retrieval`` and writes
+512 with everything else equal, evaluates both with ``bmc_fast.eval.retrieval`` and writes
 ``OUT/summary.json``: ``{"ctx77": {t2i_r1 ...}, "ctx512": {...}}``. The captions' findings start
 after ~100 tokens of preamble, so a 77-token model cannot read them.
 """
@@ -18,6 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.errors import ConfigError
+from bmc_fast.trainer.distributed import free_port
+from bmc_fast.trainer.ds_config import load_ds_config
+
 _logger = logging.getLogger(__name__)
 
 CONTEXTS = (77, 512)
@@ -29,9 +34,7 @@ def _launcher() -> list[str]:
 
 
 def train_one(context_length: int, run_dir: Path, args: argparse.Namespace) -> None:
-    from bmc_fast.training import free_port
-
-    train_script = Path(__file__).with_name("train.py")
+    train_script = Path(__file__).resolve().parent.parent / "train.py"  # bmc_fast/train.py
     command = _launcher() + [
         "--num_gpus", str(args.ranks), "--master_port", str(free_port()), str(train_script),
         "--ds_config", args.ds_config, "--context-length", str(context_length), "--seed", str(args.seed),
@@ -49,18 +52,24 @@ def train_one(context_length: int, run_dir: Path, args: argparse.Namespace) -> N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Context-length ablation (77 vs 512) on the embedded data.")
+    parser = ArgumentParser(description="Context-length ablation (77 vs 512) on the embedded data.")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero2.json")
     parser.add_argument("--ranks", type=int, default=2, help="processes for the deepspeed launcher")
     parser.add_argument("--max-steps", type=int, default=None, help="default: the DeepSpeed JSON's schedule")
     parser.add_argument("--seed", type=int, default=0, help="dataset, init and data-order seed")
     args = parser.parse_args(argv)
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks must be >= 1 (processes for the deepspeed launcher), got {args.ranks}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    load_ds_config(args.ds_config)  # a missing or malformed JSON stops here, not in each launch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from bmc_fast.data.default_data import ensure_default_data
-    from bmc_fast.eval_retrieval import evaluate_shards, format_table, load_run
+    from bmc_fast.eval.checkpoint import load_run
+    from bmc_fast.eval.retrieval import evaluate_shards, format_table
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,4 +90,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

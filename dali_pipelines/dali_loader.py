@@ -1,8 +1,8 @@
 """DALI loader: the pipeline's batches, tokenised on a host thread, as the PIL loader's batch dicts.
 
 ``{"pixels" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": {}}``: the same keys
-and semantics as ``bmc_fast.data.loader.make_loader``. Bad samples were dropped by the index scan
-(``bmc_fast.data.index``); their counts are in the shards' ``.scan.json`` (``index_skips``).
+and semantics as ``bmc_fast.data.pil_loader.make_loader``. Bad samples were dropped by the index scan
+(``bmc_fast.data.index``); their counts are in the shards' ``.scan.json`` (``index.index_skips``).
 
 Train: random shuffle, an endless stream of full batches (``LastBatchPolicy.FILL`` continues into the
 next epoch, so nothing is dropped). Eval / ``epochs``: every sample of the rank's part exactly once
@@ -10,33 +10,15 @@ per epoch (``pad_last_batch`` + ``LastBatchPolicy.PARTIAL``), the last batch par
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+from bmc_fast.data.index import index_path, read_index
+from bmc_fast.data.text_tokenizer import tokenize_captions
 
-from bmc_fast.config import ConfigError
-from bmc_fast.data.index import index_path, read_index, scan_path
-from bmc_fast.data.samples import SKIP_KINDS
 from .pipeline import READER_NAME, build_pipeline
 
 _logger = logging.getLogger(__name__)
-
-
-def dali_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-
-
-def index_skips(shards: list[str]) -> dict[str, int]:
-    """Skip counts by kind that the index scan recorded for ``shards``."""
-    total = Counter()
-    for shard in shards:  # every DALI shard has its scan: read_index refuses one without
-        total.update(json.loads(scan_path(shard).read_text())["skipped"])
-    return {kind: total[kind] for kind in SKIP_KINDS if total[kind]}
 
 
 class DaliLoader:
@@ -98,7 +80,5 @@ class DaliLoader:
         lengths = out["caption_len"].reshape(-1).tolist()
         raw = out["caption"].cpu().numpy()
         captions = [bytes(raw[i, :n]).decode("utf-8").strip() for i, n in enumerate(lengths)]
-        tokens = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.context_length,
-                                return_tensors="pt")
-        return {"pixels": out["pixels"], "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+        return {"pixels": out["pixels"], **tokenize_captions(self.tokenizer, captions, self.context_length),
                 "skipped": {}}

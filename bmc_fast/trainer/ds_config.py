@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bmc_fast.config import ConfigError
+from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Zero-shot image-text retrieval, as BMC-LongCLIP reports it.
 
-    python -m bmc_fast.eval_retrieval --checkpoint RUN_DIR --data 'DIR/shard-{000000..000001}.tar'
+    python -m bmc_fast.eval.retrieval --checkpoint RUN_DIR --data 'DIR/shard-{000000..000001}.tar'
 
 Recall@k: cosine similarity of L2-normalised embeddings; each text query has exactly one matching
 image (its pair) and vice versa. A query scores a hit at k when fewer than k *other* candidates score
@@ -9,8 +9,6 @@ equal) scores 0, not 100. With fewer than k candidates every query is a hit.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -18,6 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.data.select_loader import LOADERS
+from bmc_fast.errors import ConfigError
+from bmc_fast.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
 
@@ -65,40 +68,10 @@ def extract_features(model, loader, device: torch.device, dtype: torch.dtype = t
     return torch.cat(images), torch.cat(texts)
 
 
-def load_run(run_dir: str | Path, tag: str | None = None):
-    """(model in eval mode with fp32 weights, tokenizer, ModelConfig) from a training run directory."""
-    from bmc_fast.config import ConfigError, ModelConfig
-    from bmc_fast.data.text_tokenizer import load_tokenizer
-    from bmc_fast.model import BMCLongCLIP
-
-    run_dir = Path(run_dir)
-    config_path, checkpoints = run_dir / "config.json", run_dir / "checkpoints"
-    if not config_path.is_file() or not (checkpoints / "latest").is_file():
-        raise ConfigError(f"--checkpoint {str(run_dir)!r} is not a finished run directory (it needs config.json "
-                          "and checkpoints/latest, as bmc_fast/train.py writes them)")
-    model_cfg = ModelConfig.from_dict(json.loads(config_path.read_text())["model"], source=str(config_path))
-    tokenizer = load_tokenizer(run_dir / "tokenizer", flag="--checkpoint")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
-    if model_cfg.te_precision != "none":  # trained on TE layers: evaluate the same weights on torch layers
-        from bmc_fast.te_swap import torch_state_from_te
-
-        state = torch_state_from_te(state)
-        model_cfg = dataclasses.replace(model_cfg, te_precision="none")
-    model = BMCLongCLIP(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)  # lists persistent keys only
-    if missing or unexpected:
-        raise ConfigError(f"checkpoint in {str(checkpoints)!r} does not fit the run's model config: "
-                          f"missing {missing}, unexpected {unexpected}")
-    return model.eval(), tokenizer, model_cfg
-
-
 def evaluate_shards(model, tokenizer, model_cfg, data: str, batch_size: int = 64, workers: int = 1,
                     flag: str = "--data", loader: str = "auto") -> dict:
     """Retrieval metrics of ``model`` on every (good) pair of the shards named by ``data``."""
-    from bmc_fast.config import ConfigError
-    from bmc_fast.data.loaders import build_loader, resolve_loader
+    from bmc_fast.data.select_loader import build_loader, resolve_loader
     from bmc_fast.data.shards import count_samples, expand_shards
 
     urls = expand_shards(data, flag)
@@ -117,36 +90,34 @@ def format_table(rows: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str
     header = ["run", "N"] + [f"T2I R@{k}" for k in ks] + [f"I2T R@{k}" for k in ks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows.items():
-        cells = [name, str(m.get("n", ""))] + [f"{m[f't2i_r{k}']:.1f}" for k in ks] + [f"{m[f'i2t_r{k}']:.1f}" for k in ks]
+        cells = ([name, str(m.get("n", ""))] + [f"{m[f't2i_r{k}']:.1f}" for k in ks]
+                 + [f"{m[f'i2t_r{k}']:.1f}" for k in ks])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run.")
+    from bmc_fast.eval.checkpoint import load_run
+
+    parser = ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run.")
     parser.add_argument("--checkpoint", required=True, help="run directory written by bmc_fast/train.py")
     parser.add_argument("--data", required=True, help="WebDataset shards, e.g. 'DIR/shard-{000000..000001}.tar'")
     parser.add_argument("--json", default=None, help="output JSON (default RUN_DIR/eval.json)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="loader processes (pil) or threads (dali)")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"),
+    parser.add_argument("--loader", default="auto", choices=LOADERS,
                         help="image decoding: DALI (auto, when installed) or webdataset + PIL, as in training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag)
     metrics = evaluate_shards(model, tokenizer, model_cfg, args.data, args.batch_size, args.workers,
                               loader=args.loader)
-    out = Path(args.json) if args.json else Path(args.checkpoint) / "eval.json"
+    out = Path(args.json) if args.json else RunDir(args.checkpoint).eval
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **metrics}, indent=2))
     sys.stdout.write(format_table({Path(args.checkpoint).name: metrics}) + f"\n\nwrote {out}\n")
     return metrics
 
 
 if __name__ == "__main__":
-    from bmc_fast.config import ConfigError
-
-    try:
-        main()
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    run_main(main)

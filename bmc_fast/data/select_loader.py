@@ -1,32 +1,31 @@
-"""Pick and build a loader: ``dali`` (``bmc_fast.dali_pipelines``) or ``pil`` (``bmc_fast.data.loader``).
+"""Pick and build a loader: ``dali`` (``bmc_fast.dali_pipelines``) or ``pil`` (``bmc_fast.data.pil_loader``).
 
 Both yield the same batch dicts. ``auto`` is DALI when it is installed. DALI reads indexed shards:
 ``resolve_loader`` scans (once, under a file lock, so concurrent ranks wait for one writer) every
-shard that has no index yet.
+shard that has no index yet. Either loader's module is imported only when it is built.
 """
 from __future__ import annotations
 
 import logging
 
-from bmc_fast.config import ConfigError
 from bmc_fast.data.shards import REMOTE_PREFIXES
+from bmc_fast.errors import ConfigError
+from bmc_fast.optional import dali_installed
 
 _logger = logging.getLogger(__name__)
 
-LOADERS = ("auto", "dali", "pil")
+LOADERS = ("auto", "dali", "pil")  # the legal values of --loader
 
 
 def resolve_loader(kind: str, urls: list[str], flag: str = "--loader") -> str:
     """``auto`` -> ``dali`` or ``pil``; for ``dali``, index every shard that lacks an index. Logged."""
-    from bmc_fast.dali_pipelines import dali_available
-
     if kind not in LOADERS:
         raise ConfigError(f"{flag} must be one of {LOADERS}, got {kind!r}")
-    if kind == "dali" and not dali_available():
+    if kind == "dali" and not dali_installed():
         raise ConfigError(f"{flag} dali needs NVIDIA DALI: pip install nvidia-dali-cuda130, or pass {flag} pil")
     resolved, why = kind, "as requested"
     if kind == "auto":
-        resolved, why = ("dali", "DALI is installed") if dali_available() else ("pil", "DALI is not installed")
+        resolved, why = ("dali", "DALI is installed") if dali_installed() else ("pil", "DALI is not installed")
     if resolved == "dali":
         remote = [url for url in urls if url.startswith(REMOTE_PREFIXES)]
         if remote and kind == "dali":
@@ -60,9 +59,9 @@ def build_loader(urls: list[str], *, kind: str, tokenizer, train: bool, context_
     common = dict(context_length=context_length, image_size=image_size, batch_size=batch_size, train=train,
                   rank=rank, world_size=world_size, seed=seed)
     if kind == "dali":
-        from bmc_fast.dali_pipelines import DaliLoader
+        from bmc_fast.dali_pipelines.dali_loader import DaliLoader
 
         return DaliLoader(urls, tokenizer, device_id=device_id, num_threads=max(workers, 1), half=half, **common)
-    from bmc_fast.data.loader import make_loader
+    from bmc_fast.data.pil_loader import make_loader
 
     return make_loader(urls, tokenizer, workers=workers, **common)

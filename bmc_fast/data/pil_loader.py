@@ -15,34 +15,21 @@ import itertools
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bmc_fast.config import ConfigError
-from bmc_fast.data.samples import SampleError, check_names, check_sample, to_rgb
-from bmc_fast.data.shards import group_samples
+from bmc_fast.data.samples import SampleError, check_sample
+from bmc_fast.data.tar_samples import wds_tar_samples
+from bmc_fast.data.text_tokenizer import tokenize_captions
+from bmc_fast.data.transforms import image_transform
+from bmc_fast.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
 
 ALL_BAD_LIMIT = 10_000  # skips in a row before any good sample after which a worker gives up (backstop)
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def image_transform(image_size: int, train: bool) -> Callable:
-    """open_clip's transform: RGB, RandomResizedCrop(scale 0.9-1) or resize + centre crop, CLIP normalise."""
-    from torchvision import transforms as T
-
-    if train:
-        resize = [T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
-    else:
-        resize = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
-    return T.Compose([to_rgb, *resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-
 
 @dataclass
 class Collate:
@@ -53,12 +40,10 @@ class Collate:
 
     def __call__(self, samples: list[tuple[torch.Tensor, str]], skipped: dict[str, int] | None = None) -> dict:
         images, captions = zip(*samples)
-        tokens = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.context_length,
-                                return_tensors="pt")
         return {
             "pixels": torch.stack(images),  # (B, 3, H, W) float32
-            "input_ids": tokens["input_ids"],  # (B, L <= context_length) int64
-            "attention_mask": tokens["attention_mask"],  # (B, L) 1 = real token
+            # input_ids (B, L <= context_length) int64, attention_mask (B, L) 1 = real token
+            **tokenize_captions(self.tokenizer, captions, self.context_length),
             "skipped": dict(skipped or {}),  # {skip kind: samples skipped since this worker's previous batch}
         }
 
@@ -98,10 +83,8 @@ class GuardedSamples:
 
     def __call__(self, samples):
         for sample in samples:
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
             try:
-                check_names([sample.get("__key__", ""), *members], repeated=bool(sample.get("__duplicate__")))
-                image, caption = check_sample(members)
+                image, caption = check_sample(sample)
             except SampleError as error:
                 self.skipped[error.kind] += 1
                 _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
@@ -128,9 +111,9 @@ class GuardedSamples:
             shards = sorted({str(url) for url, _ in self.bad_before_first})
             what = (f"all {self.first_pass.samples} sample(s) of a full pass" if whole_pass
                     else f"{ALL_BAD_LIMIT} samples in a row")
-            raise ConfigError(f"{what} over {len(shards)} shard(s) {shards[:5]} were skipped, none good (skipped so "
-                              f"far {dict(self.skipped)}): these shards hold no usable sample; python -m "
-                              "bmc_fast.data.index SHARDS --report REPORT.json shows why")
+            raise DataError(f"{what} over {len(shards)} shard(s) {shards[:5]} were skipped, none good (skipped so "
+                            f"far {dict(self.skipped)}): these shards hold no usable sample; python -m "
+                            "bmc_fast.data.index SHARDS --report REPORT.json shows why")
 
 
 @dataclass
@@ -168,15 +151,9 @@ class BatchWithSkips:
         return taken
 
 
-def _tar_samples(shards):
-    """Shard dicts -> samples, as ``wds.tarfile_to_samples`` but a repeated member skips one sample (not the run)."""
-    from webdataset.tariterators import tar_file_expander, url_opener
-
-    return group_samples(tar_file_expander(url_opener(shards)))
-
-
 class EpochShardList(IterableDataset):
-    """Yields ``{"url": shard, "epoch": n}`` for this rank and worker; reshuffled each epoch, forever if ``epochs`` is None."""
+    """Yields ``{"url": shard, "epoch": n}`` for this rank and worker; reshuffled each epoch, forever if
+    ``epochs`` is None."""
 
     def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
                  shuffle: bool = True):
@@ -213,7 +190,8 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
     shards = (EpochShardList(urls, rank, world_size, seed, epochs=epochs) if train
               else EpochShardList(urls, epochs=1, shuffle=False))
     first_pass = FirstPass() if train and epochs is None else None  # only an endless stream can hang
-    stages = [shards, first_pass.shards, _tar_samples, first_pass.count] if first_pass else [shards, _tar_samples]
+    stages = ([shards, first_pass.shards, wds_tar_samples, first_pass.count] if first_pass
+              else [shards, wds_tar_samples])
     if train:
         # Reproducible for a given seed; workers and ranks differ anyway because they read other shards.
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 1000 + rank))

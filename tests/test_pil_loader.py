@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bmc_fast.data.loader import CLIP_MEAN, CLIP_STD, EpochShardList, image_transform, make_loader
+from bmc_fast.data.pil_loader import EpochShardList, make_loader
 from bmc_fast.data.shards import expand_shards
+from bmc_fast.data.transforms import CLIP_MEAN, CLIP_STD, image_transform
 
 
 def _urls_seen(dataset, workers):
@@ -112,8 +113,8 @@ def test_token_waste_leaves_out_remote_shards_with_a_log_line(small_data, caplog
     """The trainer's start-up statistic must not stop a run that streams some shards (pipe:, http)."""
     import logging
 
-    from bmc_fast.config import ConfigError
     from bmc_fast.data.token_stats import shard_waste
+    from bmc_fast.errors import ConfigError
 
     local = expand_shards(small_data["eval"], "--eval-data")
     remote = ["pipe:curl -s https://example.org/shard-000000.tar", "https://example.org/shard-000001.tar"]

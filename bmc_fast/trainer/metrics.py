@@ -5,7 +5,8 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
+
+from bmc_fast.run_dir import RunDir
 
 LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
@@ -21,15 +22,15 @@ def setup_logging(rank: int, verbose_all_ranks: bool = False) -> None:
 class MetricsWriter:
     """Appends ``{"step": s, "time": t, **scalars}`` to ``metrics.jsonl`` and TensorBoard; no-op off rank 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run: RunDir, enabled: bool):
         self.enabled = enabled
         self._tb = None
         self._file = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._file = open(run_dir / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._file = open(run.metrics, "a")
+            self._tb = SummaryWriter(str(run.tensorboard))
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:

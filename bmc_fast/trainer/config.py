@@ -1,0 +1,70 @@
+"""``TrainConfig``: every training flag once, with its type, default, help and legal values.
+
+``bmc_fast/train.py`` derives its command line from these fields (``bmc_fast.cli.add_config_arguments``);
+``__post_init__`` validates a config however it was built, naming the flag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bmc_fast.cli import check_choice, option
+from bmc_fast.data.select_loader import LOADERS
+from bmc_fast.errors import ConfigError
+from bmc_fast.kernels import BACKENDS as LOSS_BACKENDS
+from bmc_fast.model_config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISIONS
+
+
+@dataclass
+class TrainConfig:
+    ds_config: str = option("ds_configs/zero2.json", "DeepSpeed JSON: batch size, optimizer, LR schedule, precision, "
+                            "ZeRO stage", flags=("--ds_config", "--ds-config"))
+    preset: str = option("tiny", "model preset name (bmc_fast/model_configs) or JSON path")
+    train_data: str | None = option(None, "WebDataset shards; omit (with --eval-data) for the embedded synthetic data")
+    eval_data: str | None = option(None, "WebDataset shards for retrieval evaluation (>= 2 pairs)")
+    tokenizer: str | None = option(None, "Hugging Face tokenizer directory (required with --train-data)")
+    context_length: int | None = option(None, "text tokens kept per caption (77, 154, 512); default: the preset's")
+    max_steps: int | None = option(None, "optimizer steps; default: the DeepSpeed scheduler's total_num_steps")
+    eval_every: int = option(100, "steps between retrieval evaluations, and always at the end (0: only at the end)")
+    save_every: int = option(500, "steps between DeepSpeed checkpoints, and always at the end (0: only at the end)")
+    log_every: int = option(10, "steps between metric lines")
+    output_dir: str | None = option(None, "run directory; default runs/<preset>-ctx<context>-seed<seed>")
+    overwrite: bool = option(False, "replace an existing run directory")
+    resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
+    seed: int = option(0, "model init and data order; also picks the embedded dataset")
+    workers: int = option(1, "data loader processes (pil) or DALI threads (dali) per rank")
+    loader: str = option("auto", "image decode + augmentation: DALI (GPU mixed / CPU) or webdataset + PIL; "
+                         "auto: dali when installed", choices=LOADERS)
+    loss_backend: str = option("auto", "fused contrastive loss kernels (auto: Triton on CUDA, torch on CPU)",
+                               choices=LOSS_BACKENDS)
+    image_weights: str | None = option(None, "open_clip (visual.*) or timm ViT checkpoint file for the image tower")
+    text_weights: str | None = option(None, "Hugging Face ModernBERT directory (config.json + safetensors)")
+    image_proj: str | None = option(None, "with --image-weights: keep the checkpoint's image projection or start a "
+                                    "fresh linear one; default: the preset's", choices=IMAGE_PROJECTIONS)
+    attn_backend: str | None = option(None, "attention kernels; default: the preset's", choices=ATTN_BACKENDS)
+    te_precision: str | None = option(None, "Transformer Engine layers (CUDA); default: the preset's",
+                                      choices=TE_PRECISIONS)
+    text_unpad: bool | None = option(None, "pad captions instead of packing their real tokens",
+                                     negate="--no-text-unpad")
+    grad_checkpointing: bool = option(False, "activation checkpointing in both towers")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "context_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("eval_every", "save_every", "workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),
+                              ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS)):
+            check_choice(self, name, allowed)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass one")
+        if self.train_data is None and self.eval_data is not None:
+            raise ConfigError("--eval-data was given without --train-data: pass both, or neither for the "
+                              "embedded synthetic data")
+        if self.train_data is not None and self.tokenizer is None:
+            raise ConfigError("--train-data needs --tokenizer DIR (a Hugging Face tokenizer directory, e.g. "
+                              "../shared/data/tokenizers/modernbert)")

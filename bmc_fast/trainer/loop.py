@@ -1,0 +1,226 @@
+"""The training loop: ``run`` builds the model, the DeepSpeed engine and the loaders of a ``Prepared``
+run, then trains ``max_steps`` optimizer steps, logging every ``log_every``, evaluating retrieval every
+``eval_every`` and saving DeepSpeed checkpoints every ``save_every`` steps (each also at the end). Rank 0
+writes the run directory (``bmc_fast.run_dir.RunDir``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bmc_fast.run_dir import checkpoint_tag
+from bmc_fast.trainer.distributed import configure_device, release_shm_buffer
+from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
+from bmc_fast.trainer.prepare import Prepared
+from bmc_fast.trainer.run_data import log_token_waste, make_loaders, total_skips
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """What the loop carries from step to step."""
+
+    p: Prepared
+    engine: Any  # deepspeed.DeepSpeedEngine around BMCLongCLIP
+    device: torch.device
+    dtype: torch.dtype  # the engine's compute dtype (fp32, bf16, fp16)
+    first_step: int
+    loss_fn: torch.nn.Module
+    batches: Iterator[dict]  # the endless training stream
+    eval_loader: Any  # None without --eval-data
+    writer: MetricsWriter
+    window: ThroughputWindow
+    progress: Any  # tqdm bar (rank 0)
+    started: float = field(default_factory=time.perf_counter)
+    skipped: Counter = field(default_factory=Counter)  # this rank's skipped samples by kind (PIL loader)
+    last_train: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    n_eval: int = 0  # pairs in the last evaluation
+
+
+def run(p: Prepared) -> dict[str, Any]:
+    """Train; returns the summary (also written to ``summary.json`` on rank 0)."""
+    s = start(p)
+    cfg = p.cfg
+    for step in range(s.first_step, p.max_steps + 1):
+        lr, scale = train_step(s)
+        if due(step, cfg.log_every, p.max_steps):
+            log_step(s, step, lr, scale)
+        if s.eval_loader is not None and due(step, cfg.eval_every, p.max_steps):
+            evaluate(s, step)
+        if due(step, cfg.save_every, p.max_steps):
+            s.engine.save_checkpoint(str(p.run.checkpoints), tag=checkpoint_tag(step), client_state={"step": step})
+    return finish(s)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action runs after ``step``: every ``every`` steps (0: never) and after the last."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def start(p: Prepared) -> Session:
+    """Distributed set-up, run directory, model and engine (resumed if asked), loss, loaders, metrics."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from tqdm import tqdm
+
+    from bmc_fast.flops import peak_flops, train_step_flops
+    from bmc_fast.kernels import FusedClipLoss
+
+    cfg, env = p.cfg, p.env
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    device = configure_device(accelerator, env)
+    write_run_dir(p)
+    engine, first_step, n_params = build_engine(p)
+    # A resumed run must not replay the batches and augmentations of steps 1, 2, ...: its loaders and
+    # RNG start from a seed that moves with the step (the exact stream position is not restored).
+    data_seed = cfg.seed + first_step - 1
+    torch.manual_seed(data_seed)
+    if cfg.resume:
+        _logger.info("resumed run: data reshuffled with seed %d (--seed %d + %d steps done)", data_seed, cfg.seed,
+                     first_step - 1)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    _log_set_up(p, engine, n_params, device, dtype, accelerator.communication_backend_name())
+    # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
+    loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size,
+                            backend=cfg.loss_backend)
+    if env.rank == 0:
+        log_token_waste(p)
+    train_loader, eval_loader = make_loaders(p, device, half=dtype == torch.float16, seed=data_seed)
+    writer = MetricsWriter(p.run, enabled=env.rank == 0)
+    window = ThroughputWindow(device, p.plan.global_batch, flops_fn=partial(train_step_flops, p.model_cfg),
+                              peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
+                              else None)
+    progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
+                    dynamic_ncols=True)
+    return Session(p, engine, device, dtype, first_step, loss_fn, iter(train_loader), eval_loader, writer, window,
+                   progress)
+
+
+def build_engine(p: Prepared) -> tuple[Any, int, int]:
+    """(DeepSpeed engine of a freshly seeded model, first step, parameter count); with ``--resume``, the
+    engine is loaded from ``latest``."""
+    import deepspeed
+
+    from bmc_fast.model import BMCLongCLIP, param_groups
+
+    torch.manual_seed(p.cfg.seed)
+    model = BMCLongCLIP(p.model_cfg, image_weights=p.cfg.image_weights, text_weights=p.cfg.text_weights)
+    n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=p.ds_config)
+    if not p.cfg.resume:
+        return engine, 1, n_params
+    load_path, client_state = engine.load_checkpoint(str(p.run.checkpoints))  # the `latest` tag
+    _logger.info("resumed from %s at step %d", Path(load_path).parent.name, client_state["step"])
+    return engine, client_state["step"] + 1, n_params
+
+
+def train_step(s: Session) -> tuple[float, torch.Tensor]:
+    """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale)."""
+    plan = s.p.plan
+    lr = s.engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
+    for _ in range(plan.accumulation):
+        batch = next(s.batches)
+        s.skipped.update(batch["skipped"])
+        image, text, scale = s.engine(batch["pixels"].to(s.device, s.dtype), batch["input_ids"].to(s.device),
+                                      batch["attention_mask"].to(s.device))
+        loss = s.loss_fn(image, text, scale)
+        s.engine.backward(loss)
+        s.engine.step()
+        s.window.add_micro_batch(loss, batch["attention_mask"])
+    s.window.end_step()
+    s.progress.update(1)
+    return lr, scale
+
+
+def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
+    """Loss and throughput since the last log line (one all-reduce), to metrics.jsonl, TensorBoard, the bar."""
+    s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item()}
+    if s.p.cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
+        s.last_train["skipped_samples"] = sum(s.skipped.values())  # this rank's, read so far
+    s.writer.write(step, s.last_train)
+    s.progress.set_postfix(loss=f"{s.last_train['loss']:.3f}", scale=f"{s.last_train['logit_scale']:.1f}")
+
+
+def evaluate(s: Session, step: int) -> None:
+    """Retrieval Recall@k on the eval shards; kept out of the throughput."""
+    from bmc_fast.eval.retrieval import extract_features, retrieval_recall
+
+    image, text = extract_features(s.engine.module, s.eval_loader, s.device, s.dtype)
+    s.last_eval, s.n_eval = retrieval_recall(image, text), image.shape[0]
+    s.writer.write(step, s.last_eval, prefix="eval")
+    _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.last_eval["t2i_r1"],
+                 s.last_eval["i2t_r1"], s.n_eval)
+    s.window.restart_clock()
+
+
+def finish(s: Session) -> dict[str, Any]:
+    """Close the outputs, sum the skips over ranks, write ``summary.json`` (rank 0); all ranks wait."""
+    p, env = s.p, s.p.env
+    s.progress.close()
+    s.writer.close()
+    skips = total_skips(s.skipped, p.cfg.loader, p.train_urls, s.device)
+    summary = {"steps": p.max_steps, "seconds": time.perf_counter() - s.started, "train": s.last_train,
+               "eval": s.last_eval, "n_eval": s.n_eval, "world_size": env.world_size, "loader": p.cfg.loader,
+               "skipped": skips}
+    if env.rank == 0:
+        _logger.info("skipped samples (%s loader, all ranks): %s", p.cfg.loader, skips or "none")
+        p.run.summary.write_text(json.dumps(summary, indent=2))
+        _logger.info("done: %s", p.run.path)
+    torch.distributed.barrier()
+    if s.device.type == "cpu":
+        release_shm_buffer(env)
+    return summary
+
+
+def write_run_dir(p: Prepared) -> None:
+    """Rank 0 (re)creates the run directory and writes config.json and the tokenizer; all ranks wait."""
+    if p.env.rank == 0:
+        if p.cfg.overwrite and p.run.path.exists():
+            shutil.rmtree(p.run.path)
+        p.run.path.mkdir(parents=True, exist_ok=True)
+        p.tokenizer.save_pretrained(str(p.run.tokenizer))
+        # the original stays; each resume records its own resolved config beside it
+        path = p.run.next_resume_config() if p.cfg.resume else p.run.config
+        path.write_text(json.dumps(resolved_config(p), indent=2))
+    torch.distributed.barrier()
+
+
+def resolved_config(p: Prepared) -> dict[str, Any]:
+    """What ``config.json`` holds: the train, model and DeepSpeed configs as resolved, the batch, versions."""
+    import deepspeed
+    import transformers
+
+    return {
+        "train": dataclasses.asdict(p.cfg),
+        "model": p.model_cfg.to_dict(),
+        "deepspeed": p.ds_config,
+        "batch": dataclasses.asdict(p.plan),
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+def _log_set_up(p: Prepared, engine, n_params: int, device: torch.device, dtype: torch.dtype, backend: str) -> None:
+    cfg, env, plan = p.cfg, p.env, p.plan
+    _logger.info("model %s: %.2fM parameters; ZeRO stage %d, %s, %d rank(s) on %s over %s; batch %d = %d micro × %d "
+                 "accum × %d ranks; %d steps", cfg.preset, n_params / 1e6, engine.zero_optimization_stage(), dtype,
+                 env.world_size, device, backend, plan.global_batch, plan.micro_batch, plan.accumulation,
+                 env.world_size, p.max_steps)
+    if plan.accumulation > 1:
+        _logger.warning("gradient accumulation %d: each loss contrasts %d pairs (micro batch %d × %d ranks), not "
+                        "the global batch of %d", plan.accumulation, plan.micro_batch * env.world_size,
+                        plan.micro_batch, env.world_size, plan.global_batch)

@@ -1,0 +1,115 @@
+"""Check every input of a run before anything is built: flags, shards, tokenizer, the DeepSpeed JSON
+against the world size, the run directory. The first problem raises ``ConfigError`` naming the flag."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bmc_fast.data.select_loader import resolve_loader
+from bmc_fast.data.shards import count_samples, expand_shards
+from bmc_fast.errors import ConfigError
+from bmc_fast.model_config import ModelConfig, load_model_config
+from bmc_fast.optional import transformer_engine_installed, triton_installed
+from bmc_fast.run_dir import RunDir
+from bmc_fast.trainer.config import TrainConfig
+from bmc_fast.trainer.distributed import DistEnv
+from bmc_fast.trainer.ds_config import BatchPlan, batch_plan, load_ds_config, with_total_steps
+from bmc_fast.trainer.resume import check_resumable
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything ``prepare`` checked and resolved; nothing here has touched a model yet."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    run: RunDir
+    ds_config: dict[str, Any]
+    plan: BatchPlan
+    max_steps: int
+    train_urls: list[str]
+    eval_urls: list[str]
+    tokenizer: Any
+    model_cfg: ModelConfig
+
+
+def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
+    """Check every input and resolve defaults; raises ``ConfigError`` naming the flag at the first problem."""
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+
+    ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
+    plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
+    _check_weights(cfg)
+    checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
+    model_cfg = load_model_config(  # validates the preset and the overrides early
+        cfg.preset, context_length=cfg.context_length, text_unpad=cfg.text_unpad, attn_backend=cfg.attn_backend,
+        te_precision=cfg.te_precision, image_proj=cfg.image_proj, vision=checkpointing, text=checkpointing)
+    _check_packages(cfg, model_cfg)
+
+    if cfg.train_data is None:
+        from bmc_fast.data.default_data import ensure_default_data
+
+        default = ensure_default_data(seed=cfg.seed)
+        cfg = dataclasses.replace(cfg, train_data=default.train, eval_data=default.eval,
+                                  tokenizer=cfg.tokenizer or default.tokenizer)
+        _logger.info("no --train-data: using the embedded synthetic dataset %s", Path(default.train).parent.parent)
+    train_urls = expand_shards(cfg.train_data, "--train-data")
+    eval_urls = _eval_shards(cfg.eval_data)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model_cfg = model_cfg.with_tokenizer(tokenizer)
+    cfg = dataclasses.replace(cfg, loader=resolve_loader(cfg.loader, train_urls + eval_urls))
+
+    run = RunDir(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
+    if cfg.resume:
+        check_resumable(run, model_cfg, ds_config, plan, max_steps)
+    else:
+        _check_new_run_dir(run, cfg.overwrite)
+    cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
+                              context_length=model_cfg.context_length)
+    return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, tokenizer, model_cfg)
+
+
+def _check_weights(cfg: TrainConfig) -> None:
+    if cfg.image_weights is not None and not Path(cfg.image_weights).is_file():
+        raise ConfigError(f"--image-weights {cfg.image_weights!r} is not a file: pass a local open_clip or timm "
+                          "checkpoint (.pt/.bin/.safetensors)")
+    if cfg.text_weights is not None and not (Path(cfg.text_weights) / "config.json").is_file():
+        raise ConfigError(f"--text-weights {cfg.text_weights!r} has no config.json: pass a directory written by "
+                          "save_pretrained")
+
+
+def _check_packages(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """A switch that names a GPU package stops here when the package is missing, not after the model is built."""
+    if cfg.loss_backend == "triton" and not triton_installed():
+        raise ConfigError("--loss-backend triton needs the triton package (pip install triton): pass "
+                          "--loss-backend auto or torch")
+    if model_cfg.te_precision != "none" and not transformer_engine_installed():
+        raise ConfigError(f"--te-precision {model_cfg.te_precision} needs NVIDIA Transformer Engine on a CUDA machine "
+                          "(pip install 'transformer-engine[pytorch]'): pass --te-precision none")
+
+
+def _eval_shards(pattern: str | None) -> list[str]:
+    """The evaluation shards; retrieval needs at least 2 pairs."""
+    if pattern is None:
+        return []
+    urls = expand_shards(pattern, "--eval-data")
+    n_eval = sum(count_samples(url, "--eval-data") for url in urls)
+    if n_eval < 2:
+        raise ConfigError(f"--eval-data {pattern!r} holds {n_eval} pair(s); retrieval needs at least 2: "
+                          "point it at a larger evaluation split")
+    return urls
+
+
+def _check_new_run_dir(run: RunDir, overwrite: bool) -> None:
+    """A new run never lands on another run (unless ``overwrite``) nor replaces a folder that holds no run."""
+    if run.is_run() and not overwrite:
+        raise ConfigError(f"--output-dir {str(run.path)!r} already holds a run: choose another directory, pass "
+                          "--resume to continue it or --overwrite to replace it")
+    if run.path.is_dir() and any(run.path.iterdir()) and not run.is_run():
+        raise ConfigError(f"--output-dir {str(run.path)!r} holds files but no run (no config.json), and "
+                          "--overwrite only replaces runs: choose a new or empty directory")

@@ -1,0 +1,52 @@
+"""A run's data: its loaders, the caption tokens its context throws away, and the samples it skipped."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+from bmc_fast.data.samples import SKIP_KINDS
+from bmc_fast.data.select_loader import build_loader
+from bmc_fast.data.shards import REMOTE_PREFIXES
+from bmc_fast.trainer.prepare import Prepared
+
+_logger = logging.getLogger(__name__)
+
+
+def make_loaders(p: Prepared, device: torch.device, half: bool, seed: int):
+    """(train loader, eval loader or None) of the kind ``--loader`` chose; eval batches reach every rank whole."""
+    cfg, env = p.cfg, p.env
+    common = dict(kind=cfg.loader, tokenizer=p.tokenizer, context_length=p.model_cfg.context_length,
+                  image_size=p.model_cfg.vision.image_size, batch_size=p.plan.micro_batch, workers=cfg.workers,
+                  device_id=None if device.type == "cpu" else env.local_rank, half=half)
+    train = build_loader(p.train_urls, train=True, rank=env.rank, world_size=env.world_size, seed=seed, **common)
+    evaluation = build_loader(p.eval_urls, train=False, **common) if p.eval_urls else None
+    return train, evaluation
+
+
+def log_token_waste(p: Prepared) -> None:
+    """Rank 0: how many caption tokens this run's context length throws away (first 2,000 captions)."""
+    from bmc_fast.data.token_stats import shard_waste
+
+    if all(url.startswith(REMOTE_PREFIXES) for url in p.train_urls):
+        _logger.info("caption tokens: not measured (remote shards; python -m bmc_fast.data.token_stats reads "
+                     "local copies)")
+        return
+    context = p.model_cfg.context_length
+    stats = shard_waste(p.train_urls, p.tokenizer, sorted({77, context}), max_texts=2000)  # local shards only
+    waste = ", ".join(f"{row['waste_pct']:.1f}% of tokens beyond {row['cutoff']} ({row['truncated_pct']:.1f}% of "
+                      "captions truncated)" for row in stats["cutoffs"])
+    _logger.info("caption tokens: mean %.1f, median %.0f over %d captions; %s", stats["mean"], stats["median"],
+                 stats["n_texts"], waste)
+
+
+def total_skips(skipped: Counter, loader: str, urls: list[str], device: torch.device) -> dict[str, int]:
+    """Samples skipped by kind, summed over ranks (PIL: counted while reading; DALI: by the index scan)."""
+    if loader == "dali":
+        from bmc_fast.data.index import index_skips
+
+        return index_skips(urls)
+    counts = torch.tensor([skipped[kind] for kind in SKIP_KINDS], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(counts)  # on the training device: NCCL takes no CPU tensors
+    return {kind: int(n) for kind, n in zip(SKIP_KINDS, counts.tolist()) if n}
