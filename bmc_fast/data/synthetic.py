@@ -15,7 +15,6 @@ and no finding; a 512-token tower sees everything.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -25,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -59,78 +61,9 @@ class Modality:
     display: tuple[str, ...]
 
 
-MODALITIES = (
-    Modality(
-        name="histopathology", figure_noun="photomicrograph of a haematoxylin and eosin stained section",
-        lesion_nouns=("focus", "nest", "aggregate"), background=(232, 190, 210), noise=18.0,
-        acquisition=(
-            "Tissue was fixed in {pct} percent neutral buffered formalin for {hours} hours, embedded in paraffin, "
-            "and sections of {um} micrometres were stained with haematoxylin and eosin on an automated stainer.",
-            "Formalin fixed paraffin embedded blocks were cut at {um} micrometres and stained with haematoxylin "
-            "and eosin according to the standard protocol of the {dept} department.",
-        ),
-        processing=(
-            "Whole slide images were digitised at {mag} times magnification on a {vendor} slide scanner and "
-            "regions of interest were selected by two board certified pathologists blinded to outcome.",
-            "Slides were scanned at {mag} times objective magnification and reviewed independently by two "
-            "pathologists, with disagreements resolved by consensus at a multiheaded microscope.",
-        ),
-        display=("Scale bar, {bar} micrometres.", "Original magnification {mag} times; scale bar {bar} micrometres."),
-    ),
-    Modality(
-        name="fluorescence", figure_noun="confocal fluorescence micrograph",
-        lesion_nouns=("cluster", "colony", "deposit"), background=(12, 12, 18), noise=10.0,
-        acquisition=(
-            "Cells were seeded at a density of {density} cells per well, fixed with {pct} percent paraformaldehyde "
-            "for {minutes} minutes, permeabilised and incubated overnight with primary antibodies at four degrees.",
-            "Cultures were fixed after {hours} hours of treatment, blocked in {pct} percent bovine serum albumin "
-            "and labelled with fluorophore conjugated secondary antibodies for {minutes} minutes.",
-        ),
-        processing=(
-            "Images were acquired on a {vendor} confocal microscope with a {mag} times oil immersion objective "
-            "using identical laser power and detector gain across all conditions.",
-            "Z stacks were collected with a {vendor} spinning disk system at {mag} times magnification and "
-            "maximum intensity projections were generated in Fiji with identical display settings.",
-        ),
-        display=("Scale bar, {bar} micrometres.", "Channels are pseudocoloured; scale bar {bar} micrometres."),
-    ),
-    Modality(
-        name="ct", figure_noun="axial contrast enhanced computed tomography image",
-        lesion_nouns=("nodule", "lesion", "opacity"), background=(70, 70, 70), noise=14.0,
-        acquisition=(
-            "Examinations were performed on a {vendor} {slices} slice scanner at {kv} kilovolt peak with a slice "
-            "thickness of {mm} millimetres after intravenous injection of {ml} millilitres of iodinated contrast.",
-            "Images were acquired in the portal venous phase, {seconds} seconds after injection of {ml} "
-            "millilitres of contrast medium, on a {vendor} scanner with {mm} millimetre reconstructions.",
-        ),
-        processing=(
-            "All studies were reviewed on a picture archiving and communication system workstation by two "
-            "radiologists with {years} and {years2} years of experience who were blinded to clinical data.",
-            "Reconstructions used an iterative algorithm with a soft tissue kernel, and measurements were "
-            "obtained independently by two readers with {years} and {years2} years of experience.",
-        ),
-        display=("Window level {level} and width {width} Hounsfield units.",
-                 "Displayed with a window width of {width} and level of {level} Hounsfield units."),
-    ),
-    Modality(
-        name="dermoscopy", figure_noun="polarised dermoscopic photograph",
-        lesion_nouns=("macule", "papule", "patch"), background=(215, 170, 135), noise=12.0,
-        acquisition=(
-            "Lesions were photographed with a {vendor} dermatoscope attached to a digital camera under polarised "
-            "light at {mag} times magnification after application of an immersion gel.",
-            "Dermoscopic images were captured at {mag} times magnification with a {vendor} handheld device by "
-            "trained nurses during routine visits at the {dept} clinic.",
-        ),
-        processing=(
-            "Images were colour calibrated against a reference card, cropped to the region of interest and "
-            "assessed by {n_readers} dermatologists blinded to the histopathological diagnosis.",
-            "All photographs were reviewed by {n_readers} dermatologists with at least {years} years of "
-            "experience, who recorded each feature on a standardised form.",
-        ),
-        display=("Image width corresponds to approximately {mm} millimetres.",
-                 "The ruler marks in the original image are {mm} millimetres apart."),
-    ),
-)
+# The four imaging modalities: figure nouns, lesion nouns, background and caption templates (data, not code).
+MODALITIES = tuple(Modality(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+                   for fields in json.loads((Path(__file__).with_name("synthetic_modalities.json")).read_text()))
 
 STUDY = (
     "Figure {fig}. Representative {figure_noun} from the {cohort_adj} cohort of a {design} study of {condition}.",
@@ -156,7 +89,8 @@ def _fill(template: str, rng: random.Random, **fixed: str) -> str:
     values = dict(
         fig=rng.randint(1, 9), pct=rng.choice((2, 4, 10)), hours=rng.randint(6, 72), um=rng.choice((3, 4, 5)),
         mag=rng.choice((10, 20, 40, 63)), vendor=rng.choice(VENDORS), bar=rng.choice((20, 50, 100, 200)),
-        density=rng.choice((5000, 10000, 20000)), minutes=rng.choice((10, 15, 30, 60)), slices=rng.choice((64, 128, 256)),
+        density=rng.choice((5000, 10000, 20000)), minutes=rng.choice((10, 15, 30, 60)),
+        slices=rng.choice((64, 128, 256)),
         kv=rng.choice((100, 120)), mm=rng.choice((1, 2, 3, 5)), ml=rng.choice((80, 100, 120)),
         seconds=rng.choice((60, 70, 80)), years=rng.randint(3, 12), years2=rng.randint(13, 30),
         level=rng.choice((40, 50, 60)), width=rng.choice((350, 400, 450)), n_readers=rng.choice(("two", "three")),
@@ -269,17 +203,19 @@ def brace_pattern(directory: Path, n_shards: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-samples", type=int, default=10_000)
-    parser.add_argument("--eval-samples", type=int, default=200)
-    parser.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD)
+    parser.add_argument("--train-samples", type=positive_int, default=10_000)
+    parser.add_argument("--eval-samples", type=positive_int, default=200, help="at least 2 (retrieval)")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=SAMPLES_PER_SHARD)
     args = parser.parse_args(argv)
+    if args.eval_samples < 2:
+        raise ConfigError(f"--eval-samples must be >= 2 (retrieval needs two pairs), got {args.eval_samples}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = generate(args.out, args.seed, args.train_samples, args.eval_samples, args.samples_per_shard)
     _logger.info("train: %s\neval:  %s", manifest["train"], manifest["eval"])
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
