@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-quick lint clean
 
 $(VENV)/.installed: setup.py requirements/cpu-pins.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,18 @@ $(TORCH_EXTENSIONS_DIR)/.built: $(VENV)/.installed
 venv: $(VENV)/.installed $(TORCH_EXTENSIONS_DIR)/.built
 
 demo: venv
-	$(PY) -m bmc_fast.demo --out runs/demo
+	$(PY) -m bmc_fast.trainer.demo --out runs/demo
 
-test: venv
-	$(VENV)/bin/pytest -q tests
+# The lint, then every test (the slow ones launch DeepSpeed or spawn processes).
+test: lint
+	$(VENV)/bin/pytest -q --durations=10
+
+# The inner loop: everything but the slow tests (a few minutes less).
+test-quick: venv
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info
