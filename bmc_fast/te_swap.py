@@ -29,6 +29,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from bmc_fast.model_config import TE_PRECISIONS
+
 _logger = logging.getLogger(__name__)
 
 _INSTALL = ("te_precision={precision!r} needs NVIDIA Transformer Engine on a CUDA machine: "
@@ -218,8 +220,9 @@ def swap_to_transformer_engine(model: nn.Module, precision: str, te: ModuleType 
 
     ``te``/``te_recipe`` default to ``transformer_engine.pytorch`` / ``transformer_engine.common.recipe``.
     """
-    if precision not in ("bf16", "fp8"):
-        raise ValueError(f"te_precision must be 'bf16' or 'fp8' here, got {precision!r}")
+    swapped = tuple(p for p in TE_PRECISIONS if p != "none")
+    if precision not in swapped:
+        raise ValueError(f"te_precision must be one of {swapped} here, got {precision!r}")
     if te is None:
         te = import_te(precision)
         from transformer_engine.common import recipe as te_recipe
