@@ -1,10 +1,10 @@
 """The one tar reader groups members into samples as webdataset 1.0 does (webdataset itself is the reference)."""
 import webdataset as wds
-from helpers import write_shard
 from webdataset.tariterators import base_plus_ext
 
 from bmc_fast.data.shards import count_samples
 from bmc_fast.data.tar_samples import member_key, read_tar_samples, wds_tar_samples
+from helpers import write_shard
 
 NAMES = ["a.jpg", "a.JPG", "k.tar.gz", "dir/k.seg.json", "figs.v1/k.txt", "figs.v1/README", "README", "._a.jpg",
          "dir/._a.jpg", "__meta__", "__key__.txt", "dir/__x__/y.txt", ".hidden", "a.", "x/y/z.Png"]
