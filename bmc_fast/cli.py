@@ -67,14 +67,14 @@ def positive_int(text: str) -> int:
 
 
 def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
-           flags: tuple[str, ...] = (), negate: str | None = None, cli: bool = True) -> Any:
+           flags: tuple[str, ...] = (), negate: str | None = None) -> Any:
     """A dataclass field that is also a command-line flag (see ``add_config_arguments``).
 
     ``flags``: the flag names (default ``--field-name``); ``choices``: the legal values, checked by the
     parser and by the config's own validation; ``negate``: for a ``bool | None`` field, the name of a flag
-    that sets it False (``--no-text-unpad``); ``cli=False`` keeps a field off the command line.
+    that sets it False (``--no-text-unpad``). A field declared without ``option`` has no flag.
     """
-    metadata = {"help": help, "choices": choices, "flags": flags, "negate": negate, "cli": cli}
+    metadata = {"help": help, "choices": choices, "flags": flags, "negate": negate}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -83,7 +83,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
-        if not meta.get("cli", False):
+        if "help" not in meta:  # not an option(...) field
             continue
         value_type = _scalar_type(hints[f.name], f.name)
         help_text = meta["help"] + (f" (default {f.default})" if f.default not in (None, False) else "")
