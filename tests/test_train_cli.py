@@ -165,6 +165,28 @@ def test_shipped_ds_configs_parse_in_deepspeed_and_follow_the_recipe(name):
     assert "enabled" in config["bf16"]
 
 
+# The paper's runs: recipe -> (GPUs it is written for, micro batch per GPU, contrastive accumulation).
+RECIPES = {"paper_16k_16gpu": (16, 1024, 1), "paper_16k_8gpu": (8, 2048, 1), "paper_16k_8gpu_accum2": (8, 1024, 2),
+           "paper_8k_8gpu": (8, 1024, 1), "paper_16k_4gpu_accum4": (4, 1024, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_paper_recipes_solve_for_their_world_size_only(name):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    gpus, micro, accumulation = RECIPES[name]
+    config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+    plan = batch_plan(config, world_size=gpus)
+    assert (plan.micro_batch, plan.accumulation) == (micro, accumulation)
+    assert plan.global_batch == micro * accumulation * gpus == (8192 if "8k" in name else 16384)
+    with pytest.raises(ConfigError, match=r"train_batch_size \d+ != micro|is not divisible"):
+        batch_plan(config, world_size=gpus * 2)  # the same JSON on twice the GPUs is refused, not re-solved
+    single = {k: v for k, v in config.items() if k not in ("train_micro_batch_size_per_gpu",
+                                                            "gradient_accumulation_steps")}
+    assert DeepSpeedConfig(single).zero_optimization_stage == 2  # DeepSpeed's own validation of the rest
+    assert config["optimizer"]["params"]["lr"] == 5e-4 and config["bf16"]["enabled"]
+
+
 def test_paper_recipe_batch_plan():
     config = json.loads((REPO / "ds_configs" / "paper_16k_zero2.json").read_text())
     assert config["optimizer"]["params"]["lr"] == 5e-4 and config["bf16"]["enabled"]

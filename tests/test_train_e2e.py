@@ -87,3 +87,31 @@ def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
 
     with pytest.raises(ConfigError, match="--checkpoint .* is not a finished run directory"):
         eval_retrieval.main(["--checkpoint", str(tmp_path), "--data", "x.tar"])
+
+
+def _per_step(run_dir, key):
+    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stage(small_data, tmp_path):
+    """2 ranks, 5 steps, PIL loader (the same samples in the same order for any micro batch): K = 2 micro
+    batches of 8 per rank give the losses and gradient norms of one micro batch of 16, on ZeRO 1, 2 and 3
+    (the norm, before clipping, would show DeepSpeed's 1/K scaling; the losses after the warm-up steps at
+    lr 0 show the updates)."""
+    steps = ["--max-steps", "5", "--loader", "pil", "--eval-every", "0", "--save-every", "0"]
+
+    def train(stage, accumulation):
+        ds_config = deepspeed_config(tmp_path, stage, steps=5, batch=32, accumulation=accumulation)
+        run_dir = tmp_path / f"run-zero{stage}-k{accumulation}"
+        proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 2, *steps), tmp_path)
+        return _per_step(run_dir, "train/loss"), _per_step(run_dir, "train/grad_norm"), proc.stdout + proc.stderr
+
+    big_losses, big_norms, _ = train(2, 1)
+    assert len(big_losses) == len(big_norms) == 5 and min(big_norms) > 0
+    for stage in (1, 2, 3):
+        losses, norms, log = train(stage, 2)
+        assert "contrastive accumulation 2: each loss contrasts all 32 pairs" in log
+        assert losses == pytest.approx(big_losses, rel=1e-5), (stage, losses, big_losses)
+        assert norms == pytest.approx(big_norms, rel=1e-4), (stage, norms, big_norms)
+    records = [json.loads(line) for line in (tmp_path / "run-zero3-k2" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["train/pairs_per_loss"] for r in records if "train/pairs_per_loss" in r} == {32}

@@ -13,6 +13,9 @@ from bmc_fast.errors import ConfigError
 from bmc_fast.kernels import BACKENDS as LOSS_BACKENDS
 from bmc_fast.model_config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISIONS
 
+# With gradient_accumulation_steps K > 1: one loss over all K micro batches (GradCache), or K losses.
+ACCUMULATIONS = ("contrastive", "independent")
+
 
 @dataclass
 class TrainConfig:
@@ -46,6 +49,9 @@ class TrainConfig:
     text_unpad: bool | None = option(None, "pad captions instead of packing their real tokens",
                                      negate="--no-text-unpad")
     grad_checkpointing: bool = option(False, "activation checkpointing in both towers")
+    accumulation: str = option("contrastive", "with gradient_accumulation_steps K > 1: 'contrastive' contrasts all K "
+                               "micro batches in one loss (one extra forward each), 'independent' is DeepSpeed's "
+                               "plain accumulation (K losses of micro batch x ranks pairs)", choices=ACCUMULATIONS)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "context_length"):
@@ -58,7 +64,8 @@ class TrainConfig:
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
         for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),
-                              ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS)):
+                              ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
+                              ("accumulation", ACCUMULATIONS)):
             check_choice(self, name, allowed)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one")

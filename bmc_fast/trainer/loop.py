@@ -49,6 +49,13 @@ class Session:
     last_eval: dict = field(default_factory=dict)
     n_eval: int = 0  # pairs in the last evaluation
 
+    @property
+    def pairs_per_loss(self) -> int:
+        """Pairs one loss contrasts: the global batch (contrastive accumulation) or micro batch × ranks."""
+        plan = self.p.plan
+        contrastive = plan.accumulation > 1 and self.p.cfg.accumulation == "contrastive"
+        return plan.global_batch if contrastive else plan.micro_batch * plan.world_size
+
 
 def run(p: Prepared) -> dict[str, Any]:
     """Train; returns the summary (also written to ``summary.json`` on rank 0)."""
@@ -129,26 +136,62 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
 
 
 def train_step(s: Session) -> tuple[float, torch.Tensor]:
-    """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale)."""
+    """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale).
+
+    With K > 1 micro batches and ``--accumulation contrastive`` one loss spans all K × micro × ranks pairs
+    (``bmc_fast.contrastive_accumulation``); otherwise each micro batch has its own loss (DeepSpeed's
+    accumulation, which scales each by 1/K)."""
     plan = s.p.plan
     lr = s.engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
-    for _ in range(plan.accumulation):
-        batch = next(s.batches)
-        s.skipped.update(batch["skipped"])
-        image, text, scale = s.engine(batch["pixels"].to(s.device, s.dtype), batch["input_ids"].to(s.device),
-                                      batch["attention_mask"].to(s.device))
-        loss = s.loss_fn(image, text, scale)
-        s.engine.backward(loss)
-        s.engine.step()
-        s.window.add_micro_batch(loss, batch["attention_mask"])
+    if plan.accumulation > 1 and s.p.cfg.accumulation == "contrastive":
+        scale = _contrastive_step(s)
+    else:
+        for _ in range(plan.accumulation):
+            batch = _next_batch(s)
+            image, text, scale = s.engine(*_model_inputs(s, batch))
+            loss = s.loss_fn(image, text, scale)
+            s.engine.backward(loss)
+            s.engine.step()
+            s.window.add_micro_batch(loss, batch["attention_mask"])
     s.window.end_step()
     s.progress.update(1)
     return lr, scale
 
 
+def _contrastive_step(s: Session) -> torch.Tensor:
+    """Contrastive accumulation of one step (its K micro batches held in memory); returns the logit scale."""
+    from bmc_fast.contrastive_accumulation import contrastive_accumulation_step
+
+    batches = [_next_batch(s) for _ in range(s.p.plan.accumulation)]
+
+    def backward(surrogate: torch.Tensor) -> None:
+        s.engine.backward(surrogate, scale_wrt_gas=False)  # the surrogates already sum to the step's gradient
+        s.engine.step()  # an optimizer step only at the K-th micro batch (DeepSpeed counts them)
+
+    loss, scale = contrastive_accumulation_step(lambda batch: s.engine(*_model_inputs(s, batch)), batches,
+                                                s.loss_fn, backward, s.device)
+    for k, batch in enumerate(batches):
+        s.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
+    return scale
+
+
+def _next_batch(s: Session) -> dict:
+    batch = next(s.batches)
+    s.skipped.update(batch["skipped"])
+    return batch
+
+
+def _model_inputs(s: Session, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels in the engine's dtype, input_ids, attention_mask) on this rank's device."""
+    return (batch["pixels"].to(s.device, s.dtype), batch["input_ids"].to(s.device),
+            batch["attention_mask"].to(s.device))
+
+
 def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
     """Loss and throughput since the last log line (one all-reduce), to metrics.jsonl, TensorBoard, the bar."""
-    s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item()}
+    s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item(), "pairs_per_loss": s.pairs_per_loss}
+    if (norm := s.engine.get_global_grad_norm()) is not None:  # the last step's, before clipping
+        s.last_train["grad_norm"] = float(norm)
     if s.p.cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
         s.last_train["skipped_samples"] = sum(s.skipped.values())  # this rank's, read so far
     s.writer.write(step, s.last_train)
@@ -220,7 +263,11 @@ def _log_set_up(p: Prepared, engine, n_params: int, device: torch.device, dtype:
                  "accum × %d ranks; %d steps", cfg.preset, n_params / 1e6, engine.zero_optimization_stage(), dtype,
                  env.world_size, device, backend, plan.global_batch, plan.micro_batch, plan.accumulation,
                  env.world_size, p.max_steps)
-    if plan.accumulation > 1:
-        _logger.warning("gradient accumulation %d: each loss contrasts %d pairs (micro batch %d × %d ranks), not "
-                        "the global batch of %d", plan.accumulation, plan.micro_batch * env.world_size,
-                        plan.micro_batch, env.world_size, plan.global_batch)
+    if plan.accumulation > 1 and cfg.accumulation == "contrastive":
+        _logger.info("contrastive accumulation %d: each loss contrasts all %d pairs of a step (%d micro batches × %d "
+                     "× %d ranks), one extra forward per micro batch", plan.accumulation, plan.global_batch,
+                     plan.accumulation, plan.micro_batch, env.world_size)
+    elif plan.accumulation > 1:
+        _logger.warning("gradient accumulation %d (--accumulation independent): each loss contrasts %d pairs (micro "
+                        "batch %d × %d ranks), not the global batch of %d", plan.accumulation,
+                        plan.micro_batch * env.world_size, plan.micro_batch, env.world_size, plan.global_batch)
