@@ -67,14 +67,15 @@ def positive_int(text: str) -> int:
 
 
 def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
-           flags: tuple[str, ...] = (), negate: str | None = None) -> Any:
+           flags: tuple[str, ...] = (), negate: str | None = None, const: Any = None) -> Any:
     """A dataclass field that is also a command-line flag (see ``add_config_arguments``).
 
     ``flags``: the flag names (default ``--field-name``); ``choices``: the legal values, checked by the
     parser and by the config's own validation; ``negate``: for a ``bool | None`` field, the name of a flag
-    that sets it False (``--no-text-unpad``). A field declared without ``option`` has no flag.
+    that sets it False (``--no-text-unpad``); ``const``: the value of the flag given without one
+    (``--resume`` = ``--resume latest``). A field declared without ``option`` has no flag.
     """
-    metadata = {"help": help, "choices": choices, "flags": flags, "negate": negate}
+    metadata = {"help": help, "choices": choices, "flags": flags, "negate": negate, "const": const}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -95,8 +96,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         if value_type is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=meta["help"])
         else:
+            optional_value = {"nargs": "?", "const": meta["const"]} if meta["const"] is not None else {}
             parser.add_argument(*flags, dest=f.name, type=value_type, default=f.default, choices=meta["choices"],
-                                help=help_text)
+                                help=help_text, **optional_value)
 
 
 def check_choice(obj: Any, name: str, allowed: tuple[str, ...], flag: str | None = None) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,31 @@ class RunDir:
     def latest_tag(self) -> str | None:
         """The tag ``checkpoints/latest`` names, or None before the first checkpoint."""
         return self.latest.read_text().strip() if self.latest.is_file() else None
+
+    def write_latest(self, tag: str) -> None:
+        """Point ``checkpoints/latest`` at ``tag`` atomically (a new file renamed over the old one): a kill
+        at any moment leaves it naming either the previous complete checkpoint or this one."""
+        tmp = self.latest.with_name("latest.tmp")
+        with open(tmp, "w") as sink:
+            sink.write(tag)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, self.latest)
+
+    def checkpoint_tags(self) -> list[str]:
+        """This trainer's checkpoint tags on disk, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        tags = [p.name for p in self.checkpoints.iterdir() if p.is_dir() and tag_step(p.name) is not None]
+        return sorted(tags, key=tag_step)
+
+    def prune_checkpoints(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` checkpoints, never the one ``latest`` names; returns the deleted."""
+        latest = self.latest_tag()
+        old = [tag for tag in self.checkpoint_tags()[:-keep] if tag != latest] if keep > 0 else []
+        for tag in old:
+            shutil.rmtree(self.checkpoints / tag)
+        return old
 
     def read_config(self) -> dict[str, Any]:
         """The run's original resolved config (``config.json``)."""

@@ -25,6 +25,8 @@ BAD_FLAGS = [
     (["-m", "bmc_fast.trainer.demo", "--seed", "one"], "--seed"),
     (["-m", "bmc_fast.trainer.demo", "--ranks", "0"], "--ranks"),
     (["-m", "bmc_fast.trainer.demo", "--ds_config", "/nowhere.json"], "--ds_config"),
+    (["bmc_fast/train.py", "--resume", "sometimes"], "--resume"),
+    (["benchmarks/bench_accumulation.py", "--micro", "0"], "--micro"),
     (["benchmarks/bench_context.py", "--seeds", "x"], "--seeds"),
     (["benchmarks/bench_data.py", "--batch", "0"], "--batch"),
     (["benchmarks/bench_loss.py", "--impls", "bogus"], "--impls"),

@@ -238,3 +238,44 @@ def test_missing_image_weights(small_data, tmp_path):
 def test_text_weights_without_config(small_data, tmp_path):
     with pytest.raises(ConfigError, match="--text-weights '.*' has no config.json"):
         train.main(_args(small_data, tmp_path) + ["--text-weights", str(tmp_path)])
+
+
+def test_resume_auto_starts_fresh_then_resumes_once_a_checkpoint_exists(small_data, tmp_path, monkeypatch):
+    """For schedulers that requeue the same command: no run -> a new one; a checkpoint -> resume it; a run
+    that died before its first checkpoint -> started again in place."""
+    monkeypatch.setattr(bmc_fast.trainer.loop, "run", lambda prepared: prepared)  # stop after every check
+    args = _args(small_data, tmp_path) + ["--resume", "auto"]
+    fresh = train.main(args)
+    assert fresh.cfg.resume is None and not fresh.cfg.overwrite
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": fresh.model_cfg.to_dict()}))
+    again = train.main(args)  # a run without a checkpoint
+    assert again.cfg.resume is None and again.cfg.overwrite
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step0000010")
+    resumed = train.main(args)
+    assert resumed.cfg.resume == "latest"
+    assert train.main(_args(small_data, tmp_path) + ["--resume"]).cfg.resume == "latest"  # bare --resume
+
+
+def test_latest_moves_atomically_and_pruning_keeps_it(tmp_path, monkeypatch):
+    from bmc_fast.run_dir import RunDir, checkpoint_tag
+
+    run = RunDir(tmp_path)
+    for step in (5, 10, 15, 20):
+        (run.checkpoints / checkpoint_tag(step)).mkdir(parents=True)
+    (run.checkpoints / "not-ours").mkdir()
+    run.write_latest(checkpoint_tag(10))
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed while moving latest")
+
+    monkeypatch.setattr("os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.write_latest(checkpoint_tag(20))
+    assert run.latest_tag() == "step0000010"  # the previous complete checkpoint, whole
+    monkeypatch.undo()
+    assert run.prune_checkpoints(2) == ["step0000005"]  # step 10 is older than the newest 2 but latest
+    assert run.checkpoint_tags() == ["step0000010", "step0000015", "step0000020"]
+    assert (run.checkpoints / "not-ours").is_dir() and run.prune_checkpoints(0) == []

@@ -15,6 +15,8 @@ from bmc_fast.model_config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISION
 
 # With gradient_accumulation_steps K > 1: one loss over all K micro batches (GradCache), or K losses.
 ACCUMULATIONS = ("contrastive", "independent")
+# --resume (latest): continue from checkpoints/latest; --resume auto: that when it exists, else a new run.
+RESUME_MODES = ("latest", "auto")
 
 
 @dataclass
@@ -30,9 +32,12 @@ class TrainConfig:
     eval_every: int = option(100, "steps between retrieval evaluations, and always at the end (0: only at the end)")
     save_every: int = option(500, "steps between DeepSpeed checkpoints, and always at the end (0: only at the end)")
     log_every: int = option(10, "steps between metric lines")
+    keep_checkpoints: int = option(0, "keep the newest N checkpoints, delete older ones (0: keep all)")
     output_dir: str | None = option(None, "run directory; default runs/<preset>-ctx<context>-seed<seed>")
     overwrite: bool = option(False, "replace an existing run directory")
-    resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
+    resume: str | None = option(None, "continue the run in --output-dir from checkpoints/latest; 'auto': resume when "
+                                "a checkpoint exists, else start a new run (for schedulers that requeue a command)",
+                                choices=RESUME_MODES, const="latest")
     seed: int = option(0, "model init and data order; also picks the embedded dataset")
     workers: int = option(1, "data loader processes (pil) or DALI threads (dali) per rank")
     loader: str = option("auto", "image decode + augmentation: DALI (GPU mixed / CPU) or webdataset + PIL; "
@@ -58,14 +63,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("eval_every", "save_every", "workers"):
+        for name in ("eval_every", "save_every", "workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
         for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),
                               ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
-                              ("accumulation", ACCUMULATIONS)):
+                              ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES)):
             check_choice(self, name, allowed)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one")

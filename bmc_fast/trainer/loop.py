@@ -68,7 +68,7 @@ def run(p: Prepared) -> dict[str, Any]:
         if s.eval_loader is not None and due(step, cfg.eval_every, p.max_steps):
             evaluate(s, step)
         if due(step, cfg.save_every, p.max_steps):
-            s.engine.save_checkpoint(str(p.run.checkpoints), tag=checkpoint_tag(step), client_state={"step": step})
+            save(s, step)
     return finish(s)
 
 
@@ -208,6 +208,19 @@ def evaluate(s: Session, step: int) -> None:
     _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.last_eval["t2i_r1"],
                  s.last_eval["i2t_r1"], s.n_eval)
     s.window.restart_clock()
+
+
+def save(s: Session, step: int) -> None:
+    """A DeepSpeed checkpoint of ``step``; ``latest`` moves to it only once every rank has written its part."""
+    p = s.p
+    tag = checkpoint_tag(step)
+    # DeepSpeed would write `latest` from rank 0 before the other ranks finish their shards: we do it after
+    s.engine.save_checkpoint(str(p.run.checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
+    if p.env.rank == 0:  # save_checkpoint ends with a barrier: every shard of `tag` is on disk
+        p.run.write_latest(tag)
+        if deleted := p.run.prune_checkpoints(p.cfg.keep_checkpoints):
+            _logger.info("--keep-checkpoints %d: deleted %s", p.cfg.keep_checkpoints, ", ".join(deleted))
+    torch.distributed.barrier()  # no rank goes on (or resumes) before `latest` names the new checkpoint
 
 
 def finish(s: Session) -> dict[str, Any]:

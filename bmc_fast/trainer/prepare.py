@@ -65,6 +65,8 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     cfg = dataclasses.replace(cfg, loader=resolve_loader(cfg.loader, train_urls + eval_urls))
 
     run = RunDir(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
+    if cfg.resume == "auto":
+        cfg = _resolve_auto_resume(cfg, run)
     if cfg.resume:
         check_resumable(run, model_cfg, ds_config, plan, max_steps)
     else:
@@ -72,6 +74,19 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, tokenizer, model_cfg)
+
+
+def _resolve_auto_resume(cfg: TrainConfig, run: RunDir) -> TrainConfig:
+    """``--resume auto``: resume from ``latest`` when the run has one; otherwise start a new run, replacing a
+    run that died before its first checkpoint (nothing of it could be resumed)."""
+    if run.latest_tag() is not None:
+        _logger.info("--resume auto: %s has checkpoint %s, resuming", run.path, run.latest_tag())
+        return dataclasses.replace(cfg, resume="latest")
+    if run.is_run():
+        _logger.warning("--resume auto: %s holds a run without a checkpoint; starting it again", run.path)
+        return dataclasses.replace(cfg, resume=None, overwrite=True)
+    _logger.info("--resume auto: no checkpoint in %s, starting a new run", run.path)
+    return dataclasses.replace(cfg, resume=None)
 
 
 def _check_weights(cfg: TrainConfig) -> None:
