@@ -3,8 +3,8 @@
 - ``ArgumentParser`` reports a bad flag in one line (``prog: error: argument --loader: invalid choice:
   ...``) and exits 2, without argparse's usage block.
 - ``run_main(main)`` runs a CLI's ``main`` under ``if __name__ == "__main__"``: a ``ConfigError`` (bad
-  input) becomes ``error: <message>`` and exit status 2, a ``DataError`` (bad data) the same with exit
-  status 1; neither prints a traceback.
+  input) becomes ``error: <message>`` and exit status 2, a ``DataError`` (bad data) or ``TrainingError``
+  (a diverged run) the same with exit status 1; none prints a traceback.
 - ``option(...)`` declares a typed config field with its CLI help and choices, and
   ``add_config_arguments`` turns such a dataclass into flags, so an option is written once: in its config.
 """
@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from bmc_fast.errors import ConfigError, DataError
+from bmc_fast.errors import ConfigError, DataError, TrainingError
 
 WORKER_TRACEBACK = "Original Traceback"  # torch re-raises a worker's exception with its traceback in the text
 
@@ -44,13 +44,13 @@ def one_line(error: Exception) -> str:
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Call ``main()``; bad input exits 2 and bad data exits 1, each with one line on stderr."""
+    """Call ``main()``; bad input exits 2, bad data or a diverged run exits 1, each with one line on stderr."""
     try:
         main()
     except ConfigError as error:
         sys.stderr.write(f"error: {one_line(error)}\n")
         sys.exit(2)
-    except DataError as error:
+    except (DataError, TrainingError) as error:
         sys.stderr.write(f"error: {one_line(error)}\n")
         sys.exit(1)
 

@@ -5,8 +5,9 @@ that is missing or malformed. Its message names the flag or field, what was expe
 and the fix; every CLI turns it into one line on stderr and exit status 2.
 
 ``DataError`` is a failure of the data itself found while a run reads it (e.g. a loader worker that
-meets no usable sample in a whole pass over its shards). The CLIs report it in one line too, with
-exit status 1: the flags were fine, the data were not.
+meets no usable sample in a whole pass over its shards). ``TrainingError`` is a run that cannot go on
+(its loss or weights became non-finite). The CLIs report either in one line too, with exit status 1:
+the flags were fine, the data or the optimisation were not.
 """
 
 
@@ -16,3 +17,7 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """The data a run reads cannot serve it (raised while reading, possibly in a loader worker)."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: its loss or weights became non-finite (nothing of it is saved after that)."""

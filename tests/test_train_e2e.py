@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bmc_fast.eval import retrieval as eval_retrieval
-from helpers import deepspeed_config, free_port, launch_deepspeed
+from helpers import REPO, deepspeed_config, free_port, launch_deepspeed
 
 pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
 
@@ -140,3 +140,35 @@ def test_the_same_command_twice_ends_with_bit_identical_weights(loader, small_da
     start = BMCLongCLIP(model_cfg).state_dict()
     moved = [key for key in start if not torch.equal(start[key], states[0][key])]
     assert len(moved) > 0.9 * len(start), "training changed (almost) no weight: the comparison would be empty"
+
+
+def test_a_diverging_run_stops_and_never_saves_non_finite_weights(small_data, tmp_path):
+    """lr 1e30 (ZeRO-2, fp32): the loss turns NaN within a few steps. The run stops with exit status 1 and one
+    message naming the step and the last good checkpoint; every checkpoint on disk holds finite weights."""
+    import subprocess
+    import sys
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    config_path = deepspeed_config(tmp_path, 2, steps=10, batch=32)
+    config = json.loads(config_path.read_text())
+    config["optimizer"]["params"]["lr"] = 1e30
+    config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 1e30, "warmup_max_lr": 1e30,
+                                                          "warmup_num_steps": 1}}
+    config_path.write_text(json.dumps(config))
+    run_dir = tmp_path / "run"
+    args = _train_args(small_data, config_path, run_dir, 1, "--loader", "pil", "--max-steps", "10",
+                       "--save-every", "1", "--eval-every", "0")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    (tmp_path / "launcher.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    message = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: training diverged")]
+    assert len(message) == 1 and "the last good checkpoint is checkpoints/step" in message[0], proc.stderr[-3000:]
+    assert not (run_dir / "summary.json").exists()  # a diverged run is never reported as finished
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert tags and (run_dir / "checkpoints" / "latest").read_text() == tags[-1]
+    assert f"checkpoints/{tags[-1]}" in message[0]
+    for tag in tags:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+        assert all(torch.isfinite(t).all() for t in state.values()), tag

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bmc_fast.errors import TrainingError
 from bmc_fast.run_dir import checkpoint_tag
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
@@ -48,6 +50,8 @@ class Session:
     last_train: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     n_eval: int = 0  # pairs in the last evaluation
+    last_loss: torch.Tensor | None = None  # the last step's (last) loss, on the device
+    last_saved: str | None = None  # tag of the last checkpoint this run wrote
 
     @property
     def pairs_per_loss(self) -> int:
@@ -113,8 +117,10 @@ def start(p: Prepared) -> Session:
                               else None)
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
-    return Session(p, engine, device, dtype, first_step, loss_fn, iter(train_loader), eval_loader, writer, window,
-                   progress)
+    session = Session(p, engine, device, dtype, first_step, loss_fn, iter(train_loader), eval_loader, writer, window,
+                      progress)
+    session.last_saved = p.run.latest_tag() if cfg.resume else None
+    return session
 
 
 def build_engine(p: Prepared) -> tuple[Any, int, int]:
@@ -149,7 +155,7 @@ def train_step(s: Session) -> tuple[float, torch.Tensor]:
         for _ in range(plan.accumulation):
             batch = _next_batch(s)
             image, text, scale = s.engine(*_model_inputs(s, batch))
-            loss = s.loss_fn(image, text, scale)
+            loss = s.last_loss = s.loss_fn(image, text, scale)
             s.engine.backward(loss)
             s.engine.step()
             s.window.add_micro_batch(loss, batch["attention_mask"])
@@ -172,6 +178,7 @@ def _contrastive_step(s: Session) -> torch.Tensor:
                                                 s.loss_fn, backward, s.device)
     for k, batch in enumerate(batches):
         s.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
+    s.last_loss = loss
     return scale
 
 
@@ -190,6 +197,8 @@ def _model_inputs(s: Session, batch: dict) -> tuple[torch.Tensor, torch.Tensor, 
 def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
     """Loss and throughput since the last log line (one all-reduce), to metrics.jsonl, TensorBoard, the bar."""
     s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item(), "pairs_per_loss": s.pairs_per_loss}
+    if not math.isfinite(s.last_train["loss"]):  # summed over ranks by the window's one all-reduce: all agree
+        _stop_diverged(s, step, f"the mean loss logged at step {step} is {s.last_train['loss']}")
     if (norm := s.engine.get_global_grad_norm()) is not None:  # the last step's, before clipping
         s.last_train["grad_norm"] = float(norm)
     if s.p.cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
@@ -211,8 +220,11 @@ def evaluate(s: Session, step: int) -> None:
 
 
 def save(s: Session, step: int) -> None:
-    """A DeepSpeed checkpoint of ``step``; ``latest`` moves to it only once every rank has written its part."""
+    """A DeepSpeed checkpoint of ``step``; ``latest`` moves to it only once every rank has written its part.
+    Never one of non-finite weights or after a non-finite loss (checked on every rank, one all-reduce)."""
     p = s.p
+    if not _finite(s):
+        _stop_diverged(s, step, "the last loss or a weight is non-finite")
     tag = checkpoint_tag(step)
     # DeepSpeed would write `latest` from rank 0 before the other ranks finish their shards: we do it after
     s.engine.save_checkpoint(str(p.run.checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
@@ -221,6 +233,27 @@ def save(s: Session, step: int) -> None:
         if deleted := p.run.prune_checkpoints(p.cfg.keep_checkpoints):
             _logger.info("--keep-checkpoints %d: deleted %s", p.cfg.keep_checkpoints, ", ".join(deleted))
     torch.distributed.barrier()  # no rank goes on (or resumes) before `latest` names the new checkpoint
+    s.last_saved = tag
+
+
+def _finite(s: Session) -> bool:
+    """Whether every rank's last loss and weights (its ZeRO-3 partition) are finite: one all-reduce."""
+    bad = torch.zeros((), device=s.device)
+    if s.last_loss is not None:
+        bad += (~torch.isfinite(s.last_loss.detach().float())).float()
+    for param in s.engine.module.parameters():
+        bad += (~torch.isfinite(getattr(param, "ds_tensor", param).detach())).any().float()
+    torch.distributed.all_reduce(bad)
+    return bad.item() == 0
+
+
+def _stop_diverged(s: Session, step: int, what: str) -> None:
+    """Stop the run (exit status 1 from the CLI): nothing is saved after a non-finite loss or weight."""
+    last = f"checkpoints/{s.last_saved}" if s.last_saved else "none (no checkpoint was written)"
+    s.progress.close()
+    s.writer.close()
+    raise TrainingError(f"training diverged at step {step}: {what}; nothing was saved after it, the last good "
+                        f"checkpoint is {last}; lower the learning rate or --resume from that checkpoint")
 
 
 def finish(s: Session) -> dict[str, Any]:
