@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench_loss import _status, machine
+from report import write_report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
 
@@ -115,21 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "machine": machine("cpu"), "rows": rows,
               "accumulated_peak_over_k1": [r["peak_extra_bytes"] / first["peak_extra_bytes"] for r in rows
                                            if r["mode"] == "accumulated"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "accumulation_cpu"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    lines = [f"Contrastive accumulation vs one big batch, micro batch {args.micro}, fp32 on "
-             f"{result['machine']['cores']} CPU cores (torch {result['machine']['torch']}).", "",
-             "| K | pairs per loss | peak extra MiB, accumulated / big | ratio | seconds, accumulated / big | loss, "
-             "accumulated / big |", "|---|---|---|---|---|---|"]
+    table = []
     for k in args.ks:
         acc, big = (next(r for r in rows if r["k"] == k and r["mode"] == m) for m in ("accumulated", "big"))
         mib = [r["peak_extra_bytes"] / 2 ** 20 for r in (acc, big)]
-        lines.append(f"| {k} | {acc['pairs']} | {mib[0]:.0f} / {mib[1]:.0f} | {mib[0] / mib[1]:.2f} | "
-                     f"{acc['seconds']:.1f} / {big['seconds']:.1f} | {acc['loss']:.4f} / {big['loss']:.4f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + "\n")
+        table.append([str(k), str(acc["pairs"]), f"{mib[0]:.0f} / {mib[1]:.0f}", f"{mib[0] / mib[1]:.2f}",
+                      f"{acc['seconds']:.1f} / {big['seconds']:.1f}", f"{acc['loss']:.4f} / {big['loss']:.4f}"])
+    write_report(RESULTS / "accumulation_cpu", result,
+                 f"Contrastive accumulation vs one big batch, micro batch {args.micro}, fp32 on "
+                 f"{result['machine']['cores']} CPU cores (torch {result['machine']['torch']}).",
+                 ["K", "pairs per loss", "peak extra MiB, accumulated / big", "ratio", "seconds, accumulated / big",
+                  "loss, accumulated / big"], table, plot=lambda path: plot(rows, path))
     return result
 
 

@@ -12,9 +12,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from report import write_report
 
 from bmc_fast.cli import ArgumentParser, run_main
 from bmc_fast.trainer import demo
@@ -81,18 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
         "ctx512_t2i_r1_mean": statistics.mean(r["ctx512"]["t2i_r1"] for r in per_seed.values()),
         "ctx77_t2i_r1_mean": statistics.mean(r["ctx77"]["t2i_r1"] for r in per_seed.values()),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    lines = [f"Context-length ablation ({result['what']}). Machine: {result['machine']['cores']} cores, "
-             f"{result['machine']['accelerator']}, torch {result['machine']['torch']}.", "",
-             "| seed | ctx77 T2I R@1 | ctx512 T2I R@1 | ctx77 I2T R@1 | ctx512 I2T R@1 | T2I ratio |",
-             "|---|---|---|---|---|---|"]
-    for (seed, r), ratio in zip(per_seed.items(), ratios):
-        lines.append(f"| {seed} | {r['ctx77']['t2i_r1']:.1f} | {r['ctx512']['t2i_r1']:.1f} | "
-                     f"{r['ctx77']['i2t_r1']:.1f} | {r['ctx512']['i2t_r1']:.1f} | {ratio:.1f}x |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    sys.stdout.write("\n".join(lines) + "\n")
+    table = [[str(seed), f"{r['ctx77']['t2i_r1']:.1f}", f"{r['ctx512']['t2i_r1']:.1f}", f"{r['ctx77']['i2t_r1']:.1f}",
+              f"{r['ctx512']['i2t_r1']:.1f}", f"{ratio:.1f}x"] for (seed, r), ratio in zip(per_seed.items(), ratios)]
+    write_report(out, result, f"Context-length ablation ({result['what']}). Machine: {result['machine']['cores']} "
+                 f"cores, {result['machine']['accelerator']}, torch {result['machine']['torch']}.",
+                 ["seed", "ctx77 T2I R@1", "ctx512 T2I R@1", "ctx77 I2T R@1", "ctx512 I2T R@1", "T2I ratio"], table,
+                 plot=lambda path: plot(result, path))
     return result
 
 
