@@ -166,6 +166,8 @@ def test_a_diverging_run_stops_and_never_saves_non_finite_weights(small_data, tm
     message = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: training diverged")]
     assert len(message) == 1 and "the last good checkpoint is checkpoints/step" in message[0], proc.stderr[-3000:]
     assert not (run_dir / "summary.json").exists()  # a diverged run is never reported as finished
+    port = args[args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # its shared memory is freed
     tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
     assert tags and (run_dir / "checkpoints" / "latest").read_text() == tags[-1]
     assert f"checkpoints/{tags[-1]}" in message[0]

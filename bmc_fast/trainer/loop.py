@@ -252,6 +252,9 @@ def _stop_diverged(s: Session, step: int, what: str) -> None:
     last = f"checkpoints/{s.last_saved}" if s.last_saved else "none (no checkpoint was written)"
     s.progress.close()
     s.writer.close()
+    torch.distributed.barrier()  # every rank stops at this step (their check was one all-reduce)
+    if s.device.type == "cpu":
+        release_shm_buffer(s.p.env)  # as finish() does: DeepSpeed would leave ~66 MiB a rank in /dev/shm
     raise TrainingError(f"training diverged at step {step}: {what}; nothing was saved after it, the last good "
                         f"checkpoint is {last}; lower the learning rate or --resume from that checkpoint")
 
