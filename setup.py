@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "transformers>=5.23",
     "tokenizers>=0.21",
     "webdataset>=0.2.86",
+    "torchdata>=0.11",  # StatefulDataLoader: the PIL loader's exact resume
     "braceexpand",
     "pillow",
     "numpy",

@@ -7,6 +7,9 @@ and semantics as ``bmc_fast.data.pil_loader.make_loader``. Bad samples were drop
 Train: random shuffle, an endless stream of full batches (``LastBatchPolicy.FILL`` continues into the
 next epoch, so nothing is dropped). Eval / ``epochs``: every sample of the rank's part exactly once
 per epoch (``pad_last_batch`` + ``LastBatchPolicy.PARTIAL``), the last batch partial.
+
+``state_dict()`` is DALI's own pipeline checkpoint (``enable_checkpointing``) as of the last batch handed
+out, whatever the prefetch holds; ``load_state_dict`` rebuilds the pipeline from it, before iteration.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bmc_fast.data.index import index_path, read_index
 from bmc_fast.data.text_tokenizer import tokenize_captions
+from bmc_fast.errors import ConfigError
 
 from .pipeline import READER_NAME, build_pipeline
 
@@ -37,13 +41,20 @@ class DaliLoader:
         self.tokenizer, self.context_length = tokenizer, context_length
         self.endless = train and epochs is None
         self.epochs = epochs
-        pipe = build_pipeline(shards, [str(index_path(s)) for s in shards], image_size=image_size, train=train,
-                              batch_size=batch_size, num_threads=num_threads, device_id=device_id, rank=rank,
-                              world_size=world_size, seed=seed, pad_last_batch=not self.endless, flip=flip,
-                              half=half)
-        policy = LastBatchPolicy.FILL if self.endless else LastBatchPolicy.PARTIAL
-        self._iterator = DALIGenericIterator(pipe, ["pixels", "caption", "caption_len"], reader_name=READER_NAME,
-                                             last_batch_policy=policy, auto_reset=True)
+        self.split = {"rank": rank, "world_size": world_size, "batch_size": batch_size}
+
+        def build(checkpoint: bytes | None = None):
+            pipe = build_pipeline(shards, [str(index_path(s)) for s in shards], image_size=image_size, train=train,
+                                  batch_size=batch_size, num_threads=num_threads, device_id=device_id, rank=rank,
+                                  world_size=world_size, seed=seed, pad_last_batch=not self.endless, flip=flip,
+                                  half=half, checkpoint=checkpoint)
+            policy = LastBatchPolicy.FILL if self.endless else LastBatchPolicy.PARTIAL
+            return DALIGenericIterator(pipe, ["pixels", "caption", "caption_len"], reader_name=READER_NAME,
+                                       last_batch_policy=policy, auto_reset=True)
+
+        self._build = build
+        self._iterator = build()
+        self._state: list[bytes] | None = None  # the pipeline's checkpoint as of the last batch handed out
         _logger.info("DALI loader on %s: %d shard(s), rank %d of %d, %s", "cpu" if device_id is None else
                      f"cuda:{device_id} (mixed decode)", len(shards), rank, world_size,
                      "train (endless, shuffled)" if self.endless else "one pass per epoch")
@@ -51,14 +62,26 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self._iterator)
 
+    def state_dict(self) -> dict:
+        return {**self.split, "dali": self._state or self._iterator.checkpoints()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {key: state.get(key) for key in self.split}
+        if saved != self.split:
+            raise ConfigError(f"DALI stream state of {saved} cannot continue as {self.split}: resume with the same "
+                              "ranks and batch size (or start the stream anew)")
+        self._iterator = self._build(checkpoint=state["dali"][0])
+        self._state = None
+
     def __iter__(self):
         # Fetching batch i+1 while batch i is in use is safe: DALI's dynamic executor (the default since
         # 2.0) hands tensors out by DLPack with reference-counted buffers (the eval test keeps them all).
         source = self._epochs()  # advanced only by the one pool thread
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
             pending = pool.submit(self._next_batch, source)
-            while (batch := pending.result()) is not None:
+            while (fetched := pending.result()) is not None:
                 pending = pool.submit(self._next_batch, source)
+                batch, self._state = fetched
                 yield batch
 
     def _epochs(self):
@@ -72,13 +95,15 @@ class DaliLoader:
             except StopIteration:  # auto_reset: the next pass starts with the next next()
                 epoch += 1
 
-    def _next_batch(self, source) -> dict | None:
+    def _next_batch(self, source) -> tuple[dict, list[bytes]] | None:
+        """(the next batch, the pipeline's checkpoint right after it), or None at the end."""
         outputs = next(source, None)
         if outputs is None:
             return None
+        checkpoint = self._iterator.checkpoints()  # before the next batch is asked for: exactly this place
         out = outputs[0]
         lengths = out["caption_len"].reshape(-1).tolist()
         raw = out["caption"].cpu().numpy()
         captions = [bytes(raw[i, :n]).decode("utf-8").strip() for i, n in enumerate(lengths)]
         return {"pixels": out["pixels"], **tokenize_captions(self.tokenizer, captions, self.context_length),
-                "skipped": {}}
+                "skipped": {}}, checkpoint

@@ -18,15 +18,17 @@ IMAGE_EXT = ";".join(IMAGE_EXTENSIONS)  # one output: whichever image member the
 def build_pipeline(shards: list[str], index_paths: list[str], *, image_size: int, train: bool, batch_size: int,
                    num_threads: int, device_id: int | None, rank: int = 0, world_size: int = 1, seed: int = 0,
                    pad_last_batch: bool = False, flip: bool = False, half: bool = False,
-                   shuffle_buffer: int = 1000):
+                   shuffle_buffer: int = 1000, checkpoint: bytes | None = None):
     """A built ``nvidia.dali.Pipeline``; ``device_id=None`` runs it on CPU, an int on that GPU (mixed decode).
 
     ``pad_last_batch``: end every epoch exactly at the rank's last sample (for one-pass iteration).
+    Checkpointing is on (DALI's own: the reader's position and every random operator's state);
+    ``checkpoint`` (from ``DALIGenericIterator.checkpoints()``) continues a saved stream.
     """
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed + rank,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, enable_checkpointing=True)
     def clip_pipeline():
         encoded, caption = fn.readers.webdataset(
             paths=shards, index_paths=index_paths, ext=[IMAGE_EXT, "txt"], missing_component_behavior="error",
@@ -36,6 +38,6 @@ def build_pipeline(shards: list[str], index_paths: list[str], *, image_size: int
                               decoder_device="cpu" if device_id is None else "mixed")
         return pixels, fn.pad(caption, fill_value=0), caption.shape()
 
-    pipe = clip_pipeline()
+    pipe = clip_pipeline(checkpoint=checkpoint)
     pipe.build()
     return pipe

@@ -124,3 +124,55 @@ def test_token_waste_leaves_out_remote_shards_with_a_log_line(small_data, caplog
     assert "leaving out 2 remote shard(s)" in caplog.text
     with pytest.raises(ConfigError, match="every shard is remote"):
         shard_waste(remote, small_data["tokenizer"], [77])
+
+
+def _same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(x["pixels"], y["pixels"]) and x["skipped"] == y["skipped"]
+                                    and torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_stream_continues_with_the_same_batches_bit_for_bit(small_data, workers):
+    """The loader's state after 5 batches (into the second epoch of this rank's 128 samples with 2 workers)
+    restores into a new loader that yields the same next batches, crops included, as the first one."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    urls = expand_shards(small_data["train"], "--train-data")
+    kwargs = dict(context_length=64, image_size=32, batch_size=24, train=True, rank=1, world_size=2, workers=workers,
+                  seed=4, shuffle_buffer=40)
+    loader = make_loader(urls, small_data["tokenizer"], **kwargs)
+    assert isinstance(loader, StatefulDataLoader)
+    stream = iter(loader)
+    _ = [next(stream) for _ in range(5)]
+    state = loader.state_dict()
+    expected = [next(stream) for _ in range(4)]
+    state = torch.load(_saved(state), weights_only=True)  # what a checkpoint holds, loaded the safe way
+    resumed = make_loader(urls, small_data["tokenizer"], **kwargs)
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    assert _same_batches([next(again) for _ in range(4)], expected)
+    fresh = iter(make_loader(urls, small_data["tokenizer"], **kwargs))
+    assert not _same_batches([next(fresh) for _ in range(4)], expected)  # a restart would not pass
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_stream_state_refuses_another_split(small_data):
+    from bmc_fast.errors import ConfigError
+
+    urls = expand_shards(small_data["train"], "--train-data")
+    kwargs = dict(context_length=64, image_size=32, batch_size=8, train=True, world_size=2, workers=0, seed=4)
+    loader = make_loader(urls, small_data["tokenizer"], rank=0, **kwargs)
+    stream = iter(loader)
+    next(stream)
+    other = make_loader(urls, small_data["tokenizer"], rank=1, **kwargs)
+    other.load_state_dict(loader.state_dict())
+    with pytest.raises(ConfigError, match=r"'rank': 0.*cannot continue as .*'rank': 1.*same ranks and --workers"):
+        next(iter(other))

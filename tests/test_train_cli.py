@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,20 @@ def test_batch_not_divisible_by_world_size(small_data, tmp_path, monkeypatch):
                                           r"gradient_accumulation_steps 1 × world size 3: set train_batch_size to a "
                                           r"multiple of 3"):
         train.main(_args(small_data, tmp_path))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"zero_optimization": {"stage": 0}}, r"zero_optimization.stage is 0, whose plain optimizer applies a step with "
+                                          r"non-finite gradients; set stage 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 3, "compute_grad_norm": False}}, r"compute_grad_norm is false"),
+    ({"bf16": {"enabled": True, "check_grad_overflow": False}}, r"bf16.check_grad_overflow is false, so ZeRO-2"),
+])
+def test_deepspeed_settings_that_never_skip_a_non_finite_step_are_refused(small_data, tmp_path, change, message):
+    config = {**json.loads(Path(ZERO2).read_text()), **change}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        train.main(_args(small_data, tmp_path, **{"--ds_config": str(path)}))
 
 
 def test_tokenizer_directory_without_tokenizer(small_data, tmp_path):
@@ -228,6 +243,25 @@ def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, 
     with pytest.raises(ConfigError, match="--resume: the checkpoint .step0000050. is at step 50 and --max-steps "
                                           "is 50: nothing is left"):
         train.main(args + ["--max-steps", "50"])
+
+
+def test_resume_with_another_number_of_ranks_stops_with_one_message(small_data, tmp_path):
+    """DeepSpeed refuses ZeRO optimizer state of another data-parallel size only after it loaded the weights
+    (a traceback); the check comes first, counting the ranks that wrote the checkpoint."""
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+    from bmc_fast.model_config import load_model_config
+
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "step0000006"
+    tag.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step0000006")
+    for rank in range(2):
+        (tag / f"trainer_rank{rank:05d}.pt").write_bytes(b"")
+    saved = load_model_config("tiny").with_tokenizer(load_tokenizer(small_data["tokenizer_dir"])).to_dict()
+    (run / "config.json").write_text(json.dumps({"model": saved}))
+    with pytest.raises(ConfigError, match=r"--resume: checkpoint 'step0000006' was written by 2 rank\(s\) and this "
+                                          r"run has 1: .*resume with 2 rank\(s\)"):
+        train.main(_args(small_data, tmp_path) + ["--resume"])
 
 
 def test_missing_image_weights(small_data, tmp_path):

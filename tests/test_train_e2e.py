@@ -1,6 +1,5 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -72,17 +71,20 @@ def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
     launch_deepspeed(_train_args(small_data, ds_config, run_dir, ranks=1), tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["batch"] == {"global_batch": 32, "micro_batch": 32, "accumulation": 1, "world_size": 1}
+    uninterrupted, _ = _weights(run_dir)
 
     (run_dir / "checkpoints" / "latest").write_text("step0000006")  # as if the run had died after step 6
     proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, "--resume"), tmp_path)
     assert "resumed from step0000006 at step 6" in proc.stdout + proc.stderr
     assert json.loads((run_dir / "config.json").read_text()) == config  # the original set-up is kept
     assert json.loads((run_dir / "config.resume-1.json").read_text())["train"]["resume"] == "latest"
-    assert re.search(r"data reshuffled with seed (\d+) \(--seed (\d+) \+ 6 steps done\)", proc.stdout + proc.stderr)
+    assert "resumed the data stream, RNG states and skip counts of step0000006" in proc.stdout + proc.stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == list(range(1, STEPS + 1)) + list(range(7, STEPS + 1))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:07d}"
+    resumed, _ = _weights(run_dir)  # steps 7-12 again, from the saved stream: the same weights
+    assert all(torch.equal(uninterrupted[key], resumed[key]) for key in uninterrupted)
 
 
 def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
@@ -120,26 +122,57 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
     assert {r["train/pairs_per_loss"] for r in records if "train/pairs_per_loss" in r} == {32}
 
 
-@pytest.mark.parametrize("loader", ["pil", "dali"])
-def test_the_same_command_twice_ends_with_bit_identical_weights(loader, small_data, tmp_path):
-    """Exact resume rests on this: one machine, one seed, one command -> the same weights, bit for bit."""
+def _weights(run_dir):
     from bmc_fast.eval.checkpoint import load_run
+
+    model, _, model_cfg = load_run(run_dir)
+    return model.state_dict(), model_cfg
+
+
+def _last_per_step(run_dir, key):
+    """{step: value} of ``key``; a resumed run's lines replace the killed run's for the same step."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.mark.parametrize("loader,accumulation", [("pil", 1), ("dali", 2)])
+def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, accumulation, small_data, tmp_path):
+    """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 8 steps, checkpoints after 3, 6, 8):
+    the same command twice ends with bit-identical weights; the same command with rank 1 killed by SIGKILL
+    as step 5 begins, relaunched with --resume, ends with them too, loss for loss. PIL loader plain, DALI
+    with contrastive accumulation (2 micro batches a step)."""
     from bmc_fast.model import BMCLongCLIP
 
-    ds_config = deepspeed_config(tmp_path, 2, steps=10, batch=32)
-    states = []
+    ds_config = deepspeed_config(tmp_path, 2, steps=8, batch=32, accumulation=accumulation)
+
+    def args(run_dir, *extra):
+        return _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "8",
+                           "--eval-every", "0", "--save-every", "3", *extra)
+
     for name in ("first", "second"):
-        run_dir = tmp_path / name
-        launch_deepspeed(_train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "10",
-                                     "--eval-every", "0", "--save-every", "0"), tmp_path)
-        model, _, model_cfg = load_run(run_dir)
-        states.append(model.state_dict())
-    different = [key for key in states[0] if not torch.equal(states[0][key], states[1][key])]
-    assert not different, different
+        launch_deepspeed(args(tmp_path / name), tmp_path, log=f"{name}.log")
+    (first, model_cfg), (second, _) = _weights(tmp_path / "first"), _weights(tmp_path / "second")
+    assert not [key for key in first if not torch.equal(first[key], second[key])]
     torch.manual_seed(1)  # the runs' --seed: the weights they started from
     start = BMCLongCLIP(model_cfg).state_dict()
-    moved = [key for key in start if not torch.equal(start[key], states[0][key])]
+    moved = [key for key in start if not torch.equal(start[key], first[key])]
     assert len(moved) > 0.9 * len(start), "training changed (almost) no weight: the comparison would be empty"
+
+    killed = tmp_path / "killed"
+    kill_args = args(killed)
+    kill_args[kill_args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
+    proc = launch_deepspeed(kill_args, tmp_path, check=False, env={"BMC_FAST_TEST_KILL": "1:5"}, log="killed.log")
+    assert proc.returncode != 0 and (killed / "checkpoints" / "latest").read_text() == "step0000003"
+    assert not (killed / "summary.json").exists()
+    port = kill_args[kill_args.index("--master_port") + 1]
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # a killed rank frees nothing
+        leftover.unlink()
+    proc = launch_deepspeed(args(killed, "--resume"), tmp_path, log="resumed.log")
+    assert "resumed the data stream, RNG states and skip counts of step0000003" in proc.stdout + proc.stderr
+    resumed, _ = _weights(killed)
+    different = [key for key in first if not torch.equal(first[key], resumed[key])]
+    assert not different, different
+    assert _last_per_step(killed, "train/loss") == _last_per_step(tmp_path / "first", "train/loss")
 
 
 def test_a_diverging_run_stops_and_never_saves_non_finite_weights(small_data, tmp_path):

@@ -1,22 +1,30 @@
 """WebDataset + PIL loader: image-caption shards -> ready (pixels, input_ids, attention_mask) batches.
 
-Training: shards are reshuffled every epoch with a seed shared by all ranks, then split by rank and
+Training: every epoch the shards are reshuffled with a seed shared by all ranks, then split by rank and
 by DataLoader worker, so within an epoch every shard is read by exactly one worker of one rank; the
-stream repeats epochs forever (the trainer stops at ``max_steps``). Samples are shuffled in a buffer,
-checked and decoded (``bmc_fast.data.samples``: every image kind to RGB; a broken sample is skipped and
-counted by kind, never raised), augmented (RandomResizedCrop, scale (0.9, 1.0) as open_clip; no flip,
-because captions state laterality), batched and tokenised in the workers. Evaluation: every sample
-once, in order. Each batch carries ``"skipped"``: the skip counts since the previous batch of its worker
-(a batch is held back until the next one is full, so skips at the end of a stream are not lost).
+stream repeats epochs forever (the trainer stops at ``max_steps``). A worker's samples pass a shuffle
+buffer seeded by (seed, epoch, rank, worker), are checked and decoded (``bmc_fast.data.samples``: every
+image kind to RGB; a broken sample is skipped and counted by kind, never raised) and augmented with a
+generator seeded by their place in that order (RandomResizedCrop, scale (0.9, 1.0) as open_clip; no
+flip, because captions state laterality), then batched and tokenised in the workers. Evaluation: every
+sample once, in order.
+
+The order is therefore a function of (seed, epoch, rank, worker) alone, and a worker's place in it is
+two numbers: its epoch and the samples of that epoch it has consumed. ``ShardStream`` is ``Stateful``:
+torchdata's ``StatefulDataLoader`` collects those numbers from every worker with each batch, and a
+resumed stream re-reads the epoch's tar members up to that place without decoding them. Each batch
+carries ``"skipped"``: the skip counts since the previous batch of its worker (a batch is held back
+until the next one is full, so skips at the end of a bounded stream are not lost).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import count
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -29,7 +37,6 @@ from bmc_fast.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
 
-ALL_BAD_LIMIT = 10_000  # skips in a row before any good sample after which a worker gives up (backstop)
 
 @dataclass
 class Collate:
@@ -48,111 +55,18 @@ class Collate:
         }
 
 
-@dataclass
-class FirstPass:
-    """One worker's first pass over its shards: its sample count, and whether it has ended.
-
-    Two stages share it: ``shards`` (after ``EpochShardList``) sees the second pass start, ``count``
-    (after grouping, before the shuffle) counts the samples read until then.
-    """
-
-    samples: int = 0
-    done: bool = False
-
-    def shards(self, items):
-        for item in items:
-            self.done = self.done or item.get("epoch", 0) > 0  # every first-pass sample was counted
-            yield item
-
-    def count(self, samples):
-        for sample in samples:
-            self.samples += not self.done
-            yield sample
-
-
-@dataclass
-class GuardedSamples:
-    """Pipeline stage: raw WebDataset samples -> (transformed image, caption); bad ones skipped and counted."""
-
-    transform: Callable
-    first_pass: FirstPass | None = None  # set for an endless stream: stops it when no sample is good
-    skipped: Counter = field(default_factory=Counter)
-    delivered: int = 0
-    bad_before_first: set = field(default_factory=set)  # (shard, key) of samples skipped before the first good one
-    skipped_before_first: int = 0  # skips before the first good sample (for ALL_BAD_LIMIT)
-
-    def __call__(self, samples):
-        for sample in samples:
-            try:
-                image, caption = check_sample(sample)
-            except SampleError as error:
-                self.skipped[error.kind] += 1
-                _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
-                self._check_not_all_bad(sample)
-                continue
-            self.delivered += 1
-            self.bad_before_first.clear()
-            yield self.transform(image), caption
-
-    def _check_not_all_bad(self, sample: dict) -> None:
-        """An endless stream over shards without one good sample would wait forever: stop it with a reason.
-
-        Raised once every sample of the first pass over this worker's shards was skipped (exact: distinct
-        (shard, key) pairs, so samples of the second pass that the shuffle mixed in count once), or after
-        ``ALL_BAD_LIMIT`` skips in a row (a key that occurs twice in a shard never completes the first rule).
-        """
-        if self.delivered:
-            return
-        self.skipped_before_first += 1
-        self.bad_before_first.add((sample.get("__url__"), sample.get("__key__")))
-        whole_pass = (self.first_pass is not None and self.first_pass.done
-                      and len(self.bad_before_first) >= self.first_pass.samples)
-        if whole_pass or self.skipped_before_first >= ALL_BAD_LIMIT:
-            shards = sorted({str(url) for url, _ in self.bad_before_first})
-            what = (f"all {self.first_pass.samples} sample(s) of a full pass" if whole_pass
-                    else f"{ALL_BAD_LIMIT} samples in a row")
-            raise DataError(f"{what} over {len(shards)} shard(s) {shards[:5]} were skipped, none good (skipped so "
-                            f"far {dict(self.skipped)}): these shards hold no usable sample; python -m "
-                            "bmc_fast.data.index SHARDS --report REPORT.json shows why")
-
-
-@dataclass
-class BatchWithSkips:
-    """Pipeline stage: batches of ``batch_size`` collated with the skips counted since the previous batch.
-
-    One batch is held back until the next is complete, so skips after the last sample land in the last batch.
-    """
-
-    batch_size: int
-    collate: Collate
-    guard: GuardedSamples
-    partial: bool
-
-    def __call__(self, samples):
-        held, rows = None, []
-        for sample in samples:
-            rows.append(sample)
-            if len(rows) == self.batch_size:
-                if held is not None:
-                    yield held
-                held, rows = self.collate(rows, self._take_skips()), []
-        if rows and self.partial:
-            if held is not None:
-                yield held
-            held = self.collate(rows, self._take_skips())
-        if held is not None:
-            late = self._take_skips()
-            held["skipped"] = dict(Counter(held["skipped"]) + Counter(late))
-            yield held
-
-    def _take_skips(self) -> dict[str, int]:
-        taken = dict(self.guard.skipped)
-        self.guard.skipped.clear()
-        return taken
+def epoch_shards(urls: list[str], epoch: int, *, rank: int, world_size: int, worker: int, workers: int, seed: int,
+                 shuffle: bool) -> list[str]:
+    """The shards one worker of one rank reads in ``epoch``: the epoch's order (the same on every rank),
+    split by rank, then by worker."""
+    urls = list(urls)
+    if shuffle:
+        random.Random(seed + epoch).shuffle(urls)
+    return urls[rank::world_size][worker::workers]
 
 
 class EpochShardList(IterableDataset):
-    """Yields ``{"url": shard, "epoch": n}`` for this rank and worker; reshuffled each epoch, forever if
+    """Yields ``{"url": shard, "epoch": n}`` for this rank and worker (``epoch_shards``), forever if
     ``epochs`` is None."""
 
     def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
@@ -162,42 +76,134 @@ class EpochShardList(IterableDataset):
         self.seed, self.epochs, self.shuffle = seed, epochs, shuffle
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
-            urls = list(self.urls)
-            if self.shuffle:
-                random.Random(self.seed + epoch).shuffle(urls)  # same order on every rank: disjoint splits
-            for url in urls[self.rank::self.world_size][worker::workers]:
+        worker, workers = _worker()
+        for epoch in count() if self.epochs is None else range(self.epochs):
+            for url in epoch_shards(self.urls, epoch, rank=self.rank, world_size=self.world_size, worker=worker,
+                                    workers=workers, seed=self.seed, shuffle=self.shuffle):
                 yield {"url": url, "epoch": epoch}
+
+
+def _worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, the number of workers); (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank (see the module docstring); ``state_dict`` / ``load_state_dict`` give and take
+    one worker's place in its stream: ``{"epoch", "consumed", "worker", "workers", "rank", "world_size"}``."""
+
+    def __init__(self, urls: list[str], *, collate: Collate, transform: Callable, batch_size: int, train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
+                 shuffle_buffer: int = 1000):
+        super().__init__()
+        self.urls, self.collate, self.transform, self.batch_size = list(urls), collate, transform, batch_size
+        self.train, self.seed = train, seed
+        self.rank, self.world_size = (rank, world_size) if train else (0, 1)  # eval: every rank sees all
+        self.epochs = epochs if train else 1
+        self.shuffle_buffer = shuffle_buffer
+        self._state: dict | None = None  # the place after the last batch this worker yielded
+        self._resume: dict | None = None  # a place to continue from, set by load_state_dict
+
+    def state_dict(self) -> dict:
+        return dict(self._state or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        worker, workers = _worker()
+        where = dict(worker=worker, workers=workers, rank=self.rank, world_size=self.world_size)
+        saved = {key: state.get(key) for key in where}
+        if saved != where:
+            raise ConfigError(f"data stream state of {saved} cannot continue as {where}: resume with the same "
+                              "ranks and --workers (or start the stream anew)")
+        self._resume = state
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        start, resumed = self._resume or {"epoch": 0, "consumed": 0}, self._resume is not None
+        self._resume = None
+        place = dict(worker=worker, workers=workers, rank=self.rank, world_size=self.world_size)
+        rows, skipped, held = [], Counter(), None  # held: (batch, its place), yielded once the next is full
+        delivered = int(resumed)  # good samples so far (a resumed stream had some)
+        epochs = count(start["epoch"]) if self.epochs is None else range(start["epoch"], self.epochs)
+        for epoch in epochs:
+            shards = epoch_shards(self.urls, epoch, rank=self.rank, world_size=self.world_size, worker=worker,
+                                  workers=workers, seed=self.seed, shuffle=self.train)
+            first = start["consumed"] if epoch == start["epoch"] else 0
+            seen = 0
+            for index, sample in enumerate(self._epoch_samples(shards, epoch, worker)):
+                seen += 1
+                if index < first:
+                    continue  # consumed before the resume: read, never decoded
+                try:
+                    image, caption = check_sample(sample)
+                except SampleError as error:
+                    skipped[error.kind] += 1
+                    _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+                    continue
+                delivered += 1
+                rows.append((self._augment(image, epoch, worker, index), caption))
+                if len(rows) == self.batch_size:
+                    if held is not None:
+                        yield self._deliver(held)
+                    held = (self.collate(rows, skipped), {**place, "epoch": epoch, "consumed": index + 1})
+                    rows, skipped = [], Counter()
+            if not delivered and self.train and self.epochs is None:  # an endless stream would wait forever
+                raise DataError(f"all {seen} sample(s) of a full pass over {len(shards)} shard(s) "
+                                f"{sorted(shards)[:5]} were skipped, none good (skipped {dict(skipped)}): these "
+                                "shards hold no usable sample; python -m bmc_fast.data.index SHARDS --report "
+                                "REPORT.json shows why")
+        if rows and (not self.train or self.epochs is not None):
+            if held is not None:
+                yield self._deliver(held)
+            held = (self.collate(rows, skipped), {**place, "epoch": self.epochs, "consumed": 0})
+            skipped = Counter()
+        if held is not None:
+            held[0]["skipped"] = dict(Counter(held[0]["skipped"]) + skipped)
+            yield self._deliver(held)
+
+    def _deliver(self, held: tuple[dict, dict]) -> dict:
+        batch, self._state = held
+        return batch
+
+    def _epoch_samples(self, shards: list[str], epoch: int, worker: int) -> Iterator[dict]:
+        """Raw samples of one epoch in this worker's order: its shards' samples through a seeded buffer."""
+        import webdataset as wds
+
+        samples = wds_tar_samples({"url": url} for url in shards)
+        if not self.train:
+            return samples
+        rng = random.Random(hash((self.seed, epoch, self.rank, worker)))  # ints hash the same in every process
+        return wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+
+    def _augment(self, image, epoch: int, worker: int, index: int) -> torch.Tensor:
+        """The transform under a torch generator seeded by the sample's place: the same crop whatever ran
+        before (a resumed stream), and the caller's RNG untouched."""
+        if not self.train:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, self.rank, worker, index)) & 0xFFFF_FFFF_FFFF)
+            return self.transform(image)
 
 
 def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: int, batch_size: int,
                 train: bool, rank: int = 0, world_size: int = 1, workers: int = 1, seed: int = 0,
                 shuffle_buffer: int = 1000, epochs: int | None = None,
                 transform: Callable | None = None):
-    """A ``webdataset.WebLoader`` of batch dicts (see ``Collate``).
+    """A torchdata ``StatefulDataLoader`` of batch dicts (see ``Collate``) over a ``ShardStream``.
 
     Train batches are always full and the stream repeats forever, unless ``epochs`` bounds it (then the
     last batch may be partial); eval batches keep the remainder and every rank sees all samples.
     ``transform`` (RGB PIL image -> (3, S, S) tensor) replaces ``image_transform(image_size, train)``.
     """
-    import webdataset as wds
+    from torchdata.stateful_dataloader import StatefulDataLoader
 
     if train and len(urls) < world_size * max(workers, 1):
         raise ConfigError(f"--train-data has {len(urls)} shard(s) but {world_size} rank(s) × {max(workers, 1)} "
                           "worker(s) each need one: write more, smaller shards or lower --workers")
-    shards = (EpochShardList(urls, rank, world_size, seed, epochs=epochs) if train
-              else EpochShardList(urls, epochs=1, shuffle=False))
-    first_pass = FirstPass() if train and epochs is None else None  # only an endless stream can hang
-    stages = ([shards, first_pass.shards, wds_tar_samples, first_pass.count] if first_pass
-              else [shards, wds_tar_samples])
-    if train:
-        # Reproducible for a given seed; workers and ranks differ anyway because they read other shards.
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 1000 + rank))
-    guard = GuardedSamples(transform or image_transform(image_size, train), first_pass)
-    stages += [guard, BatchWithSkips(batch_size, Collate(tokenizer, context_length), guard,
-                                     partial=not train or epochs is not None)]
-    dataset = wds.DataPipeline(*stages)
-    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=train and workers > 0)
-
+    stream = ShardStream(urls, collate=Collate(tokenizer, context_length), batch_size=batch_size, train=train,
+                         transform=transform or image_transform(image_size, train), rank=rank,
+                         world_size=world_size, seed=seed, epochs=epochs, shuffle_buffer=shuffle_buffer)
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
+        warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+        return StatefulDataLoader(stream, batch_size=None, num_workers=workers,
+                                  persistent_workers=train and workers > 0)

@@ -53,6 +53,8 @@ class TrainConfig:
                                       choices=TE_PRECISIONS)
     text_unpad: bool | None = option(None, "pad captions instead of packing their real tokens",
                                      negate="--no-text-unpad")
+    max_bad_steps: int = option(10, "stop the run (exit 1) after this many skipped steps in a row: steps whose loss "
+                                "or gradient norm is not finite on some rank are skipped by all")
     grad_checkpointing: bool = option(False, "activation checkpointing in both towers")
     accumulation: str = option("contrastive", "with gradient_accumulation_steps K > 1: 'contrastive' contrasts all K "
                                "micro batches in one loss (one extra forward each), 'independent' is DeepSpeed's "
@@ -66,8 +68,9 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.log_every < 1:
-            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        for name in ("log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),
                               ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
                               ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES)):

@@ -94,3 +94,20 @@ def with_total_steps(config: dict[str, Any], max_steps: int | None) -> tuple[dic
             raise ConfigError(f"{FLAG}: warmup_num_steps {warmup} >= --max-steps {max_steps}: shorten the "
                               "warmup or train longer")
     return config, max_steps
+
+
+def check_skips_non_finite_steps(config: dict[str, Any]) -> None:
+    """The NaN guard rests on DeepSpeed's ZeRO optimizers skipping a step whose all-reduced gradient norm is
+    not finite (0.19: stages 1-3 in fp32, bf16 and fp16); refuse the settings under which they never skip."""
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage == 0:
+        raise ConfigError(f"{FLAG}: zero_optimization.stage is 0, whose plain optimizer applies a step with "
+                          "non-finite gradients; set stage 1, 2 or 3 (stage 1 costs nothing more on one GPU)")
+    if zero.get("compute_grad_norm") is False:
+        raise ConfigError(f"{FLAG}: zero_optimization.compute_grad_norm is false, so DeepSpeed cannot skip a step "
+                          "with non-finite gradients; remove it")
+    for section in ("bf16", "bfloat16"):
+        if stage in (1, 2) and (config.get(section) or {}).get("check_grad_overflow") is False:
+            raise ConfigError(f"{FLAG}: {section}.check_grad_overflow is false, so ZeRO-{stage} applies a step with "
+                              "non-finite gradients; remove it")

@@ -22,6 +22,7 @@ import torch
 
 from bmc_fast.errors import TrainingError
 from bmc_fast.run_dir import checkpoint_tag
+from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.prepare import Prepared
@@ -40,7 +41,9 @@ class Session:
     dtype: torch.dtype  # the engine's compute dtype (fp32, bf16, fp16)
     first_step: int
     loss_fn: torch.nn.Module
-    batches: Iterator[dict]  # the endless training stream
+    train_loader: Any  # the training stream's loader: state_dict() gives its place (bmc_fast.trainer.rank_state)
+    batches: Iterator[dict]  # iter(train_loader): endless
+    data_seed: int  # the seed train_loader was built with
     eval_loader: Any  # None without --eval-data
     writer: MetricsWriter
     window: ThroughputWindow
@@ -50,8 +53,9 @@ class Session:
     last_train: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     n_eval: int = 0  # pairs in the last evaluation
-    last_loss: torch.Tensor | None = None  # the last step's (last) loss, on the device
     last_saved: str | None = None  # tag of the last checkpoint this run wrote
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose optimizer step was skipped (the guard)
+    bad_in_a_row: list[int] = field(default_factory=list)  # the current run of skipped steps
 
     @property
     def pairs_per_loss(self) -> int:
@@ -66,7 +70,7 @@ def run(p: Prepared) -> dict[str, Any]:
     s = start(p)
     cfg = p.cfg
     for step in range(s.first_step, p.max_steps + 1):
-        lr, scale = train_step(s)
+        lr, scale = train_step(s, step)
         if due(step, cfg.log_every, p.max_steps):
             log_step(s, step, lr, scale)
         if s.eval_loader is not None and due(step, cfg.eval_every, p.max_steps):
@@ -96,13 +100,11 @@ def start(p: Prepared) -> Session:
     device = configure_device(accelerator, env)
     write_run_dir(p)
     engine, first_step, n_params = build_engine(p)
-    # A resumed run must not replay the batches and augmentations of steps 1, 2, ...: its loaders and
-    # RNG start from a seed that moves with the step (the exact stream position is not restored).
-    data_seed = cfg.seed + first_step - 1
+    saved = _saved_rank_state(p) if cfg.resume else None
+    # Without a saved stream a resumed run must not replay the batches and augmentations of steps 1, 2, ...:
+    # its loaders and RNG start from a seed that moves with the step.
+    data_seed = saved["data_seed"] if saved else cfg.seed + first_step - 1
     torch.manual_seed(data_seed)
-    if cfg.resume:
-        _logger.info("resumed run: data reshuffled with seed %d (--seed %d + %d steps done)", data_seed, cfg.seed,
-                     first_step - 1)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     _log_set_up(p, engine, n_params, device, dtype, accelerator.communication_backend_name())
     # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
@@ -111,16 +113,50 @@ def start(p: Prepared) -> Session:
     if env.rank == 0:
         log_token_waste(p)
     train_loader, eval_loader = make_loaders(p, device, half=dtype == torch.float16, seed=data_seed)
+    if saved:
+        train_loader.load_state_dict(saved["loader"])
+        rank_state.restore_rng(saved["rng"])
+    elif cfg.resume:
+        _logger.warning("resumed run: the data is reshuffled with seed %d (--seed %d + %d steps done), not "
+                        "continued: the rest of the run differs from an uninterrupted one", data_seed, cfg.seed,
+                        first_step - 1)
     writer = MetricsWriter(p.run, enabled=env.rank == 0)
     window = ThroughputWindow(device, p.plan.global_batch, flops_fn=partial(train_step_flops, p.model_cfg),
                               peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                               else None)
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
-    session = Session(p, engine, device, dtype, first_step, loss_fn, iter(train_loader), eval_loader, writer, window,
-                      progress)
+    session = Session(p, engine, device, dtype, first_step, loss_fn, train_loader, iter(train_loader), data_seed,
+                      eval_loader, writer, window, progress)
     session.last_saved = p.run.latest_tag() if cfg.resume else None
+    if saved:
+        session.skipped.update(saved["skipped"])
+        session.skipped_steps = list(saved["skipped_steps"])
     return session
+
+
+def stream_split(p: Prepared) -> dict[str, Any]:
+    """How this rank's stream is cut: a saved place continues only under the same cut."""
+    return {"loader": p.cfg.loader, "rank": p.env.rank, "world_size": p.env.world_size, "workers": p.cfg.workers,
+            "micro_batch": p.plan.micro_batch}
+
+
+def _saved_rank_state(p: Prepared) -> dict[str, Any] | None:
+    """This rank's state in the checkpoint being resumed, or None (logged) when the stream cannot continue."""
+    tag = p.run.latest_tag()
+    path = rank_state.rank_state_path(p.run.checkpoints / tag, p.env.rank)
+    if not path.is_file():
+        _logger.warning("resumed run: checkpoint %s holds no data-stream state for rank %d", tag, p.env.rank)
+        return None
+    saved = rank_state.read(path)
+    if saved["split"] != (now := stream_split(p)):
+        changed = {key: f"{saved['split'].get(key)} -> {value}" for key, value in now.items()
+                   if saved["split"].get(key) != value}
+        _logger.warning("resumed run: the data stream is cut differently (%s): it is re-split", changed)
+        return None
+    if p.env.rank == 0:
+        _logger.info("resumed the data stream, RNG states and skip counts of %s: the run continues exactly", tag)
+    return saved
 
 
 def build_engine(p: Prepared) -> tuple[Any, int, int]:
@@ -141,12 +177,13 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     return engine, client_state["step"] + 1, n_params
 
 
-def train_step(s: Session) -> tuple[float, torch.Tensor]:
+def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
     """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale).
 
     With K > 1 micro batches and ``--accumulation contrastive`` one loss spans all K × micro × ranks pairs
     (``bmc_fast.contrastive_accumulation``); otherwise each micro batch has its own loss (DeepSpeed's
-    accumulation, which scales each by 1/K)."""
+    accumulation, which scales each by 1/K). A step whose loss or gradient norm is non-finite on any rank
+    is skipped by every rank (``guard_loss``), counted, and after ``--max-bad-steps`` in a row stops the run."""
     plan = s.p.plan
     lr = s.engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
     if plan.accumulation > 1 and s.p.cfg.accumulation == "contrastive":
@@ -155,13 +192,40 @@ def train_step(s: Session) -> tuple[float, torch.Tensor]:
         for _ in range(plan.accumulation):
             batch = _next_batch(s)
             image, text, scale = s.engine(*_model_inputs(s, batch))
-            loss = s.last_loss = s.loss_fn(image, text, scale)
+            loss = guard_loss(s.loss_fn(image, text, scale))
             s.engine.backward(loss)
             s.engine.step()
             s.window.add_micro_batch(loss, batch["attention_mask"])
     s.window.end_step()
     s.progress.update(1)
+    # DeepSpeed's ZeRO optimizers skip a step whose all-reduced gradient norm is not finite (their own host
+    # sync); was_step_applied() reads their verdict, the same on every rank.
+    if s.engine.was_step_applied():
+        s.bad_in_a_row.clear()
+    else:
+        _count_skipped_step(s, step)
     return lr, scale
+
+
+def guard_loss(loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, turned NaN when it is not finite: its gradients are then NaN on this rank, DeepSpeed's
+    gradient norm (all-reduced) is NaN on every rank, and every rank skips the step. An infinite loss can
+    have finite gradients, which DeepSpeed alone would apply. On the device: no host sync."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+
+
+def _count_skipped_step(s: Session, step: int) -> None:
+    s.skipped_steps.append(step)
+    s.bad_in_a_row.append(step)
+    _logger.warning("step %d skipped: a loss or the gradient norm was not finite; weights and optimizer state are "
+                    "unchanged (%d step(s) skipped so far)", step, len(s.skipped_steps))
+    if len(s.bad_in_a_row) >= (limit := s.p.cfg.max_bad_steps):
+        _stop_diverged(s, step, f"{len(s.bad_in_a_row)} steps in a row (--max-bad-steps {limit}) had a non-finite "
+                                f"loss or gradient norm: steps {_step_list(s.bad_in_a_row)}")
+
+
+def _step_list(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
 
 
 def _contrastive_step(s: Session) -> torch.Tensor:
@@ -175,10 +239,10 @@ def _contrastive_step(s: Session) -> torch.Tensor:
         s.engine.step()  # an optimizer step only at the K-th micro batch (DeepSpeed counts them)
 
     loss, scale = contrastive_accumulation_step(lambda batch: s.engine(*_model_inputs(s, batch)), batches,
-                                                s.loss_fn, backward, s.device)
+                                                lambda *features: guard_loss(s.loss_fn(*features)), backward,
+                                                s.device)
     for k, batch in enumerate(batches):
         s.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
-    s.last_loss = loss
     return scale
 
 
@@ -196,15 +260,15 @@ def _model_inputs(s: Session, batch: dict) -> tuple[torch.Tensor, torch.Tensor, 
 
 def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
     """Loss and throughput since the last log line (one all-reduce), to metrics.jsonl, TensorBoard, the bar."""
-    s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item(), "pairs_per_loss": s.pairs_per_loss}
-    if not math.isfinite(s.last_train["loss"]):  # summed over ranks by the window's one all-reduce: all agree
-        _stop_diverged(s, step, f"the mean loss logged at step {step} is {s.last_train['loss']}")
+    s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item(), "pairs_per_loss": s.pairs_per_loss,
+                    "skipped_steps": len(s.skipped_steps)}
     if (norm := s.engine.get_global_grad_norm()) is not None:  # the last step's, before clipping
         s.last_train["grad_norm"] = float(norm)
     if s.p.cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
         s.last_train["skipped_samples"] = sum(s.skipped.values())  # this rank's, read so far
     s.writer.write(step, s.last_train)
-    s.progress.set_postfix(loss=f"{s.last_train['loss']:.3f}", scale=f"{s.last_train['logit_scale']:.1f}")
+    s.progress.set_postfix(loss=f"{s.last_train.get('loss', math.nan):.3f}",
+                           scale=f"{s.last_train['logit_scale']:.1f}")
 
 
 def evaluate(s: Session, step: int) -> None:
@@ -220,15 +284,20 @@ def evaluate(s: Session, step: int) -> None:
 
 
 def save(s: Session, step: int) -> None:
-    """A DeepSpeed checkpoint of ``step``; ``latest`` moves to it only once every rank has written its part.
-    Never one of non-finite weights or after a non-finite loss (checked on every rank, one all-reduce)."""
+    """A DeepSpeed checkpoint of ``step`` and every rank's state (``rank_state``); ``latest`` moves to it only
+    once every rank has written its part. Never one of non-finite weights (checked on every rank, one
+    all-reduce)."""
     p = s.p
-    if not _finite(s):
-        _stop_diverged(s, step, "the last loss or a weight is non-finite")
+    if not _finite_weights(s):
+        _stop_diverged(s, step, "a weight is not finite")
     tag = checkpoint_tag(step)
     # DeepSpeed would write `latest` from rank 0 before the other ranks finish their shards: we do it after
     s.engine.save_checkpoint(str(p.run.checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
-    if p.env.rank == 0:  # save_checkpoint ends with a barrier: every shard of `tag` is on disk
+    state = rank_state.capture(s.train_loader, data_seed=s.data_seed, split=stream_split(p), skipped=s.skipped,
+                               skipped_steps=s.skipped_steps)
+    rank_state.write(rank_state.rank_state_path(p.run.checkpoints / tag, p.env.rank), state)
+    torch.distributed.barrier()
+    if p.env.rank == 0:  # every rank's part of `tag` is on disk
         p.run.write_latest(tag)
         if deleted := p.run.prune_checkpoints(p.cfg.keep_checkpoints):
             _logger.info("--keep-checkpoints %d: deleted %s", p.cfg.keep_checkpoints, ", ".join(deleted))
@@ -236,11 +305,9 @@ def save(s: Session, step: int) -> None:
     s.last_saved = tag
 
 
-def _finite(s: Session) -> bool:
-    """Whether every rank's last loss and weights (its ZeRO-3 partition) are finite: one all-reduce."""
+def _finite_weights(s: Session) -> bool:
+    """Whether every rank's weights (its ZeRO-3 partition) are finite: one all-reduce."""
     bad = torch.zeros((), device=s.device)
-    if s.last_loss is not None:
-        bad += (~torch.isfinite(s.last_loss.detach().float())).float()
     for param in s.engine.module.parameters():
         bad += (~torch.isfinite(getattr(param, "ds_tensor", param).detach())).any().float()
     torch.distributed.all_reduce(bad)
@@ -267,7 +334,7 @@ def finish(s: Session) -> dict[str, Any]:
     skips = total_skips(s.skipped, p.cfg.loader, p.train_urls, s.device)
     summary = {"steps": p.max_steps, "seconds": time.perf_counter() - s.started, "train": s.last_train,
                "eval": s.last_eval, "n_eval": s.n_eval, "world_size": env.world_size, "loader": p.cfg.loader,
-               "skipped": skips}
+               "skipped": skips, "skipped_steps": s.skipped_steps}
     if env.rank == 0:
         _logger.info("skipped samples (%s loader, all ranks): %s", p.cfg.loader, skips or "none")
         p.run.summary.write_text(json.dumps(summary, indent=2))

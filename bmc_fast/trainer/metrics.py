@@ -60,8 +60,8 @@ class ThroughputWindow:
 
         self.device, self.global_batch = device, global_batch
         self.flops_fn, self.peak_flops = flops_fn, peak_flops
-        self._loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        self._counts = torch.zeros(4, dtype=torch.float64)  # losses, real tokens, padded tokens, FLOPs
+        self._loss = torch.zeros(2, device=device)  # finite losses: sum, count; on the device: no host sync per step
+        self._counts = torch.zeros(3, dtype=torch.float64)  # real tokens, padded tokens, FLOPs
         self._steps = 0
         self.restart_clock()
 
@@ -71,30 +71,32 @@ class ThroughputWindow:
 
     def add_micro_batch(self, loss, attention_mask) -> None:
         """Count a micro batch's tokens and FLOPs, and its loss unless None (contrastive accumulation
-        takes one loss over a step's micro batches)."""
+        takes one loss over a step's micro batches) or non-finite (a skipped step)."""
         import torch
 
         if loss is not None:
-            self._loss += loss.detach()
+            finite = torch.isfinite(loss.detach())
+            self._loss += torch.stack([torch.where(finite, loss.detach(), 0.0), finite.float()])
         mask = attention_mask  # on the CPU: counting is free
         lengths = mask.sum(dim=1).tolist()
         flops = self.flops_fn(mask.shape[0], lengths) if self.flops_fn else 0
-        self._counts += torch.tensor([loss is not None, sum(lengths), mask.numel(), flops], dtype=torch.float64)
+        self._counts += torch.tensor([sum(lengths), mask.numel(), flops], dtype=torch.float64)
 
     def end_step(self) -> None:
         self._steps += 1
 
     def read(self) -> dict[str, float]:
-        """``loss`` (mean over ranks and losses), ``samples_per_s``, real ``tokens_per_s``,
-        ``padding_fraction``; then starts a new window."""
+        """``loss`` (mean over ranks of the finite losses; absent when none was), ``samples_per_s``, real
+        ``tokens_per_s``, ``padding_fraction``; then starts a new window."""
         import torch
 
-        totals = torch.cat([self._loss.double().reshape(1).cpu(), self._counts]).to(self.device)
+        totals = torch.cat([self._loss.double().cpu(), self._counts]).to(self.device)
         torch.distributed.all_reduce(totals)
         loss_sum, losses, real, padded, flops = totals.cpu().tolist()
         seconds = time.perf_counter() - self._start
-        scalars = {"loss": loss_sum / losses, "samples_per_s": self._steps * self.global_batch / seconds,
-                   "tokens_per_s": real / seconds, "padding_fraction": 1 - real / padded}
+        scalars = {"loss": loss_sum / losses} if losses else {}
+        scalars.update(samples_per_s=self._steps * self.global_batch / seconds, tokens_per_s=real / seconds,
+                       padding_fraction=1 - real / padded)
         if self.flops_fn:
             scalars["tflops"] = flops / seconds / 1e12  # all ranks together
             if self.peak_flops:

@@ -16,7 +16,13 @@ from bmc_fast.optional import transformer_engine_installed, triton_installed
 from bmc_fast.run_dir import RunDir
 from bmc_fast.trainer.config import TrainConfig
 from bmc_fast.trainer.distributed import DistEnv
-from bmc_fast.trainer.ds_config import BatchPlan, batch_plan, load_ds_config, with_total_steps
+from bmc_fast.trainer.ds_config import (
+    BatchPlan,
+    batch_plan,
+    check_skips_non_finite_steps,
+    load_ds_config,
+    with_total_steps,
+)
 from bmc_fast.trainer.resume import check_resumable
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
 
     ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
     plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
+    check_skips_non_finite_steps(ds_config)
     _check_weights(cfg)
     checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
     model_cfg = load_model_config(  # validates the preset and the overrides early

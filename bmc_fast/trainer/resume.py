@@ -9,6 +9,7 @@ from bmc_fast.errors import ConfigError
 from bmc_fast.model_config import ModelConfig
 from bmc_fast.run_dir import RunDir, tag_step
 from bmc_fast.trainer.ds_config import BatchPlan
+from bmc_fast.trainer.rank_state import saved_world_size
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +28,11 @@ def check_resumable(run: RunDir, model_cfg: ModelConfig, ds_config: dict[str, An
         raise ConfigError(f"--resume: the checkpoint {tag!r} is at step {done} and --max-steps is "
                           f"{max_steps}: nothing is left to train; raise --max-steps")
     saved = run.read_config()
+    ranks = saved_world_size(run.checkpoints / tag) or saved.get("batch", {}).get("world_size")
+    if ranks is not None and ranks != plan.world_size:
+        raise ConfigError(f"--resume: checkpoint {tag!r} was written by {ranks} rank(s) and this run has "
+                          f"{plan.world_size}: DeepSpeed cannot re-partition ZeRO optimizer state over another number "
+                          f"of ranks; resume with {ranks} rank(s)")
     differs = sorted(set(differing_keys(saved.get("model", {}), model_cfg.to_dict())) - RUNTIME_SWITCHES)
     if differs:
         raise ConfigError(f"--resume: the run in {str(run.path)!r} used a different model ({differs} differ); "
