@@ -217,8 +217,9 @@ def guard_loss(loss: torch.Tensor) -> torch.Tensor:
 def _count_skipped_step(s: Session, step: int) -> None:
     s.skipped_steps.append(step)
     s.bad_in_a_row.append(step)
-    _logger.warning("step %d skipped: a loss or the gradient norm was not finite; weights and optimizer state are "
-                    "unchanged (%d step(s) skipped so far)", step, len(s.skipped_steps))
+    if s.p.env.rank == 0:  # every rank agrees: one line
+        _logger.warning("step %d skipped: a loss or the gradient norm was not finite; weights and optimizer state are "
+                        "unchanged (%d step(s) skipped so far)", step, len(s.skipped_steps))
     if len(s.bad_in_a_row) >= (limit := s.p.cfg.max_bad_steps):
         _stop_diverged(s, step, f"{len(s.bad_in_a_row)} steps in a row (--max-bad-steps {limit}) had a non-finite "
                                 f"loss or gradient norm: steps {_step_list(s.bad_in_a_row)}")

@@ -1,0 +1,64 @@
+"""The NaN guard on the real launcher (2 CPU ranks): a non-finite loss on one rank makes every rank skip the
+step, weights and optimizer state unchanged; ``--max-bad-steps`` skips in a row stop the run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import deepspeed_config, free_port, launch_deepspeed
+
+pytestmark = pytest.mark.slow
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a nested checkpoint object, by its path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    found = {}
+    for key, value in items:
+        found.update(_tensors(value, f"{prefix}/{key}"))
+    return found
+
+
+def _checkpoint_tensors(tag_dir: Path):
+    """Weights (fp32, consolidated) and every optimizer-state tensor of every rank in one checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+    for path in sorted(tag_dir.glob("*optim_states.pt")):
+        optim = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]  # our own file
+        state.update(_tensors(optim, path.name))
+    return state
+
+
+@pytest.mark.parametrize("stage,bf16,accumulation", [(2, False, 1), (3, True, 1), (1, False, 2)],
+                         ids=["zero2-fp32", "zero3-bf16", "zero1-fp32-contrastive2"])
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_all_and_a_run_of_them_stops(stage, bf16, accumulation,
+                                                                                   small_data, tmp_path):
+    ds_config = deepspeed_config(tmp_path, stage, steps=10, batch=32, bf16=bf16, accumulation=accumulation)
+    run_dir = tmp_path / "run"
+    args = ["--num_gpus", "2", "--master_port", str(free_port()), "tests/faulty_train.py", "--ds_config",
+            str(ds_config), "--train-data", small_data["train"], "--tokenizer", small_data["tokenizer_dir"],
+            "--loader", "pil", "--max-steps", "10", "--log-every", "1", "--eval-every", "0", "--save-every", "1",
+            "--max-bad-steps", "3", "--output-dir", str(run_dir), "--seed", "1"]
+    # +inf added to rank 1's loss: at step 3 alone, then at 6, 7, 8 (three in a row)
+    proc = launch_deepspeed(args, tmp_path, check=False, env={"BMC_FAST_TEST_NONFINITE": "1:3,6,7,8"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    message = [line for line in log.splitlines() if line.startswith("error: training diverged")]
+    assert len(set(message)) == 1 and "at step 8: 3 steps in a row (--max-bad-steps 3) had a non-finite loss or " \
+                                 "gradient norm: steps 6, 7, 8" in message[0], log[-3000:]
+    assert "the last good checkpoint is checkpoints/step0000007" in message[0]
+    assert log.count("step 3 skipped") == 1 and "step 4 skipped" not in log  # one line, from rank 0
+    assert not (run_dir / "summary.json").exists()
+
+    checkpoints = run_dir / "checkpoints"
+    before, skipped, after = (_checkpoint_tensors(checkpoints / f"step{n:07d}") for n in (2, 3, 4))
+    assert before.keys() == skipped.keys() and len(before) > 10
+    assert not [key for key in before if not torch.equal(before[key], skipped[key])]  # step 3 changed nothing
+    assert [key for key in before if not torch.equal(before[key], after[key])]  # step 4 trained again
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 2, 3]  # logged up to step 7
+    assert all(r["train/loss"] == pytest.approx(r["train/loss"]) for r in records)  # rank 0's finite losses
