@@ -1,6 +1,7 @@
 """The NaN guard on the real launcher (2 CPU ranks): a non-finite loss on one rank makes every rank skip the
 step, weights and optimizer state unchanged; ``--max-bad-steps`` skips in a row stop the run."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -61,4 +62,4 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_all_and_a_run_of_them_stops
     assert [key for key in before if not torch.equal(before[key], after[key])]  # step 4 trained again
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 2, 3]  # logged up to step 7
-    assert all(r["train/loss"] == pytest.approx(r["train/loss"]) for r in records)  # rank 0's finite losses
+    assert all(math.isfinite(r["train/loss"]) for r in records)  # the mean of the finite losses (rank 0's at 3, 6, 7)

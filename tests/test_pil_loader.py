@@ -4,31 +4,26 @@ import tarfile
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from bmc_fast.data.pil_loader import EpochShardList, make_loader
+from bmc_fast.data.pil_loader import epoch_shards, make_loader
 from bmc_fast.data.shards import expand_shards
 from bmc_fast.data.transforms import CLIP_MEAN, CLIP_STD, image_transform
-
-
-def _urls_seen(dataset, workers):
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
-    return [item["url"] for item in loader]
 
 
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 1)])
 def test_each_epoch_reads_every_shard_once_across_ranks_and_workers(world, workers):
     urls = [f"shard-{i}.tar" for i in range(12)]
-    per_rank = [_urls_seen(EpochShardList(urls, rank, world, seed=5, epochs=1), workers) for rank in range(world)]
-    seen = [u for rank_urls in per_rank for u in rank_urls]
-    assert sorted(seen) == sorted(urls)
+    for epoch in range(3):
+        seen = [url for rank in range(world) for worker in range(workers)
+                for url in epoch_shards(urls, epoch, rank=rank, world_size=world, worker=worker, workers=workers,
+                                        seed=5, shuffle=True)]
+        assert sorted(seen) == sorted(urls)
 
 
 def test_epochs_reshuffle_shards():
     urls = [f"shard-{i}.tar" for i in range(20)]
-    stream = iter(EpochShardList(urls, seed=1))
-    first = [next(stream)["url"] for _ in range(20)]
-    second = [next(stream)["url"] for _ in range(20)]
+    first, second = (epoch_shards(urls, epoch, rank=0, world_size=1, worker=0, workers=1, seed=1, shuffle=True)
+                     for epoch in (0, 1))
     assert sorted(first) == sorted(second) == sorted(urls)
     assert first != second
 

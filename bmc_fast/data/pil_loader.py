@@ -65,24 +65,6 @@ def epoch_shards(urls: list[str], epoch: int, *, rank: int, world_size: int, wor
     return urls[rank::world_size][worker::workers]
 
 
-class EpochShardList(IterableDataset):
-    """Yields ``{"url": shard, "epoch": n}`` for this rank and worker (``epoch_shards``), forever if
-    ``epochs`` is None."""
-
-    def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 shuffle: bool = True):
-        super().__init__()
-        self.urls, self.rank, self.world_size = list(urls), rank, world_size
-        self.seed, self.epochs, self.shuffle = seed, epochs, shuffle
-
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        for epoch in count() if self.epochs is None else range(self.epochs):
-            for url in epoch_shards(self.urls, epoch, rank=self.rank, world_size=self.world_size, worker=worker,
-                                    workers=workers, seed=self.seed, shuffle=self.shuffle):
-                yield {"url": url, "epoch": epoch}
-
-
 def _worker() -> tuple[int, int]:
     """(this DataLoader worker's id, the number of workers); (0, 1) in the main process."""
     info = get_worker_info()
