@@ -34,8 +34,9 @@ def _checkpoint_tensors(tag_dir: Path):
     return state
 
 
-@pytest.mark.parametrize("stage,bf16,accumulation", [(2, False, 1), (3, True, 1), (1, False, 2)],
-                         ids=["zero2-fp32", "zero3-bf16", "zero1-fp32-contrastive2"])
+# ZeRO-1 and -2 share DeepSpeed's stage_1_and_2 optimizer; ZeRO-1 runs in the contrastive accumulation test
+@pytest.mark.parametrize("stage,bf16,accumulation", [(2, False, 2), (3, True, 1)],
+                         ids=["zero2-fp32-contrastive2", "zero3-bf16"])
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_all_and_a_run_of_them_stops(stage, bf16, accumulation,
                                                                                    small_data, tmp_path):
     ds_config = deepspeed_config(tmp_path, stage, steps=10, batch=32, bf16=bf16, accumulation=accumulation)
