@@ -41,7 +41,8 @@ class DaliLoader:
         self.tokenizer, self.context_length = tokenizer, context_length
         self.endless = train and epochs is None
         self.epochs = epochs
-        self.split = {"rank": rank, "world_size": world_size, "batch_size": batch_size}
+        self.split = {"rank": rank, "world_size": world_size, "batch_size": batch_size}  # rank = the shard_id
+        self.device_id = device_id  # None: CPU; on a GPU node, the local rank
 
         def build(checkpoint: bytes | None = None):
             pipe = build_pipeline(shards, [str(index_path(s)) for s in shards], image_size=image_size, train=train,

@@ -1,24 +1,27 @@
-"""Two "nodes" on this machine (DeepSpeed's --no_ssh --node_rank, 1 rank each: LOCAL_RANK 0 on both, RANK
-0 and 1) train exactly as one node with 2 ranks: the global rank shards the data and alone writes the run
-directory. (That the local rank picks the GPU is not visible here: on the CPU DALI's device_id is None.)"""
+"""Two "nodes" on this machine (DeepSpeed's --no_ssh --node_rank; node 0 runs rank 0, node 1 ranks 1 and 2,
+so rank 1 has LOCAL_RANK 0 and rank 2 LOCAL_RANK 1) train exactly as one node with 3 ranks: the global rank
+is DALI's shard_id, the local rank picks the device (DALI's device_id is None on CPU), global rank 0 alone
+writes the run directory, each node frees its own shared memory, and the skip counts cover every rank."""
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, deepspeed_config, free_port, launch_deepspeed
+from helpers import REPO, corrupt_samples, deepspeed_config, free_port, launch_deepspeed, write_shard
 
 pytestmark = pytest.mark.slow  # real processes: the deepspeed launcher, twice at once
 
 STEPS = 4
+BROKEN = {"truncated_image": 1, "not_an_image": 1, "missing_caption": 1}
 
 
-def _train(small_data, ds_config, run_dir, port):
+def _train(small_data, train_data, ds_config, run_dir, port):
     return ["--master_port", str(port), "bmc_fast/train.py", "--ds_config", str(ds_config),
-            "--train-data", small_data["train"], "--eval-data", small_data["eval"], "--tokenizer",
+            "--train-data", train_data, "--eval-data", small_data["eval"], "--tokenizer",
             small_data["tokenizer_dir"], "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "0",
             "--output-dir", str(run_dir), "--seed", "1", "--loader", "dali"]
 
@@ -28,31 +31,46 @@ def _losses(run_dir):
             if "train/loss" in r]
 
 
-def test_two_nodes_of_one_rank_match_one_node_of_two(small_data, tmp_path, monkeypatch):
+def _broken_shard(small_data, path) -> str:
+    """A shard of 3 corrupt samples (one of each kind in ``BROKEN``) between 2 good ones."""
+    with tarfile.open(next(Path(small_data["root"], "train").glob("*.tar"))) as tar:
+        jpeg = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+    bad = [(f"bad-{i}", members) for i, (kind, members) in enumerate(corrupt_samples(jpeg, jpeg)) if kind in BROKEN
+           and (kind != "truncated_image" or members[0][0] == "jpg")]
+    good = [(f"good-{i}", {"jpg": jpeg, "txt": f"figure {i}: an axial CT slice".encode()}) for i in range(2)]
+    return write_shard(path, good[:1] + bad + good[1:])
+
+
+def test_two_nodes_of_one_and_two_ranks_match_one_node_of_three(small_data, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads per rank in both layouts: the same sums
-    ds_config = deepspeed_config(tmp_path, 2, steps=STEPS, batch=32)
+    ds_config = deepspeed_config(tmp_path, 2, steps=STEPS, batch=48)  # 16 pairs per rank
+    train_data = small_data["train"] + "::" + _broken_shard(small_data, tmp_path / "broken.tar")
     one_node = tmp_path / "one-node"
-    launch_deepspeed(["--num_gpus", "2", *_train(small_data, ds_config, one_node, free_port())], tmp_path)
+    launch_deepspeed(["--num_gpus", "3", *_train(small_data, train_data, ds_config, one_node, free_port())], tmp_path)
 
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    hostfile.write_text("node-a slots=1\nnode-b slots=2\n")
     two_nodes, port = tmp_path / "two-nodes", free_port()
     launcher = Path(sys.executable).parent / "deepspeed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     nodes = [subprocess.Popen([str(launcher), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                               "--master_addr", "127.0.0.1", *_train(small_data, ds_config, two_nodes, port)],
+                               "--master_addr", "127.0.0.1",
+                               *_train(small_data, train_data, ds_config, two_nodes, port)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     (tmp_path / "nodes.log").write_text("\n=== node 1 ===\n".join(logs))
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
 
-    assert _losses(two_nodes) == pytest.approx(_losses(one_node), rel=1e-6)  # DALI shard_id = global rank
     assert len(_losses(two_nodes)) == STEPS
-    assert "dist_world_size=2" in logs[1] and "--node_rank=1" in logs[1]
-    assert "done: " in logs[0] and "done: " not in logs[1]  # rank 1 (LOCAL_RANK 0 on its node) writes nothing
-    summary = json.loads((two_nodes / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["skipped"] == json.loads((one_node / "summary.json").read_text())[
-        "skipped"]
+    assert _losses(two_nodes) == pytest.approx(_losses(one_node), rel=1e-6)  # the same shards, the same sums
+    assert "dist_world_size=3" in logs[1] and "--node_rank=1" in logs[1]
+    layout = next(line for line in logs[0].splitlines() if "rank layout: " in line)
+    for rank, node, local in ((0, 0, 0), (1, 1, 0), (2, 1, 1)):
+        assert f"rank {rank} = node {node} " in layout and (
+            f"local rank {local}: cpu, DALI shard_id {rank} of 3, device_id None") in layout, layout
+    assert "done: " in logs[0] and "done: " not in logs[1]  # ranks 1 and 2 write nothing
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (two_nodes, one_node)]
+    assert summaries[0]["world_size"] == 3 and summaries[0]["skipped"] == summaries[1]["skipped"] == BROKEN
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # each node cleaned its own

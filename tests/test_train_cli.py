@@ -11,7 +11,7 @@ import bmc_fast.trainer.loop
 from bmc_fast import train
 from bmc_fast.data import synthetic
 from bmc_fast.errors import ConfigError
-from bmc_fast.trainer.ds_config import batch_plan, with_total_steps
+from bmc_fast.trainer.ds_config import batch_plan, with_resumable_cpu_adam, with_total_steps
 from helpers import REPO
 
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
@@ -154,6 +154,18 @@ def test_schedule_follows_max_steps():
     assert steps == 77 and resolved["scheduler"]["params"]["total_num_steps"] == 77
     assert config["scheduler"]["params"]["total_num_steps"] != 77  # the loaded JSON is not mutated
     assert with_total_steps(config, None)[1] == config["scheduler"]["params"]["total_num_steps"]
+
+
+def test_cpu_runs_train_with_torch_adamw_unless_the_json_chooses():
+    """DeepSpeed's CPU FusedAdam would make a resumed run drift (its bias correction); CUDA keeps FusedAdam."""
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    assert with_resumable_cpu_adam(config, "cpu")["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in config["optimizer"]["params"]  # the loaded JSON is not mutated
+    assert with_resumable_cpu_adam(config, "cuda") == config
+    chosen = {**config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": False}}}
+    assert with_resumable_cpu_adam(chosen, "cpu") == chosen
+    sgd = {**config, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}}}
+    assert with_resumable_cpu_adam(sgd, "cpu") == sgd
 
 
 def test_synthetic_generator_cli(tmp_path):

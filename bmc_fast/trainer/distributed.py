@@ -59,3 +59,15 @@ def release_shm_buffer(env: DistEnv) -> None:
     if segment.exists():
         segment.unlink()
         _logger.debug("removed %s", segment)
+
+
+
+def log_rank_layout(env: DistEnv, device: torch.device, data: str) -> None:
+    """Rank 0 logs, for every rank, its node, local rank, device and data shard (``data``, as this rank's loader
+    was built): the one line to read when a multi-node launch mixes up global and local ranks. One
+    all-gather, once per run."""
+    node = os.environ.get("CROSS_RANK", "0")  # the DeepSpeed launcher's --node_rank
+    mine = f"rank {env.rank} = node {node} ({socket.gethostname()}) local rank {env.local_rank}: {device}, {data}"
+    layout: list[str | None] = [None] * env.world_size
+    torch.distributed.all_gather_object(layout, mine)
+    _logger.info("rank layout: %s", "; ".join(layout))

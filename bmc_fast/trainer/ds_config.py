@@ -111,3 +111,27 @@ def check_skips_non_finite_steps(config: dict[str, Any]) -> None:
         if stage in (1, 2) and (config.get(section) or {}).get("check_grad_overflow") is False:
             raise ConfigError(f"{FLAG}: {section}.check_grad_overflow is false, so ZeRO-{stage} applies a step with "
                               "non-finite gradients; remove it")
+
+
+def with_resumable_cpu_adam(config: dict[str, Any], device_type: str) -> dict[str, Any]:
+    """On CPU, train Adam/AdamW with ``torch.optim.AdamW`` (DeepSpeed's ``"torch_adam": true``) unless the JSON
+    chooses, so that a resumed run continues bit for bit.
+
+    DeepSpeed 0.19's CPU FusedAdam keeps β₁ᵗ and β₂ᵗ in C++ as float32 running products (β·β·…) and, in a
+    fresh process, starts them with ``pow(β, t)``: after a resume from step t ≥ 6 (β₂ = 0.95) the bias
+    correction differs by one float32 ulp, so weights drift from the uninterrupted run's. torch's AdamW
+    computes ``1 - β ** t`` in float64 from the saved step. The CUDA FusedAdam calls ``pow`` every step, so
+    GPU runs keep DeepSpeed's default. ZeRO-Offload's DeepSpeedCPUAdam has the same running product.
+    """
+    optimizer = config.get("optimizer") or {}
+    params = optimizer.get("params") or {}
+    if device_type != "cpu" or str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        return config
+    if "torch_adam" in params:
+        _logger.info("optimizer: torch_adam %s as the DeepSpeed JSON sets it", params["torch_adam"])
+        return config
+    config = copy.deepcopy(config)
+    config["optimizer"].setdefault("params", {})["torch_adam"] = True
+    _logger.info('optimizer: torch.optim.AdamW on CPU ("torch_adam": true), whose bias correction a resume '
+                 'reproduces exactly; set "torch_adam": false in the DeepSpeed JSON for DeepSpeed\'s CPU FusedAdam')
+    return config

@@ -24,6 +24,7 @@ from bmc_fast.errors import TrainingError
 from bmc_fast.run_dir import checkpoint_tag
 from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer
+from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.prepare import Prepared
 from bmc_fast.trainer.run_data import log_token_waste, make_loaders, total_skips
@@ -163,13 +164,15 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     """(DeepSpeed engine of a freshly seeded model, first step, parameter count); with ``--resume``, the
     engine is loaded from ``latest``."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from bmc_fast.model import BMCLongCLIP, param_groups
 
     torch.manual_seed(p.cfg.seed)
     model = BMCLongCLIP(p.model_cfg, image_weights=p.cfg.image_weights, text_weights=p.cfg.text_weights)
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=p.ds_config)
+    config = with_resumable_cpu_adam(p.ds_config, get_accelerator().device_name())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=config)
     if not p.cfg.resume:
         return engine, 1, n_params
     load_path, client_state = engine.load_checkpoint(str(p.run.checkpoints))  # the `latest` tag

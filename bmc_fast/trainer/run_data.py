@@ -9,6 +9,7 @@ import torch
 from bmc_fast.data.samples import SKIP_KINDS
 from bmc_fast.data.select_loader import build_loader
 from bmc_fast.data.shards import REMOTE_PREFIXES
+from bmc_fast.trainer.distributed import log_rank_layout
 from bmc_fast.trainer.prepare import Prepared
 
 _logger = logging.getLogger(__name__)
@@ -22,6 +23,11 @@ def make_loaders(p: Prepared, device: torch.device, half: bool, seed: int):
                   device_id=None if device.type == "cpu" else env.local_rank, half=half)
     train = build_loader(p.train_urls, train=True, rank=env.rank, world_size=env.world_size, seed=seed, **common)
     evaluation = build_loader(p.eval_urls, train=False, **common) if p.eval_urls else None
+    if cfg.loader == "dali":  # as the pipeline was built
+        placement = f"DALI shard_id {train.split['rank']} of {train.split['world_size']}, device_id {train.device_id}"
+    else:
+        placement = f"PIL shard {env.rank} of {env.world_size}"
+    log_rank_layout(env, device, placement)
     return train, evaluation
 
 
