@@ -1,7 +1,8 @@
 """Two "nodes" on this machine (DeepSpeed's --no_ssh --node_rank; node 0 runs rank 0, node 1 ranks 1 and 2,
-so rank 1 has LOCAL_RANK 0 and rank 2 LOCAL_RANK 1) train exactly as one node with 3 ranks: the global rank
+whose LOCAL_RANKs DeepSpeed sets to 1 and 0) train exactly as one node with 3 ranks: the global rank
 is DALI's shard_id, the local rank picks the device (DALI's device_id is None on CPU), global rank 0 alone
 writes the run directory, each node frees its own shared memory, and the skip counts cover every rank."""
+import io
 import json
 import os
 import subprocess
@@ -9,14 +10,16 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from helpers import REPO, corrupt_samples, deepspeed_config, free_port, launch_deepspeed, write_shard
+from helpers import REPO, corrupt_samples, deepspeed_config, encode_image, free_port, launch_deepspeed, write_shard
 
 pytestmark = pytest.mark.slow  # real processes: the deepspeed launcher, twice at once
 
 STEPS = 4
-BROKEN = {"truncated_image": 1, "not_an_image": 1, "missing_caption": 1}
+BROKEN = {"truncated_image": 1, "not_an_image": 2, "missing_caption": 1}  # not_an_image: HTML, a GIF
 
 
 def _train(small_data, train_data, ds_config, run_dir, port):
@@ -32,10 +35,11 @@ def _losses(run_dir):
 
 
 def _broken_shard(small_data, path) -> str:
-    """A shard of 3 corrupt samples (one of each kind in ``BROKEN``) between 2 good ones."""
+    """A shard of the corrupt samples counted in ``BROKEN`` between 2 good ones."""
     with tarfile.open(next(Path(small_data["root"], "train").glob("*.tar"))) as tar:
-        jpeg = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
-    bad = [(f"bad-{i}", members) for i, (kind, members) in enumerate(corrupt_samples(jpeg, jpeg)) if kind in BROKEN
+        png = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png"))
+    jpeg = encode_image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), "JPEG")
+    bad = [(f"bad-{i}", members) for i, (kind, members) in enumerate(corrupt_samples(jpeg, png)) if kind in BROKEN
            and (kind != "truncated_image" or members[0][0] == "jpg")]
     good = [(f"good-{i}", {"jpg": jpeg, "txt": f"figure {i}: an axial CT slice".encode()}) for i in range(2)]
     return write_shard(path, good[:1] + bad + good[1:])
@@ -67,7 +71,9 @@ def test_two_nodes_of_one_and_two_ranks_match_one_node_of_three(small_data, tmp_
     assert _losses(two_nodes) == pytest.approx(_losses(one_node), rel=1e-6)  # the same shards, the same sums
     assert "dist_world_size=3" in logs[1] and "--node_rank=1" in logs[1]
     layout = next(line for line in logs[0].splitlines() if "rank layout: " in line)
-    for rank, node, local in ((0, 0, 0), (1, 1, 0), (2, 1, 1)):
+    # DeepSpeed's launcher sets LOCAL_RANK = RANK mod (ranks on the node): on node 1, rank 1 -> 1 and rank 2 -> 0,
+    # unique on the node, which is all the device choice needs
+    for rank, node, local in ((0, 0, 0), (1, 1, 1), (2, 1, 0)):
         assert f"rank {rank} = node {node} " in layout and (
             f"local rank {local}: cpu, DALI shard_id {rank} of 3, device_id None") in layout, layout
     assert "done: " in logs[0] and "done: " not in logs[1]  # ranks 1 and 2 write nothing

@@ -64,3 +64,28 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_all_and_a_run_of_them_stops
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 2, 3]  # logged up to step 7
     assert all(math.isfinite(r["train/loss"]) for r in records)  # the mean of the finite losses (rank 0's at 3, 6, 7)
+
+
+def test_fp16_loss_scale_overflows_are_not_bad_steps_but_a_non_finite_loss_is(small_data, tmp_path):
+    """fp16 at DeepSpeed's default initial loss scale (2**16) overflows at steps 1-3 with finite losses: DeepSpeed
+    skips them and lowers the scale, and they do not count toward --max-bad-steps 2. +inf in rank 1's loss
+    at steps 6 and 7 still stops the run. Contrastive accumulation 2 with activation checkpointing, in fp16."""
+    ds_config = deepspeed_config(tmp_path, 2, steps=8, batch=32, accumulation=2, fp16_scale_power=16)
+    run_dir = tmp_path / "run"
+    args = ["--num_gpus", "2", "--master_port", str(free_port()), "tests/faulty_train.py", "--ds_config",
+            str(ds_config), "--train-data", small_data["train"], "--tokenizer", small_data["tokenizer_dir"],
+            "--loader", "pil", "--max-steps", "8", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+            "--max-bad-steps", "2", "--grad-checkpointing", "--output-dir", str(run_dir), "--seed", "1"]
+    proc = launch_deepspeed(args, tmp_path, check=False, env={"BMC_FAST_TEST_NONFINITE": "1:6,7"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "ZeRO stage 2, torch.float16" in log and "contrastive accumulation 2" in log
+    overflows = [int(line.split("step ")[1].split()[0]) for line in log.splitlines()
+                 if "skipped: fp16 loss scale overflow (finite loss)" in line]
+    assert overflows == [1, 2, 3], log[-3000:]
+    message = [line for line in log.splitlines() if line.startswith("error: training diverged")]
+    assert message and "2 steps in a row (--max-bad-steps 2) had a non-finite loss or gradient norm: steps 6, 7" in \
+        message[0], log[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in records] == [1, 2, 3, 3, 3, 4]  # logged up to step 6
+    assert all(math.isfinite(r["train/loss"]) for r in records)

@@ -190,8 +190,10 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
     plan = s.p.plan
     lr = s.engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
     if plan.accumulation > 1 and s.p.cfg.accumulation == "contrastive":
-        scale = _contrastive_step(s)
+        loss, scale = _contrastive_step(s)
+        losses = [loss]
     else:
+        losses = []  # this step's micro batch losses, on the device
         for _ in range(plan.accumulation):
             batch = _next_batch(s)
             image, text, scale = s.engine(*_model_inputs(s, batch))
@@ -199,15 +201,36 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
             s.engine.backward(loss)
             s.engine.step()
             s.window.add_micro_batch(loss, batch["attention_mask"])
+            losses.append(loss)
     s.window.end_step()
     s.progress.update(1)
     # DeepSpeed's ZeRO optimizers skip a step whose all-reduced gradient norm is not finite (their own host
     # sync); was_step_applied() reads their verdict, the same on every rank.
     if s.engine.was_step_applied():
         s.bad_in_a_row.clear()
+    elif s.dtype == torch.float16 and _finite_on_every_rank(losses):
+        _log_loss_scale_overflow(s, step)
     else:
         _count_skipped_step(s, step)
     return lr, scale
+
+
+def _finite_on_every_rank(losses: list[torch.Tensor]) -> bool:
+    """Whether every rank's losses of this step are finite: one all-reduce, only on a skipped step (which every
+    rank sees together)."""
+    finite = torch.stack([torch.isfinite(loss.detach()) for loss in losses]).all().to(torch.int32)
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _log_loss_scale_overflow(s: Session, step: int) -> None:
+    """fp16: finite losses whose scaled gradients overflowed. DeepSpeed's dynamic loss scaling skips the step
+    and lowers the scale (it stops the run itself at its minimum scale); not a bad step for --max-bad-steps."""
+    s.skipped_steps.append(step)
+    if s.p.env.rank == 0:
+        _logger.warning("step %d skipped: fp16 loss scale overflow (finite loss), loss scale now %g; weights and "
+                        "optimizer state are unchanged, not counted toward --max-bad-steps", step,
+                        s.engine.optimizer.loss_scale)
 
 
 def guard_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -232,8 +255,8 @@ def _step_list(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
 
 
-def _contrastive_step(s: Session) -> torch.Tensor:
-    """Contrastive accumulation of one step (its K micro batches held in memory); returns the logit scale."""
+def _contrastive_step(s: Session) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contrastive accumulation of one step (its K micro batches held in memory); returns (loss, logit scale)."""
     from bmc_fast.contrastive_accumulation import contrastive_accumulation_step
 
     batches = [_next_batch(s) for _ in range(s.p.plan.accumulation)]
@@ -247,7 +270,7 @@ def _contrastive_step(s: Session) -> torch.Tensor:
                                                 s.device)
     for k, batch in enumerate(batches):
         s.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
-    return scale
+    return loss, scale
 
 
 def _next_batch(s: Session) -> dict:
