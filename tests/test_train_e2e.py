@@ -24,12 +24,15 @@ def _train_args(small_data, ds_config, run_dir, ranks, *extra):
             "--eval-every", "6", "--save-every", "6", "--output-dir", str(run_dir), "--seed", "1", *extra]
 
 
-# ZeRO-1 runs in the guard test (tests/test_nan_guard.py) and the contrastive accumulation test below
+# ZeRO-1 runs in the contrastive accumulation test below; bf16 here with contrastive accumulation 2 and
+# activation checkpointing (fp16 with both: tests/test_nan_guard.py)
 @pytest.mark.parametrize("stage,bf16,loader", [(2, False, "pil"), (3, False, "dali"), (2, True, "dali")])
 def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_data, tmp_path):
     run_dir = tmp_path / "run"
     keep = ["--keep-checkpoints", "1"] if loader == "pil" else []  # the PIL run keeps only its last checkpoint
-    args = _train_args(small_data, _ds_config(tmp_path, stage, bf16), run_dir, 2, "--loader", loader, *keep)
+    accumulation, extra = (2, ["--grad-checkpointing"]) if bf16 else (1, [])
+    ds_config = deepspeed_config(tmp_path, stage, steps=STEPS, batch=32, bf16=bf16, accumulation=accumulation)
+    args = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, *keep, *extra)
     proc = launch_deepspeed(args, tmp_path)
     port = args[args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no 66 MiB left per rank
@@ -48,7 +51,9 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["deepspeed"]["zero_optimization"]["stage"] == stage
-    assert config["batch"] == {"global_batch": 32, "micro_batch": 16, "accumulation": 1, "world_size": 2}
+    assert config["batch"] == {"global_batch": 32, "micro_batch": 16 // accumulation, "accumulation": accumulation,
+                               "world_size": 2}
+    assert not bf16 or "contrastive accumulation 2: each loss contrasts all 32 pairs" in proc.stdout + proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["tokens_per_s"] > 0 and 0 <= summary["train"]["padding_fraction"] < 1
     assert summary["train"]["tflops"] > 0 and "mfu" not in summary["train"]  # no peak is known for a CPU
