@@ -6,3 +6,10 @@ def create_model(*args, **kwargs):
     from bmc_fast.model import create_model as _create_model
 
     return _create_model(*args, **kwargs)
+
+
+def load_model(*args, **kwargs):
+    """``bmc_fast.pretrained.load_model``: (model, tokenizer, eval transform) from an export or a run."""
+    from bmc_fast.pretrained import load_model as _load_model
+
+    return _load_model(*args, **kwargs)

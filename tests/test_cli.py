@@ -16,6 +16,7 @@ BAD_FLAGS = [
     (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "runs/x", "--data", "x.tar", "--batch-size", "0"],
      "--batch-size"),
     (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "/nowhere", "--data", "x.tar"], "--checkpoint"),
+    (["-m", "bmc_fast.export", "/nowhere", "/tmp/bmc-export"], "/nowhere"),
     (["-m", "bmc_fast.data.index", "/nowhere/shard-{000000..000003}.tar", "--bogus"], "--bogus"),
     (["-m", "bmc_fast.data.index", "/nowhere/shard-{000000..000003}.tar"], "shards"),
     (["-m", "bmc_fast.data.token_stats", "--tokenizer", "t", "--data", "d.jsonl", "--cutoffs", "x"], "--cutoffs"),

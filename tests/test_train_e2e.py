@@ -68,6 +68,16 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     if not bf16:
         for key, value in summary["eval"].items():
             assert metrics[key] == pytest.approx(value, abs=1e-9), key
+    if stage == 3:  # the export holds DeepSpeed's fp32 consolidation of the partitioned weights, bit for bit
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from safetensors.torch import load_file
+
+        from bmc_fast.export import WEIGHTS_NAME, export_run
+
+        exported = load_file(export_run(run_dir, tmp_path / "export") / WEIGHTS_NAME)
+        consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+        assert exported.keys() == consolidated.keys()
+        assert not [k for k, v in consolidated.items() if not torch.equal(exported[k].reshape(v.shape), v)]
 
 
 def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):

@@ -1,0 +1,128 @@
+"""Export -> open_clip's own loader (``local-dir:``, offline) -> the same embeddings as bmc-fast's, against
+open_clip 3.3's ``CLIP`` / ``HFTextEncoder`` / ``HFTokenizer`` and preprocess as the independent side."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bmc_fast.errors import ConfigError
+from bmc_fast.export import CONFIG_NAME, WEIGHTS_NAME, export
+from bmc_fast.model import BMCLongCLIP
+from bmc_fast.model_config import load_model_config
+
+CAPTIONS = ["Axial CT of the chest: a 2 cm spiculated nodule in the right upper lobe.",
+            "H&E stain, x40: sheets of atypical cells with mitoses."]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _open_clip(out):
+    import open_clip
+
+    from bmc_fast.open_clip_compat import register_modernbert
+
+    register_modernbert()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{out}")
+
+
+def _compare(model, tokenizer, cfg, out, image_size):
+    """open_clip's tokens, image and text embeddings (fp32) against bmc-fast's, within 1e-5 relative."""
+    oc_model, preprocess, oc_tokenizer = _open_clip(out)
+    ids = oc_tokenizer(CAPTIONS)  # (2, context), padded to the context as open_clip does
+    ours = tokenizer(CAPTIONS, padding="max_length", max_length=cfg.context_length, truncation=True,
+                     return_tensors="pt")
+    assert torch.equal(ids, ours["input_ids"])
+    pixels = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        pairs = [(model.encode_image(pixels, normalize=True), oc_model.encode_image(pixels, normalize=True)),
+                 (model.encode_text(ours["input_ids"], ours["attention_mask"], normalize=True),
+                  oc_model.encode_text(ids, normalize=True))]
+    for mine, theirs in pairs:
+        torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-5 * mine.abs().max().item())
+    assert oc_model.logit_scale.item() == pytest.approx(model.logit_scale.item())
+    return oc_model, preprocess
+
+
+def test_tiny_export_loads_in_open_clip_offline_with_the_same_embeddings(modernbert_tokenizer, tmp_path):
+    from bmc_fast.data.transforms import image_transform
+
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    model = BMCLongCLIP(cfg).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.1)  # not the init: the value must travel
+    out = export(model, modernbert_tokenizer, cfg, tmp_path / "export")
+    assert {p.name for p in out.iterdir()} >= {CONFIG_NAME, WEIGHTS_NAME, "config.json", "tokenizer.json"}
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # safetensors only
+    oc_model, preprocess = _compare(model, modernbert_tokenizer, cfg, out, cfg.vision.image_size)
+    assert type(oc_model.text).__name__ == "HFTextEncoder"
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(image), image_transform(cfg.vision.image_size, train=False)(image))
+
+
+@pytest.mark.slow  # ~0.45 B parameters built twice
+def test_paper_architecture_exports_key_for_key(modernbert_tokenizer, tmp_path):
+    cfg = load_model_config("bmc-longclip-l14-512").with_tokenizer(modernbert_tokenizer)
+    model = BMCLongCLIP(cfg).eval()
+    out = export(model, modernbert_tokenizer, cfg, tmp_path / "export")
+    config = json.loads((out / CONFIG_NAME).read_text())["model_cfg"]
+    assert config["quick_gelu"] is True and config["vision_cfg"]["head_width"] == 64
+    _compare(model, modernbert_tokenizer, cfg, out, 224)
+
+
+def test_export_refuses_what_open_clip_cannot_hold(modernbert_tokenizer, tmp_path):
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    model = BMCLongCLIP(cfg)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and holds no export"):
+        export(model, modernbert_tokenizer, cfg, tmp_path / "busy")
+    narrow = load_model_config("tiny", embed_dim=64).with_tokenizer(modernbert_tokenizer)
+    with pytest.raises(ConfigError, match="text.hidden_size 128 != embed_dim 64"):
+        export(BMCLongCLIP(narrow), modernbert_tokenizer, narrow, tmp_path / "narrow")
+
+
+def test_load_model_reads_an_export_back_exactly(modernbert_tokenizer, tmp_path):
+    import bmc_fast
+
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    model = BMCLongCLIP(cfg).eval()
+    out = export(model, modernbert_tokenizer, cfg, tmp_path / "export")
+    loaded, tokenizer, transform = bmc_fast.load_model(out)
+    assert not loaded.training and tokenizer.pad_token_id == modernbert_tokenizer.pad_token_id
+    state = loaded.state_dict()
+    assert not [key for key, value in model.state_dict().items() if not torch.equal(state[key], value)]
+    image = Image.fromarray(np.zeros((80, 80, 3), dtype=np.uint8))
+    assert transform(image).shape == (3, cfg.vision.image_size, cfg.vision.image_size)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this object writes the marker file: code ran at load time
+        return (open, (str(self.marker), "w"))
+
+
+def test_load_model_never_unpickles(modernbert_tokenizer, tmp_path):
+    import bmc_fast
+
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    out = export(BMCLongCLIP(cfg), modernbert_tokenizer, cfg, tmp_path / "export")
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": _RunsCode(marker)}, out / WEIGHTS_NAME)  # a pickle under the safetensors name
+    with pytest.raises(ConfigError, match="is not a safetensors file .* a renamed pickle is never unpickled"):
+        bmc_fast.load_model(out)
+    (out / WEIGHTS_NAME).rename(out / "open_clip_pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"\['open_clip_pytorch_model.bin'\] are pickles, which can run code"):
+        bmc_fast.load_model(out)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="is neither an export"):
+        bmc_fast.load_model(tmp_path)
