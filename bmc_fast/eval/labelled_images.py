@@ -1,0 +1,93 @@
+"""Labelled images for zero-shot classification, from an image-folder tree, a CSV or WebDataset shards.
+
+- a directory: one sub-directory per class, its images inside (``.jpg .jpeg .png .webp``, any depth);
+- a ``.csv`` file with a ``path,label`` header (paths relative to the CSV's directory);
+- shards (a pattern as ``--train-data`` takes): each sample's image, its label read from the ``.json``
+  member under ``label_key`` (``finding`` or ``view`` in ``../shared/data/covid_cxr``).
+
+Every problem is one ``ConfigError`` naming the dataset: a missing label key, fewer than 2 classes, a
+folder with no images.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bmc_fast.data.samples import IMAGE_EXTENSIONS
+from bmc_fast.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    name: str
+    images: list  # image bytes, one per sample
+    labels: list[str]  # one per sample
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels))
+
+
+def load_labelled_images(name: str, source: str, label_key: str | None = None) -> LabelledImages:
+    path = Path(source)
+    if path.is_dir():
+        images, labels = _from_folder(name, path)
+    elif path.suffix == ".csv":
+        images, labels = _from_csv(name, path)
+    else:
+        images, labels = _from_shards(name, source, label_key)
+    data = LabelledImages(name, images, labels)
+    if len(data.classes) < 2:
+        raise ConfigError(f"zero-shot dataset {name!r}: {len(data.classes)} class(es) {data.classes} in {source!r}; "
+                          "classification needs at least 2")
+    return data
+
+
+def _from_folder(name: str, root: Path) -> tuple[list, list[str]]:
+    images, labels = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(folder.rglob("*")):
+            if file.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                images.append(file.read_bytes())
+                labels.append(folder.name)
+    if not images:
+        raise ConfigError(f"zero-shot dataset {name!r}: the folder {str(root)!r} holds no images (.jpg, .jpeg, .png, "
+                          ".webp) in class sub-folders (ROOT/CLASS/IMAGE)")
+    return images, labels
+
+
+def _from_csv(name: str, path: Path) -> tuple[list, list[str]]:
+    if not path.is_file():
+        raise ConfigError(f"zero-shot dataset {name!r}: {str(path)!r} does not exist")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ConfigError(f"zero-shot dataset {name!r}: {str(path)!r} needs a 'path,label' header and rows")
+    missing = [row["path"] for row in rows if not (path.parent / row["path"]).is_file()]
+    if missing:
+        raise ConfigError(f"zero-shot dataset {name!r}: {len(missing)} image(s) of {str(path)!r} do not exist, e.g. "
+                          f"{missing[:3]} (paths are relative to the CSV's folder)")
+    return [(path.parent / row["path"]).read_bytes() for row in rows], [row["label"] for row in rows]
+
+
+def _from_shards(name: str, pattern: str, label_key: str | None) -> tuple[list, list[str]]:
+    from bmc_fast.data.shards import expand_shards
+    from bmc_fast.data.tar_samples import read_tar_samples
+
+    if label_key is None:
+        raise ConfigError(f"zero-shot dataset {name!r}: shards need --label-key, the .json field holding the label")
+    images, labels = [], []
+    for url in expand_shards(pattern, f"zero-shot dataset {name!r}"):
+        for sample in read_tar_samples(url):
+            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+            if image is None:
+                continue
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            if label_key not in meta:
+                raise ConfigError(f"zero-shot dataset {name!r}: sample {sample['__key__']!r} of {url!r} has no "
+                                  f"{label_key!r} in its .json (keys: {sorted(meta)}): pass another --label-key")
+            images.append(image)
+            labels.append(str(meta[label_key]))
+    return images, labels

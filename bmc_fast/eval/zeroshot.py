@@ -1,0 +1,253 @@
+"""Zero-shot classification of a bmc-fast run, an export, or any open_clip model, by two protocols.
+
+    python -m bmc_fast.eval.zeroshot --model runs/my-run \\
+        --data covid=../shared/data/covid_cxr/shard-{000000..000001}.tar --label-key finding \\
+        [--protocol both] [--choices 4] [--seed 0] [--labels labels.json] [--templates t.txt]
+
+- **closed-form multiple choice** (Appendix D of "No Tokens Wasted", the paper's Table 2): each image is
+  shown its label and ``--choices`` distractor labels drawn from the dataset's other classes, in an order
+  drawn from ``--seed`` (the true label lands in each slot equally often); the answer is the choice whose
+  text embedding is most similar to the image's. Accuracy, per-class accuracy, a confusion matrix PNG.
+- **all-classes** (CLIP_benchmark's convention): every class's text embedding is the normalised mean of its
+  name in each template; top-1 / top-5 accuracy and mean per-class recall.
+
+``--model``: a run directory, an export (``python -m bmc_fast.export``), or ``open_clip:NAME`` /
+``open_clip:NAME@PRETRAINED`` (``local-dir:PATH`` names included). Label texts: the label itself, or its
+entry in ``--labels`` (a JSON object label -> text); templates: ``--templates``, one per line with
+``{}`` where the text goes (default: the text alone). Results: ``OUT/zeroshot.json`` and ``OUT/zeroshot.md``,
+several datasets in one call with their average.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bmc_fast.errors import ConfigError
+from bmc_fast.eval.labelled_images import LabelledImages, load_labelled_images
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("{}",)
+
+
+# ----------------------------------------------------------------------------------------------- protocols
+
+def class_embeddings(encode_texts, class_texts: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+    """(C, E): per class, its text in every template, each embedding normalised, averaged, normalised."""
+    rows = []
+    for text in class_texts:
+        features = F.normalize(encode_texts([t.format(text) for t in templates]), dim=-1)  # (T, E)
+        rows.append(F.normalize(features.mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+def all_classes(image_features: torch.Tensor, class_features: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Top-1 / top-5 accuracy and mean per-class recall of ``argmax`` over every class (normalised inputs)."""
+    logits = image_features @ class_features.T  # (N, C)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, ≤5)
+    correct1 = top[:, 0] == targets
+    recalls = [correct1[targets == c].float().mean().item() for c in targets.unique()]
+    return {"top1": correct1.float().mean().item(), "top5": (top == targets[:, None]).any(1).float().mean().item(),
+            "mean_per_class_recall": float(np.mean(recalls)), "n": len(targets)}
+
+
+def choice_sets(targets: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
+    """(N, k + 1) class indices shown to each image: its class and k distinct others, in a seeded order."""
+    rng = np.random.default_rng(seed)
+    sets = np.empty((len(targets), k + 1), dtype=np.int64)
+    for i, target in enumerate(targets):
+        others = np.delete(np.arange(n_classes), target)
+        choices = np.concatenate([[target], rng.choice(others, size=k, replace=False)])
+        sets[i] = choices[rng.permutation(k + 1)]
+    return sets
+
+
+def multiple_choice(image_features: torch.Tensor, class_features: torch.Tensor, targets: torch.Tensor, k: int,
+                    seed: int) -> dict:
+    """The closed-form multiple choice: accuracy, per-class accuracy, confusion counts, answer slots."""
+    n_classes = class_features.shape[0]
+    sets = torch.from_numpy(choice_sets(targets.numpy(), n_classes, k, seed))  # (N, k+1)
+    similarity = image_features @ class_features.T  # (N, C)
+    picked = sets.gather(1, similarity.gather(1, sets).argmax(dim=1, keepdim=True)).squeeze(1)  # (N,)
+    correct = picked == targets
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+    confusion.index_put_((targets, picked), torch.ones_like(targets), accumulate=True)
+    slots = (sets == targets[:, None]).int().argmax(dim=1)  # where the true label was shown
+    return {"accuracy": correct.float().mean().item(), "choices": k + 1, "n": len(targets),
+            "per_class": {int(c): correct[targets == c].float().mean().item() for c in targets.unique()},
+            "confusion": confusion.tolist(), "answer_slots": torch.bincount(slots, minlength=k + 1).tolist()}
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+
+@dataclass
+class Encoder:
+    """Normalised image and text embeddings of one model, whichever stack it comes from."""
+    model: Any
+    tokenize: Any  # list[str] -> dict of tensors for ``encode``
+    transform: Any  # PIL image -> (3, H, W)
+    kind: str  # "bmc-fast" or "open_clip"
+
+    @torch.no_grad()
+    def encode_images(self, images: list[bytes], batch_size: int = 32) -> torch.Tensor:
+        from bmc_fast.data.samples import decode_image
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([self.transform(decode_image(data)) for data in images[start:start + batch_size]])
+            out.append(self.model.encode_image(pixels, normalize=True))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(texts)
+        if self.kind == "open_clip":
+            return self.model.encode_text(tokens, normalize=True)
+        return self.model.encode_text(tokens["input_ids"], tokens["attention_mask"], normalize=True)
+
+
+def load_encoder(spec: str) -> Encoder:
+    """``--model``: a run directory, an export, or ``open_clip:NAME[@PRETRAINED]``."""
+    if spec.startswith("open_clip:"):
+        import open_clip
+
+        from bmc_fast.open_clip_compat import register_modernbert
+
+        register_modernbert()
+        name, _, pretrained = spec[len("open_clip:"):].partition("@")
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+        return Encoder(model.eval(), open_clip.get_tokenizer(name), preprocess, "open_clip")
+    from bmc_fast.pretrained import load_model
+
+    model, tokenizer, transform = load_model(spec)
+    context = model.cfg.context_length
+
+    def tokenize(texts):
+        return tokenizer(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
+
+    return Encoder(model, tokenize, transform, "bmc-fast")
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def evaluate(encoder: Encoder, data: LabelledImages, protocol: str = "both", k: int = 4, seed: int = 0,
+             label_texts: dict[str, str] | None = None, templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> dict:
+    classes = data.classes
+    if protocol in ("both", "mc") and k > len(classes) - 1:
+        raise ConfigError(f"zero-shot dataset {data.name!r}: --choices {k} distractors, but only {len(classes) - 1} "
+                          f"other class(es) ({len(classes)} in all): pass --choices {len(classes) - 1} or fewer")
+    texts = [(label_texts or {}).get(c, c) for c in classes]
+    targets = torch.tensor([classes.index(label) for label in data.labels])
+    image_features = encoder.encode_images(data.images)
+    class_features = class_embeddings(encoder.encode_texts, texts, templates)
+    result: dict[str, Any] = {"classes": classes, "n": len(targets)}
+    if protocol in ("both", "all"):
+        result["all_classes"] = all_classes(image_features, class_features, targets)
+    if protocol in ("both", "mc"):
+        mc = multiple_choice(image_features, class_features, targets, k, seed)
+        mc["per_class"] = {classes[c]: acc for c, acc in mc["per_class"].items()}
+        result["multiple_choice"] = mc
+    return result
+
+
+def markdown(results: dict[str, dict]) -> str:
+    """One row per dataset and their average."""
+    rows = ["| dataset | n | classes | multiple choice (acc) | all-classes top-1 | top-5 | mean per-class recall |",
+            "|---|---|---|---|---|---|---|"]
+
+    def cells(r):
+        mc, ac = r.get("multiple_choice", {}), r.get("all_classes", {})
+        return [mc.get("accuracy"), ac.get("top1"), ac.get("top5"), ac.get("mean_per_class_recall")]
+
+    fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['n']} | {len(r['classes'])} | " + " | ".join(map(fmt, cells(r))) + " |")
+    if len(results) > 1:
+        columns = list(zip(*(cells(r) for r in results.values())))
+        mean = [None if None in col else float(np.mean(col)) for col in columns]
+        rows.append(f"| **average** ({len(results)}) | | | " + " | ".join(map(fmt, mean)) + " |")
+    return "\n".join(rows)
+
+
+def plot_confusion(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes, confusion = result["classes"], np.array(result["multiple_choice"]["confusion"])
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes), 1 + 0.5 * len(classes)))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("answer")
+    ax.set_ylabel("true label")
+    for (i, j), count in np.ndenumerate(confusion):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7)
+    ax.set_title(f"multiple choice, {result['multiple_choice']['choices']} choices")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bmc_fast.cli import ArgumentParser, positive_int
+
+    parser = ArgumentParser(prog="python -m bmc_fast.eval.zeroshot", description="Zero-shot classification.")
+    parser.add_argument("--model", required=True, help="run directory, export, or open_clip:NAME[@PRETRAINED]")
+    parser.add_argument("--data", action="append", required=True, metavar="NAME=SOURCE",
+                        help="an image-folder tree, a path,label CSV or shards (repeatable)")
+    parser.add_argument("--label-key", action="append", default=None,
+                        help="shards: the .json field holding the label; once for all --data, or once for each")
+    parser.add_argument("--protocol", default="both", choices=("both", "mc", "all"))
+    parser.add_argument("--choices", type=positive_int, default=4, help="multiple choice: distractors per image")
+    parser.add_argument("--seed", type=int, default=0, help="multiple choice: the draw of distractors and order")
+    parser.add_argument("--labels", default=None, help="JSON object: label -> text shown to the model")
+    parser.add_argument("--templates", default=None, help="text file, one template with {} a line")
+    parser.add_argument("--out", default="zeroshot", help="output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = args.label_key or [None]
+    if len(keys) not in (1, len(args.data)):
+        raise ConfigError(f"--label-key is given {len(keys)} times for {len(args.data)} --data: give it once (for "
+                          "all) or once for each --data, in the same order")
+    datasets = []
+    for item, key in zip(args.data, keys * len(args.data) if len(keys) == 1 else keys):
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ConfigError(f"--data {item!r}: write NAME=SOURCE, e.g. covid=DIR/shard-{{000000..000001}}.tar")
+        datasets.append(load_labelled_images(name, source, key))
+    label_texts = json.loads(Path(args.labels).read_text()) if args.labels else None
+    templates = DEFAULT_TEMPLATES
+    if args.templates:
+        templates = tuple(line.strip() for line in Path(args.templates).read_text().splitlines() if line.strip())
+        if not templates or any("{}" not in t for t in templates):
+            raise ConfigError(f"--templates {args.templates!r}: every line needs a {{}} where the label goes")
+    encoder = load_encoder(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for data in datasets:
+        results[data.name] = evaluate(encoder, data, args.protocol, args.choices, args.seed, label_texts, templates)
+        if "multiple_choice" in results[data.name]:
+            plot_confusion(results[data.name], out / f"confusion_{data.name}.png")
+    table = markdown(results)
+    (out / "zeroshot.json").write_text(json.dumps({"model": args.model, "seed": args.seed, **results}, indent=2))
+    (out / "zeroshot.md").write_text(table + "\n")
+    sys.stdout.write(table + f"\n\nwrote {out / 'zeroshot.json'}\n")
+    return results
+
+
+if __name__ == "__main__":
+    from bmc_fast.cli import run_main
+
+    run_main(main)

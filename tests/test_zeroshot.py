@@ -1,0 +1,117 @@
+"""Zero-shot classification: both protocols against brute-force loops, the multiple choice's draw, bad
+input, and the CLI on the real COVID X-rays with a bmc-fast export and the same export through open_clip."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmc_fast.errors import ConfigError
+from bmc_fast.eval import zeroshot
+from bmc_fast.eval.labelled_images import load_labelled_images
+from helpers import SHARED_DATA, encode_image
+
+COVID = SHARED_DATA / "covid_cxr"
+COVID_SHARDS = str(COVID / "shard-{000000..000001}.tar")
+
+
+def _features(n=300, classes=7, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    class_features = F.normalize(torch.randn(classes, dim, generator=g, dtype=torch.float64), dim=-1)
+    targets = torch.randint(0, classes, (n,), generator=g)
+    image_features = F.normalize(class_features[targets] + 1.2 * torch.randn(n, dim, generator=g,
+                                                                             dtype=torch.float64), dim=-1)
+    return image_features, class_features, targets
+
+
+def test_all_classes_equals_a_brute_force_loop():
+    images, classes, targets = _features()
+    got = zeroshot.all_classes(images, classes, targets)
+    top1, top5, per_class = 0, 0, {}
+    for i in range(len(targets)):
+        scores = [float(images[i] @ classes[c]) for c in range(len(classes))]
+        order = sorted(range(len(scores)), key=lambda c: -scores[c])
+        top1 += order[0] == targets[i]
+        top5 += int(targets[i]) in order[:5]
+        per_class.setdefault(int(targets[i]), []).append(order[0] == targets[i])
+    assert 0.2 < got["top1"] < 0.95  # neither trivial nor hopeless: the comparison means something
+    assert got["top1"] == pytest.approx(top1 / len(targets))
+    assert got["top5"] == pytest.approx(top5 / len(targets))
+    assert got["mean_per_class_recall"] == pytest.approx(np.mean([np.mean(v) for v in per_class.values()]))
+
+
+def test_multiple_choice_equals_a_brute_force_loop():
+    images, classes, targets = _features()
+    got = zeroshot.multiple_choice(images, classes, targets, k=3, seed=5)
+    sets = zeroshot.choice_sets(targets.numpy(), len(classes), 3, seed=5)
+    correct, confusion = 0, np.zeros((len(classes), len(classes)), dtype=int)
+    for i, shown in enumerate(sets):
+        answer = max(shown, key=lambda c: float(images[i] @ classes[c]))
+        correct += answer == targets[i]
+        confusion[targets[i], answer] += 1
+    assert got["accuracy"] == pytest.approx(correct / len(targets)) and got["choices"] == 4
+    assert got["confusion"] == confusion.tolist()
+    assert got["accuracy"] > zeroshot.all_classes(images, classes, targets)["top1"]  # 4 choices are easier
+
+
+def test_choice_sets_are_seeded_distinct_and_never_leak_the_answer_slot():
+    targets = np.random.default_rng(0).integers(0, 10, 4000)
+    sets = zeroshot.choice_sets(targets, 10, 3, seed=1)
+    assert np.array_equal(sets, zeroshot.choice_sets(targets, 10, 3, seed=1))
+    assert not np.array_equal(sets, zeroshot.choice_sets(targets, 10, 3, seed=2))
+    assert all(len(set(row)) == 4 and (row == t).sum() == 1 for row, t in zip(sets, targets))
+    slots = np.bincount((sets == targets[:, None]).argmax(axis=1), minlength=4)
+    sigma = np.sqrt(4000 * 0.25 * 0.75)  # binomial spread of one slot's count
+    assert np.all(np.abs(slots - 1000) < 4 * sigma), slots
+
+
+def test_bad_input_is_one_message_naming_the_dataset(tmp_path):
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="'pets': the folder .* holds no images"):
+        load_labelled_images("pets", str(tmp_path / "empty"))
+    image = encode_image(np.zeros((8, 8, 3), np.uint8), "PNG")
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    (tmp_path / "one" / "cat" / "a.png").write_bytes(image)
+    with pytest.raises(ConfigError, match=r"'solo': 1 class\(es\) \['cat'\] .* at least 2"):
+        load_labelled_images("solo", str(tmp_path / "one"))
+    (tmp_path / "one" / "dog").mkdir()
+    (tmp_path / "one" / "dog" / "b.png").write_bytes(image)
+    data = load_labelled_images("two", str(tmp_path / "one"))
+    assert data.labels == ["cat", "dog"]
+    encoder = zeroshot.Encoder(None, None, None, "bmc-fast")
+    with pytest.raises(ConfigError, match="'two': --choices 2 distractors, but only 1 other class"):
+        zeroshot.evaluate(encoder, data, k=2)
+    (tmp_path / "list.csv").write_text("path,label\none/cat/a.png,cat\none/dog/b.png,dog\n")
+    assert load_labelled_images("csv", str(tmp_path / "list.csv")).labels == ["cat", "dog"]
+
+
+@pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data)")
+def test_a_missing_label_key_names_the_sample():
+    with pytest.raises(ConfigError, match="'covid': sample .* has no 'diagnosis' in its .json .* 'finding'"):
+        load_labelled_images("covid", COVID_SHARDS, "diagnosis")
+
+
+@pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data)")
+def test_cli_on_covid_x_rays_agrees_between_bmc_fast_and_open_clip(modernbert_tokenizer, tmp_path, monkeypatch):
+    from bmc_fast.export import export
+    from bmc_fast.model import BMCLongCLIP
+    from bmc_fast.model_config import load_model_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    out = export(BMCLongCLIP(cfg).eval(), modernbert_tokenizer, cfg, tmp_path / "export")
+    (tmp_path / "templates.txt").write_text("a chest x-ray, {} view\n{} projection\n")
+    common = ["--choices", "2", "--templates", str(tmp_path / "templates.txt"), "--data", f"view={COVID_SHARDS}"]
+    ours = zeroshot.main(["--model", str(out), "--out", str(tmp_path / "ours"), *common, "--data",
+                          f"finding={COVID_SHARDS}", "--label-key", "view", "--label-key", "finding"])
+    theirs = zeroshot.main(["--model", f"open_clip:local-dir:{out}", "--out", str(tmp_path / "theirs"), *common,
+                            "--label-key", "view"])
+    assert ours["view"]["classes"] == ["AP", "AP Supine", "PA"] and ours["view"]["n"] == 196
+    assert len(ours["finding"]["classes"]) > 10
+    for protocol, key in (("all_classes", "top1"), ("all_classes", "top5"), ("multiple_choice", "accuracy")):
+        assert ours["view"][protocol][key] == pytest.approx(theirs["view"][protocol][key]), (protocol, key)
+    saved = json.loads((tmp_path / "ours" / "zeroshot.json").read_text())
+    assert saved["view"]["multiple_choice"]["answer_slots"] and (tmp_path / "ours" / "confusion_view.png").is_file()
+    table = (tmp_path / "ours" / "zeroshot.md").read_text()
+    assert "| view | 196 | 3 |" in table and "**average** (2)" in table
