@@ -17,6 +17,7 @@ BAD_FLAGS = [
      "--batch-size"),
     (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "/nowhere", "--data", "x.tar"], "--checkpoint"),
     (["-m", "bmc_fast.export", "/nowhere", "/tmp/bmc-export"], "/nowhere"),
+    (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=b", "--choices", "0"], "--choices"),
     (["-m", "bmc_fast.data.index", "/nowhere/shard-{000000..000003}.tar", "--bogus"], "--bogus"),
     (["-m", "bmc_fast.data.index", "/nowhere/shard-{000000..000003}.tar"], "shards"),
     (["-m", "bmc_fast.data.token_stats", "--tokenizer", "t", "--data", "d.jsonl", "--cutoffs", "x"], "--cutoffs"),
