@@ -3,7 +3,8 @@
 - a directory: one sub-directory per class, its images inside (``.jpg .jpeg .png .webp``, any depth);
 - a ``.csv`` file with a ``path,label`` header (paths relative to the CSV's directory);
 - shards (a pattern as ``--train-data`` takes): each sample's image, its label read from the ``.json``
-  member under ``label_key`` (``finding`` or ``view`` in ``../shared/data/covid_cxr``).
+  member under ``label_key`` (``finding`` or ``view`` in ``../shared/data/covid_cxr``; a dotted key walks
+  nested fields: ``lesions.0.colour`` in the embedded synthetic data).
 
 Every problem is one ``ConfigError`` naming the dataset: a missing label key, fewer than 2 classes, a
 folder with no images.
@@ -85,9 +86,22 @@ def _from_shards(name: str, pattern: str, label_key: str | None) -> tuple[list, 
             if image is None:
                 continue
             meta = json.loads(sample["json"]) if "json" in sample else {}
-            if label_key not in meta:
+            label = _lookup(meta, label_key)
+            if label is None:
                 raise ConfigError(f"zero-shot dataset {name!r}: sample {sample['__key__']!r} of {url!r} has no "
                                   f"{label_key!r} in its .json (keys: {sorted(meta)}): pass another --label-key")
             images.append(image)
-            labels.append(str(meta[label_key]))
+            labels.append(str(label))
     return images, labels
+
+
+def _lookup(meta, key: str):
+    """``meta[key]``, where a dotted key walks nested objects and lists (``lesions.0.colour``); None if absent."""
+    for part in key.split(".") if key not in meta else [key]:
+        if isinstance(meta, dict) and part in meta:
+            meta = meta[part]
+        elif isinstance(meta, list) and part.isdigit() and int(part) < len(meta):
+            meta = meta[int(part)]
+        else:
+            return None
+    return meta

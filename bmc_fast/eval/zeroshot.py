@@ -128,6 +128,11 @@ def load_encoder(spec: str) -> Encoder:
     from bmc_fast.pretrained import load_model
 
     model, tokenizer, transform = load_model(spec)
+    return bmc_fast_encoder(model, tokenizer, transform)
+
+
+def bmc_fast_encoder(model, tokenizer, transform) -> Encoder:
+    """An ``Encoder`` over a ``BMCLongCLIP``; captions padded and truncated to its context."""
     context = model.cfg.context_length
 
     def tokenize(texts):
@@ -158,8 +163,8 @@ def evaluate(encoder: Encoder, data: LabelledImages, protocol: str = "both", k: 
     return result
 
 
-def markdown(results: dict[str, dict]) -> str:
-    """One row per dataset and their average."""
+def markdown(results: dict[str, dict], average: bool = True) -> str:
+    """One row per dataset and (``average``) their average."""
     rows = ["| dataset | n | classes | multiple choice (acc) | all-classes top-1 | top-5 | mean per-class recall |",
             "|---|---|---|---|---|---|---|"]
 
@@ -170,7 +175,7 @@ def markdown(results: dict[str, dict]) -> str:
     fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for name, r in results.items():
         rows.append(f"| {name} | {r['n']} | {len(r['classes'])} | " + " | ".join(map(fmt, cells(r))) + " |")
-    if len(results) > 1:
+    if average and len(results) > 1:
         columns = list(zip(*(cells(r) for r in results.values())))
         mean = [None if None in col else float(np.mean(col)) for col in columns]
         rows.append(f"| **average** ({len(results)}) | | | " + " | ".join(map(fmt, mean)) + " |")

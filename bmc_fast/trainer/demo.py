@@ -3,8 +3,10 @@
     python -m bmc_fast.trainer.demo --out runs/demo
 
 Trains the ``tiny`` model twice with the real ``deepspeed`` launcher on 2 ranks, at context 77 and
-512 with everything else equal, evaluates both with ``bmc_fast.eval.retrieval`` and writes
-``OUT/summary.json``: ``{"ctx77": {t2i_r1 ...}, "ctx512": {...}}``. The captions' findings start
+512 with everything else equal, evaluates both with ``bmc_fast.eval.retrieval`` and zero-shot
+(``bmc_fast.eval.zeroshot``: the modality and the first lesion's colour, 3 choices and all classes), and
+writes ``OUT/summary.json``: ``{"ctx77": {t2i_r1 ..., zeroshot_modality ...}, "ctx512": {...}}``. The
+captions' findings start
 after ~100 tokens of preamble, so a 77-token model cannot read them.
 """
 from __future__ import annotations
@@ -19,13 +21,17 @@ import time
 from pathlib import Path
 
 from bmc_fast.cli import ArgumentParser, run_main
-from bmc_fast.errors import ConfigError
+from bmc_fast.errors import ConfigError, TrainingError
 from bmc_fast.trainer.distributed import free_port
 from bmc_fast.trainer.ds_config import load_ds_config
 
 _logger = logging.getLogger(__name__)
 
 CONTEXTS = (77, 512)
+# Zero-shot tasks drawn from the captions' own attributes (each eval sample's .json): the modality, which
+# the preamble names within 77 tokens, and the first lesion's colour, which only the findings name.
+ZEROSHOT_TASKS = {"modality": "modality", "colour": "lesions.0.colour"}
+ZEROSHOT_TEMPLATES = {"modality": ("{}",), "colour": ("a {} lesion", "{}")}
 
 
 def _launcher() -> list[str]:
@@ -48,7 +54,7 @@ def train_one(context_length: int, run_dir: Path, args: argparse.Namespace) -> N
         code = subprocess.call(command, stdout=sink, stderr=subprocess.STDOUT)
     if code != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"training at context {context_length} failed (exit {code}); see {log}:\n{tail}")
+        raise TrainingError(f"training at context {context_length} failed (exit {code}); see {log}: {tail}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,23 +74,38 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from bmc_fast.data.default_data import ensure_default_data
+    from bmc_fast.data.transforms import image_transform
+    from bmc_fast.eval import zeroshot
     from bmc_fast.eval.checkpoint import load_run
+    from bmc_fast.eval.labelled_images import load_labelled_images
     from bmc_fast.eval.retrieval import evaluate_shards, format_table
+    from bmc_fast.eval.zeroshot import bmc_fast_encoder
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = ensure_default_data(seed=args.seed)
     summary, started = {}, time.perf_counter()
+    zeroshot_sets = [load_labelled_images(name, data.eval, key) for name, key in ZEROSHOT_TASKS.items()]
+    zeroshot_results = {}
     for context_length in CONTEXTS:
         run_dir = out / f"ctx{context_length}"
         train_one(context_length, run_dir, args)
         model, tokenizer, model_cfg = load_run(run_dir)
         summary[f"ctx{context_length}"] = evaluate_shards(model, tokenizer, model_cfg, data.eval)
+        encoder = bmc_fast_encoder(model, tokenizer, image_transform(model_cfg.vision.image_size, train=False))
+        for task in zeroshot_sets:  # 2 distractors: 3 choices, on 4 modalities and 6 colours alike
+            result = zeroshot.evaluate(encoder, task, k=2, seed=args.seed, templates=ZEROSHOT_TEMPLATES[task.name])
+            summary[f"ctx{context_length}"][f"zeroshot_{task.name}"] = {  # percent, as the recalls
+                "multiple_choice": 100 * result["multiple_choice"]["accuracy"],
+                "top1": 100 * result["all_classes"]["top1"]}
+            zeroshot_results[f"ctx{context_length} {task.name}"] = result
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = format_table(summary)
-    (out / "summary.md").write_text(table + "\n")
+    table = format_table({name: {k: v for k, v in m.items() if not k.startswith("zeroshot_")}
+                          for name, m in summary.items()})
+    zeroshot_table = zeroshot.markdown(zeroshot_results, average=False)
+    (out / "summary.md").write_text(table + "\n\nZero-shot (3 choices; all classes)\n\n" + zeroshot_table + "\n")
     ratio = summary["ctx512"]["t2i_r1"] / max(summary["ctx77"]["t2i_r1"], 1e-9)
-    sys.stdout.write(f"\n{table}\n\nT2I R@1 ctx512 / ctx77 = {ratio:.1f}x  "
+    sys.stdout.write(f"\n{table}\n\n{zeroshot_table}\n\nT2I R@1 ctx512 / ctx77 = {ratio:.1f}x  "
                      f"({time.perf_counter() - started:.0f} s; {out / 'summary.json'})\n")
     return summary
 
