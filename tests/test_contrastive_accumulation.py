@@ -64,6 +64,18 @@ def test_one_rank_k_micro_batches_equal_one_big_batch(small_data):
     assert loss.item() > 0.1 and any(g.abs().max() > 0 for g in grads.values())
 
 
+def test_one_rank_k_micro_batches_on_the_triton_kernels_equal_one_big_batch(small_data):
+    """The same in float32 with the loss on the Triton kernels (interpreted here), the big batch on torch's."""
+    model, pixels, ids, mask = _inputs(small_data["tokenizer"])
+    model, pixels = model.float(), pixels.float()
+    loss, grads = _accumulated_grads(model, _micro_batches(pixels, ids, mask, list(range(N)), K),
+                                     FusedClipLoss(backend="triton"))
+    big_loss, big_grads = _big_batch_grads(model, pixels, ids, mask, FusedClipLoss(backend="torch"))
+    torch.testing.assert_close(loss, big_loss, rtol=1e-5, atol=0)
+    for name, grad in big_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
 def test_each_micro_batch_replays_its_own_randomness():
     """With dropout, the re-forward must draw the masks of the first forward, not new ones."""
     torch.manual_seed(0)

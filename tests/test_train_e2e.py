@@ -82,23 +82,24 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
 
 def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
     run_dir = tmp_path / "run"
-    ds_config = _ds_config(tmp_path, 2)
-    launch_deepspeed(_train_args(small_data, ds_config, run_dir, ranks=1), tmp_path)
+    ds_config = deepspeed_config(tmp_path, 2, steps=8, batch=32)
+    short = ["--max-steps", "8", "--eval-every", "0"]  # checkpoints after 6 and 8
+    launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, *short), tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["batch"] == {"global_batch": 32, "micro_batch": 32, "accumulation": 1, "world_size": 1}
     uninterrupted, _ = _weights(run_dir)
 
     (run_dir / "checkpoints" / "latest").write_text("step0000006")  # as if the run had died after step 6
-    proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, "--resume"), tmp_path)
+    proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, *short, "--resume"), tmp_path)
     assert "resumed from step0000006 at step 6" in proc.stdout + proc.stderr
     assert json.loads((run_dir / "config.json").read_text()) == config  # the original set-up is kept
     assert json.loads((run_dir / "config.resume-1.json").read_text())["train"]["resume"] == "latest"
     assert "resumed the data stream, RNG states and skip counts of step0000006" in proc.stdout + proc.stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
-    assert steps == list(range(1, STEPS + 1)) + list(range(7, STEPS + 1))
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:07d}"
-    # Steps 7-12 again, from the saved stream: the same weights, bit for bit. A resume from step >= 6 is where
+    assert steps == list(range(1, 9)) + [7, 8]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step0000008"
+    # Steps 7-8 again, from the saved stream: the same weights, bit for bit. A resume from step >= 6 is where
     # DeepSpeed's CPU FusedAdam would drift by one ulp (its bias correction; the trainer picks torch's AdamW).
     assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in proc.stdout + proc.stderr
     resumed, _ = _weights(run_dir)
@@ -156,16 +157,16 @@ def _last_per_step(run_dir, key):
 
 @pytest.mark.parametrize("loader,accumulation", [("pil", 1), ("dali", 2)])
 def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, accumulation, small_data, tmp_path):
-    """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 8 steps, checkpoints after 3, 6, 8):
+    """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 7 steps, checkpoints after 3, 6, 7):
     the same command twice ends with bit-identical weights; the same command with rank 1 killed by SIGKILL
     as step 7 begins, relaunched with --resume from step 6 (where DeepSpeed's CPU FusedAdam would drift),
     ends with them too, loss for loss. PIL loader plain, DALI with contrastive accumulation (2 micro batches)."""
     from bmc_fast.model import BMCLongCLIP
 
-    ds_config = deepspeed_config(tmp_path, 2, steps=8, batch=32, accumulation=accumulation)
+    ds_config = deepspeed_config(tmp_path, 2, steps=7, batch=32, accumulation=accumulation)
 
     def args(run_dir, *extra):
-        return _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "8",
+        return _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "7",
                            "--eval-every", "0", "--save-every", "3", *extra)
 
     for name in ("first", "second"):
