@@ -17,7 +17,7 @@ is () in open_clip and (1,) here; open_clip has no ``max_logit_scale`` clamp (CL
 unless training pushed the scale past it). open_clip 3.3 does not know ModernBERT:
 ``bmc_fast.open_clip_compat.register_modernbert()`` must run before open_clip loads the directory. The
 HF config is found through ``text_cfg.hf_model_name``, the directory's absolute path: after moving the
-directory, re-export or edit that field (``bmc_fast.load_model`` re-points it itself).
+directory, re-export or edit that field (``bmc_fast.load_model`` does not read it).
 """
 from __future__ import annotations
 

@@ -172,7 +172,9 @@ def markdown(results: dict[str, dict], average: bool = True) -> str:
         mc, ac = r.get("multiple_choice", {}), r.get("all_classes", {})
         return [mc.get("accuracy"), ac.get("top1"), ac.get("top5"), ac.get("mean_per_class_recall")]
 
-    fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    def fmt(value):
+        return "—" if value is None else f"{100 * value:.1f}"
+
     for name, r in results.items():
         rows.append(f"| {name} | {r['n']} | {len(r['classes'])} | " + " | ".join(map(fmt, cells(r))) + " |")
     if average and len(results) > 1:
