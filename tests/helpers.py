@@ -139,3 +139,22 @@ def launch_deepspeed(args, tmp_path, check: bool = True, env: dict | None = None
     (tmp_path / log).write_text(proc.stdout + proc.stderr)
     assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+class RunsCode:
+    """An object whose unpickling writes ``marker``: code ran at load time."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w')",))
+
+
+def assert_same_tensors(got: dict, expected: dict) -> None:
+    """The same keys, and every tensor equal bit for bit."""
+    import torch
+
+    assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))
+    different = [k for k, v in expected.items() if not torch.equal(got[k], v)]
+    assert not different, different

@@ -11,6 +11,7 @@ from bmc_fast.errors import ConfigError
 from bmc_fast.export import CONFIG_NAME, WEIGHTS_NAME, export
 from bmc_fast.model import BMCLongCLIP
 from bmc_fast.model_config import load_model_config
+from helpers import RunsCode
 
 CAPTIONS = ["Axial CT of the chest: a 2 cm spiculated nodule in the right upper lobe.",
             "H&E stain, x40: sheets of atypical cells with mitoses."]
@@ -103,21 +104,13 @@ def test_load_model_reads_an_export_back_exactly(modernbert_tokenizer, tmp_path)
     assert transform(image).shape == (3, cfg.vision.image_size, cfg.vision.image_size)
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):  # unpickling this object writes the marker file: code ran at load time
-        return (open, (str(self.marker), "w"))
-
-
 def test_load_model_never_unpickles(modernbert_tokenizer, tmp_path):
     import bmc_fast
 
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
     out = export(BMCLongCLIP(cfg), modernbert_tokenizer, cfg, tmp_path / "export")
     marker = tmp_path / "code-ran"
-    torch.save({"state_dict": _RunsCode(marker)}, out / WEIGHTS_NAME)  # a pickle under the safetensors name
+    torch.save({"state_dict": RunsCode(marker)}, out / WEIGHTS_NAME)  # a pickle under the safetensors name
     with pytest.raises(ConfigError, match="is not a safetensors file .* a renamed pickle is never unpickled"):
         bmc_fast.load_model(out)
     (out / WEIGHTS_NAME).rename(out / "open_clip_pytorch_model.bin")

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bmc_fast.errors import ConfigError
 from bmc_fast.eval import retrieval as eval_retrieval
-from helpers import REPO, deepspeed_config, free_port, launch_deepspeed
+from helpers import REPO, RunsCode, assert_same_tensors, deepspeed_config, free_port, launch_deepspeed
 
 pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
 
@@ -68,16 +69,25 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     if not bf16:
         for key, value in summary["eval"].items():
             assert metrics[key] == pytest.approx(value, abs=1e-9), key
+    consolidated = _check_weights_only_consolidation(run_dir)
     if stage == 3:  # the export holds DeepSpeed's fp32 consolidation of the partitioned weights, bit for bit
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         from safetensors.torch import load_file
 
         from bmc_fast.export import WEIGHTS_NAME, export_run
 
         exported = load_file(export_run(run_dir, tmp_path / "export") / WEIGHTS_NAME)
-        consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
         assert exported.keys() == consolidated.keys()
-        assert not [k for k, v in consolidated.items() if not torch.equal(exported[k].reshape(v.shape), v)]
+        assert_same_tensors({k: exported[k].reshape(v.shape) for k, v in consolidated.items()}, consolidated)
+        # a shard swapped for one that runs code when unpickled: refused, and the code never ran
+        import bmc_fast
+
+        marker = tmp_path / "code-ran"
+        shard = run_dir / "checkpoints" / f"step{STEPS:07d}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        torch.save({"optimizer_state_dict": RunsCode(marker)}, shard)
+        with pytest.raises(ConfigError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt' is refused: it pickles "
+                                              r"\['builtins.exec'\]"):
+            bmc_fast.load_model(run_dir)
+        assert not marker.exists()
 
 
 def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
@@ -138,8 +148,21 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
         assert "contrastive accumulation 2: each loss contrasts all 32 pairs" in log
         assert losses == pytest.approx(big_losses, rel=1e-5), (stage, losses, big_losses)
         assert norms == pytest.approx(big_norms, rel=1e-4), (stage, norms, big_norms)
+        _check_weights_only_consolidation(tmp_path / f"run-zero{stage}-k2")
     records = [json.loads(line) for line in (tmp_path / "run-zero3-k2" / "metrics.jsonl").read_text().splitlines()]
     assert {r["train/pairs_per_loss"] for r in records if "train/pairs_per_loss" in r} == {32}
+
+
+def _check_weights_only_consolidation(run_dir):
+    """Our weights_only reading of the latest checkpoint equals DeepSpeed's (which unpickles), bit for bit."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from bmc_fast.zero_weights import fp32_state_dict
+
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert_same_tensors(fp32_state_dict(run_dir / "checkpoints", tag), consolidated)
+    return consolidated
 
 
 def _weights(run_dir):

@@ -1,6 +1,7 @@
 """A trained model from a run directory: fp32 weights consolidated from its DeepSpeed checkpoint (any
-ZeRO stage), the run's tokenizer and its model config. A run trained on Transformer Engine layers loads
-onto the torch layers (TE names mapped back), so it evaluates on any device."""
+ZeRO stage; read with ``torch.load(weights_only=True)``, ``bmc_fast.zero_weights``), the run's tokenizer and
+its model config. A run trained on Transformer Engine layers loads onto the torch layers (TE names mapped
+back), so it evaluates on any device."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,9 @@ from bmc_fast.run_dir import RunDir
 def load_run(run_dir: str | Path, tag: str | None = None):
     """(model in eval mode with fp32 weights, tokenizer, ModelConfig) from a training run directory;
     ``tag``: a checkpoint tag (default: the one ``checkpoints/latest`` names)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from bmc_fast.data.text_tokenizer import load_tokenizer
     from bmc_fast.model import BMCLongCLIP
+    from bmc_fast.zero_weights import fp32_state_dict
 
     run = RunDir(run_dir)
     if not run.is_run() or run.latest_tag() is None:
@@ -25,7 +25,7 @@ def load_run(run_dir: str | Path, tag: str | None = None):
                           "and checkpoints/latest, as bmc_fast/train.py writes them)")
     model_cfg = ModelConfig.from_dict(run.read_config()["model"], source=str(run.config))
     tokenizer = load_tokenizer(run.tokenizer, flag="--checkpoint")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=tag)
+    state = fp32_state_dict(run.checkpoints, tag or run.latest_tag())
     if model_cfg.te_precision != "none":  # trained on TE layers: evaluate the same weights on torch layers
         from bmc_fast.te_swap import torch_state_from_te
 
