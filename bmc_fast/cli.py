@@ -70,6 +70,7 @@ def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | No
            flags: tuple[str, ...] = (), negate: str | None = None, const: Any = None) -> Any:
     """A dataclass field that is also a command-line flag (see ``add_config_arguments``).
 
+    A ``tuple[str, ...]`` field is a repeatable flag (each use appends one value; default ``()``).
     ``flags``: the flag names (default ``--field-name``); ``choices``: the legal values, checked by the
     parser and by the config's own validation; ``negate``: for a ``bool | None`` field, the name of a flag
     that sets it False (``--no-text-unpad``); ``const``: the value of the flag given without one
@@ -86,13 +87,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         meta = f.metadata
         if "help" not in meta:  # not an option(...) field
             continue
+        flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+        if hints[f.name] == tuple[str, ...]:
+            parser.add_argument(*flags, dest=f.name, action="append", type=str, default=None,
+                                help=meta["help"] + " (repeatable)")
+            continue
         value_type = _scalar_type(hints[f.name], f.name)
         help_text = meta["help"] + (f" (default {f.default})" if f.default not in (None, False) else "")
         if meta["negate"]:
             parser.add_argument(meta["negate"], dest=f.name, action="store_const", const=False, default=f.default,
                                 help=meta["help"])
             continue
-        flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
         if value_type is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=meta["help"])
         else:
@@ -114,6 +119,6 @@ def _scalar_type(hint: Any, name: str) -> type:
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kinds = [t for t in (typing.get_args(hint) if is_union else (hint,)) if t is not type(None)]
     if len(kinds) != 1 or kinds[0] not in (int, float, str, bool):
-        raise TypeError(f"config field {name!r}: a CLI option must be int, float, str or bool (or None), "
-                        f"got {hint}")
+        raise TypeError(f"config field {name!r}: a CLI option must be int, float, str or bool (or None), or "
+                        f"tuple[str, ...], got {hint}")
     return kinds[0]

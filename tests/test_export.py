@@ -119,3 +119,36 @@ def test_load_model_never_unpickles(modernbert_tokenizer, tmp_path):
     assert not marker.exists()
     with pytest.raises(ConfigError, match="is neither an export"):
         bmc_fast.load_model(tmp_path)
+
+
+def test_a_run_trained_on_transformer_engine_layers_exports_its_torch_weights(modernbert_tokenizer, tmp_path,
+                                                                              monkeypatch):
+    """A run with --te-precision fp8 checkpoints TE names (LayerNormLinear, LayerNormMLP, ...): export_run maps
+    them back, and open_clip then embeds as the torch model holding the same weights does. The TE modules are
+    tests/reference_te.py's stand-ins (TE itself is CUDA only); the run directory is written as the trainer
+    writes one, its ZeRO consolidation replaced by the swapped model's state dict."""
+    import dataclasses
+
+    import reference_te
+
+    import bmc_fast.zero_weights
+    from bmc_fast.export import export_run
+    from bmc_fast.te_swap import swap_to_transformer_engine
+
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    original = BMCLongCLIP(cfg).eval()
+    swapped = BMCLongCLIP(cfg)
+    swapped.load_state_dict(original.state_dict())
+    swap_to_transformer_engine(swapped, "fp8", te=reference_te.te, te_recipe=reference_te.recipe, device="cpu")
+    te_state = {k: v.detach().clone() for k, v in swapped.state_dict().items()}
+    assert any("layer_norm_weight" in k for k in te_state)  # TE names, not torch's
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step0000003").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step0000003")
+    (run / "config.json").write_text(json.dumps({"model": dataclasses.replace(cfg, te_precision="fp8").to_dict()}))
+    modernbert_tokenizer.save_pretrained(run / "tokenizer")
+    monkeypatch.setattr(bmc_fast.zero_weights, "fp32_state_dict", lambda checkpoints, tag: te_state)
+    out = export_run(run, tmp_path / "export")
+    assert json.loads((out / "bmc_fast_config.json").read_text())["te_precision"] == "none"
+    _compare(original, modernbert_tokenizer, cfg, out, cfg.vision.image_size)

@@ -88,6 +88,48 @@ def test_deepspeed_settings_that_never_skip_a_non_finite_step_are_refused(small_
         train.main(_args(small_data, tmp_path, **{"--ds_config": str(path)}))
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--zeroshot-data", "m=EVAL", "--zeroshot-label-key", "no.such.key"],
+     r"zero-shot dataset 'm': sample '.*' of '.*' has no 'no.such.key' in its .json .* pass another "
+     r"--zeroshot-label-key"),
+    (["--zeroshot-data", "m=EVAL"], r"zero-shot dataset 'm': shards need --zeroshot-label-key"),
+    (["--zeroshot-data", "m=EVAL", "--zeroshot-label-key", "modality", "--zeroshot-choices", "40"],
+     r"zero-shot dataset 'm': --zeroshot-choices 40 distractors, but only \d+ other class\(es\)"),
+    (["--zeroshot-data", "a=EVAL", "--zeroshot-data", "b=EVAL", "--zeroshot-label-key", "modality",
+      "--zeroshot-label-key", "modality", "--zeroshot-label-key", "modality"],
+     r"--zeroshot-label-key is given 3 times for 2 --zeroshot-data"),
+    (["--zeroshot-data", "a=EVAL", "--zeroshot-data", "a=EVAL", "--zeroshot-label-key", "modality"],
+     r"--zeroshot-data: the name 'a' is given twice"),
+    (["--zeroshot-data", "EVAL", "--zeroshot-label-key", "modality"], r"--zeroshot-data '.*': write NAME=SOURCE"),
+    (["--zeroshot-label-key", "modality"], r"--zeroshot-label-key was given without --zeroshot-data"),
+    (["--zeroshot-data", "m=EVAL", "--zeroshot-label-key", "modality", "--zeroshot-choices", "2",
+      "--zeroshot-templates", "missing.txt"],
+     r"--zeroshot-templates 'missing.txt' is not a file"),
+])
+def test_bad_zeroshot_flags_stop_before_the_model(small_data, tmp_path, extra, message):
+    extra = [x.replace("EVAL", small_data["eval"]) for x in extra]
+    with pytest.raises(ConfigError, match=message):
+        train.main(_args(small_data, tmp_path) + extra)
+
+
+def test_zeroshot_flags_repeat_into_a_checked_config(small_data, tmp_path, monkeypatch):
+    """Two --zeroshot-data sets and their label keys reach the loop loaded and in order."""
+    seen = {}
+
+    def fake_run(prepared):
+        seen["p"] = prepared
+        return {}
+
+    monkeypatch.setattr(bmc_fast.trainer.loop, "run", fake_run)
+    train.main(_args(small_data, tmp_path) + ["--zeroshot-data", f"modality={small_data['eval']}", "--zeroshot-data",
+                                              f"colour={small_data['eval']}", "--zeroshot-label-key", "modality",
+                                              "--zeroshot-label-key", "lesions.0.colour", "--zeroshot-choices", "1"])
+    p = seen["p"]
+    assert p.cfg.zeroshot_data == (f"modality={small_data['eval']}", f"colour={small_data['eval']}")
+    assert [d.name for d in p.zeroshot] == ["modality", "colour"] and all(len(d.labels) == 32 for d in p.zeroshot)
+    assert len(p.zeroshot[0].classes) >= 2 and p.zeroshot_templates == ("{}",)
+
+
 def test_tokenizer_directory_without_tokenizer(small_data, tmp_path):
     (tmp_path / "tok").mkdir()
     with pytest.raises(ConfigError, match=r"--tokenizer '.*tok' holds no tokenizer"):

@@ -7,6 +7,7 @@ import torch
 
 from bmc_fast.errors import ConfigError
 from bmc_fast.eval import retrieval as eval_retrieval
+from bmc_fast.eval import zeroshot
 from helpers import REPO, RunsCode, assert_same_tensors, deepspeed_config, free_port, launch_deepspeed
 
 pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
@@ -33,7 +34,10 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     keep = ["--keep-checkpoints", "1"] if loader == "pil" else []  # the PIL run keeps only its last checkpoint
     accumulation, extra = (2, ["--grad-checkpointing"]) if bf16 else (1, [])
     ds_config = deepspeed_config(tmp_path, stage, steps=STEPS, batch=32, bf16=bf16, accumulation=accumulation)
-    args = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, *keep, *extra)
+    zeroshot_flags = ["--zeroshot-data", f"modality={small_data['eval']}", "--zeroshot-label-key", "modality",
+                      "--zeroshot-data", f"colour={small_data['eval']}", "--zeroshot-label-key",
+                      "lesions.0.colour", "--zeroshot-choices", "2"]
+    args = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, *keep, *extra, *zeroshot_flags)
     proc = launch_deepspeed(args, tmp_path)
     port = args[args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no 66 MiB left per rank
@@ -46,10 +50,19 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses  # the loss falls
     evals = [r for r in records if "eval/t2i_r1" in r]
     assert [r["step"] for r in evals] == [6, STEPS]
+    zeroshot_evals = [r for r in records if "zeroshot/modality/mc_acc" in r]
+    assert [r["step"] for r in zeroshot_evals] == [6, STEPS]
+    assert {"zeroshot/colour/top1", "zeroshot/average/mc_acc"} <= set(zeroshot_evals[-1])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:07d}"
     assert (run_dir / "checkpoints" / "step0000006").is_dir() == (not keep)
     assert not (run_dir / "checkpoints" / "latest.tmp").exists()
-    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "eval/t2i_r1", "zeroshot/modality/mc_acc", "zeroshot/colour/top1"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("zeroshot/average/mc_acc")] == [6, STEPS]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["deepspeed"]["zero_optimization"]["stage"] == stage
     assert config["batch"] == {"global_batch": 32, "micro_batch": 16 // accumulation, "accumulation": accumulation,
@@ -69,6 +82,15 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     if not bf16:
         for key, value in summary["eval"].items():
             assert metrics[key] == pytest.approx(value, abs=1e-9), key
+    # The zero-shot CLI on the checkpoint gives the accuracies logged at the last step (fp32 runs).
+    logged = {k.removeprefix("zeroshot/"): v for k, v in zeroshot_evals[-1].items() if k.startswith("zeroshot/")}
+    assert summary["zeroshot"] == logged
+    cli = [flag.removeprefix("--zeroshot-").join(("--", "")) if flag.startswith("--zeroshot-") else flag
+           for flag in zeroshot_flags]  # --zeroshot-data -> --data, ...
+    offline = zeroshot.scalars(zeroshot.main(["--model", str(run_dir), "--out", str(tmp_path / "zeroshot"),
+                                              "--seed", "1", *cli]))
+    if not bf16:
+        assert summary["zeroshot"] == pytest.approx(offline, abs=1e-9)
     consolidated = _check_weights_only_consolidation(run_dir)
     if stage == 3:  # the export holds DeepSpeed's fp32 consolidation of the partitioned weights, bit for bit
         from safetensors.torch import load_file

@@ -39,6 +39,8 @@ def test_all_classes_equals_a_brute_force_loop():
     assert got["top1"] == pytest.approx(top1 / len(targets))
     assert got["top5"] == pytest.approx(top5 / len(targets))
     assert got["mean_per_class_recall"] == pytest.approx(np.mean([np.mean(v) for v in per_class.values()]))
+    four = targets < 4  # below 5 classes top-5 means nothing (CLIP_benchmark: NaN)
+    assert zeroshot.all_classes(images[four], classes[:4], targets[four])["top5"] is None
 
 
 def test_multiple_choice_equals_a_brute_force_loop():
@@ -101,7 +103,7 @@ def test_cli_on_covid_x_rays_agrees_between_bmc_fast_and_open_clip(modernbert_to
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
     out = export(BMCLongCLIP(cfg).eval(), modernbert_tokenizer, cfg, tmp_path / "export")
-    (tmp_path / "templates.txt").write_text("a chest x-ray, {} view\n{} projection\n")
+    (tmp_path / "templates.txt").write_text("a chest x-ray, {} view\n{c} projection\n")  # ours and CLIP_benchmark's
     common = ["--choices", "2", "--templates", str(tmp_path / "templates.txt"), "--data", f"view={COVID_SHARDS}"]
     ours = zeroshot.main(["--model", str(out), "--out", str(tmp_path / "ours"), *common, "--data",
                           f"finding={COVID_SHARDS}", "--label-key", "view", "--label-key", "finding"])
@@ -109,9 +111,74 @@ def test_cli_on_covid_x_rays_agrees_between_bmc_fast_and_open_clip(modernbert_to
                             "--label-key", "view"])
     assert ours["view"]["classes"] == ["AP", "AP Supine", "PA"] and ours["view"]["n"] == 196
     assert len(ours["finding"]["classes"]) > 10
-    for protocol, key in (("all_classes", "top1"), ("all_classes", "top5"), ("multiple_choice", "accuracy")):
+    for protocol, key in (("all_classes", "top1"), ("all_classes", "mean_per_class_recall"),
+                          ("multiple_choice", "accuracy")):
         assert ours["view"][protocol][key] == pytest.approx(theirs["view"][protocol][key]), (protocol, key)
+    assert ours["view"]["all_classes"]["top5"] is theirs["view"]["all_classes"]["top5"] is None  # 3 classes
+    assert 0 <= ours["finding"]["all_classes"]["top5"] <= 1
     saved = json.loads((tmp_path / "ours" / "zeroshot.json").read_text())
     assert saved["view"]["multiple_choice"]["answer_slots"] and (tmp_path / "ours" / "confusion_view.png").is_file()
     table = (tmp_path / "ours" / "zeroshot.md").read_text()
     assert "| view | 196 | 3 |" in table and "**average** (2)" in table
+
+
+class _Images(torch.utils.data.Dataset):
+    """A labelled set as CLIP_benchmark reads one: (transformed image, class index), ``classes`` in order."""
+
+    def __init__(self, data, transform):
+        from bmc_fast.data.samples import decode_image
+
+        self.images, self.transform, self.classes = data.images, transform, data.classes
+        self.targets = [self.classes.index(label) for label in data.labels]
+        self.decode = decode_image
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.decode(self.images[i])), self.targets[i]
+
+
+@pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data)")
+def test_all_classes_equals_clip_benchmark_on_an_export(modernbert_tokenizer, tmp_path, monkeypatch):
+    """CLIP_benchmark 1.6's zero-shot classification (open_clip model type, its own loader of the export)
+    reports the top-1, top-5 and mean per-class recall our all-classes protocol reports, on the COVID X-rays
+    (3 views: top-5 is NaN there and None here; 10+ findings)."""
+    pytest.importorskip("clip_benchmark", reason="CLIP_benchmark is not installed: it is not in this machine's "
+                        "package index (pip install clip-benchmark==1.6.1 scikit-learn where it is)")
+    from clip_benchmark.metrics import zeroshot_classification as clip_benchmark
+    from clip_benchmark.models.open_clip import load_open_clip
+
+    from bmc_fast.export import export
+    from bmc_fast.model import BMCLongCLIP
+    from bmc_fast.model_config import load_model_config
+    from bmc_fast.open_clip_compat import register_modernbert
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    out = export(BMCLongCLIP(cfg).eval(), modernbert_tokenizer, cfg, tmp_path / "export")
+    templates = ["a chest x-ray showing {c}.", "{c}"]  # CLIP_benchmark's placeholder
+    (tmp_path / "templates.txt").write_text("\n".join(templates) + "\n")
+    ours = zeroshot.main(["--model", str(out), "--protocol", "all", "--templates", str(tmp_path / "templates.txt"),
+                          "--data", f"view={COVID_SHARDS}", "--data", f"finding={COVID_SHARDS}", "--label-key", "view",
+                          "--label-key", "finding", "--out", str(tmp_path / "ours")])
+    def accuracy(output, target, topk=(1,)):  # 1.6.1's own, but .item(): NumPy 2 refuses float() of a 1-d array
+        pred = output.topk(max(topk), 1, True, True)[1].t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+    monkeypatch.setattr(clip_benchmark, "accuracy", accuracy)
+    register_modernbert()
+    model, transform, tokenizer = load_open_clip(f"local-dir:{out}", pretrained=None, cache_dir=None, device="cpu")
+    for name in ("view", "finding"):
+        dataset = _Images(load_labelled_images(name, COVID_SHARDS, name), transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        theirs = clip_benchmark.evaluate(model.eval(), loader, tokenizer, dataset.classes, templates, "cpu", amp=False)
+        got = ours[name]["all_classes"]
+        assert 0 < got["top1"] < 1 and got["n"] == len(dataset) == 196
+        assert got["top1"] == pytest.approx(theirs["acc1"], abs=1e-12), name
+        assert got["mean_per_class_recall"] == pytest.approx(theirs["mean_per_class_recall"], abs=1e-12), name
+        if len(dataset.classes) < 5:
+            assert got["top5"] is None and np.isnan(theirs["acc5"])
+        else:
+            assert got["top5"] == pytest.approx(theirs["acc5"], abs=1e-12), name

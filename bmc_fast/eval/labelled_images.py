@@ -31,19 +31,39 @@ class LabelledImages:
         return sorted(set(self.labels))
 
 
-def load_labelled_images(name: str, source: str, label_key: str | None = None) -> LabelledImages:
+def load_labelled_images(name: str, source: str, label_key: str | None = None,
+                         key_flag: str = "--label-key") -> LabelledImages:
     path = Path(source)
     if path.is_dir():
         images, labels = _from_folder(name, path)
     elif path.suffix == ".csv":
         images, labels = _from_csv(name, path)
     else:
-        images, labels = _from_shards(name, source, label_key)
+        images, labels = _from_shards(name, source, label_key, key_flag)
     data = LabelledImages(name, images, labels)
     if len(data.classes) < 2:
         raise ConfigError(f"zero-shot dataset {name!r}: {len(data.classes)} class(es) {data.classes} in {source!r}; "
                           "classification needs at least 2")
     return data
+
+
+def load_named_sets(items: tuple[str, ...] | list[str], label_keys: tuple[str, ...] | list[str] | None = None,
+                    flag: str = "--data", key_flag: str = "--label-key") -> list[LabelledImages]:
+    """Every ``NAME=SOURCE`` of ``items``; ``label_keys``: none, one for all, or one for each, in order."""
+    keys = list(label_keys or []) or [None]
+    if len(keys) not in (1, len(items)):
+        raise ConfigError(f"{key_flag} is given {len(keys)} times for {len(items)} {flag}: give it once (for all) "
+                          f"or once for each {flag}, in the same order")
+    datasets, names = [], set()
+    for item, key in zip(items, keys * len(items) if len(keys) == 1 else keys):
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ConfigError(f"{flag} {item!r}: write NAME=SOURCE, e.g. covid=DIR/shard-{{000000..000001}}.tar")
+        if name in names:
+            raise ConfigError(f"{flag}: the name {name!r} is given twice; each dataset needs its own name")
+        names.add(name)
+        datasets.append(load_labelled_images(name, source, key, key_flag))
+    return datasets
 
 
 def _from_folder(name: str, root: Path) -> tuple[list, list[str]]:
@@ -73,12 +93,12 @@ def _from_csv(name: str, path: Path) -> tuple[list, list[str]]:
     return [(path.parent / row["path"]).read_bytes() for row in rows], [row["label"] for row in rows]
 
 
-def _from_shards(name: str, pattern: str, label_key: str | None) -> tuple[list, list[str]]:
+def _from_shards(name: str, pattern: str, label_key: str | None, key_flag: str) -> tuple[list, list[str]]:
     from bmc_fast.data.shards import expand_shards
     from bmc_fast.data.tar_samples import read_tar_samples
 
     if label_key is None:
-        raise ConfigError(f"zero-shot dataset {name!r}: shards need --label-key, the .json field holding the label")
+        raise ConfigError(f"zero-shot dataset {name!r}: shards need {key_flag}, the .json field holding the label")
     images, labels = [], []
     for url in expand_shards(pattern, f"zero-shot dataset {name!r}"):
         for sample in read_tar_samples(url):
@@ -89,7 +109,7 @@ def _from_shards(name: str, pattern: str, label_key: str | None) -> tuple[list, 
             label = _lookup(meta, label_key)
             if label is None:
                 raise ConfigError(f"zero-shot dataset {name!r}: sample {sample['__key__']!r} of {url!r} has no "
-                                  f"{label_key!r} in its .json (keys: {sorted(meta)}): pass another --label-key")
+                                  f"{label_key!r} in its .json (keys: {sorted(meta)}): pass another {key_flag}")
             images.append(image)
             labels.append(str(label))
     return images, labels

@@ -14,8 +14,8 @@
 ``--model``: a run directory, an export (``python -m bmc_fast.export``), or ``open_clip:NAME`` /
 ``open_clip:NAME@PRETRAINED`` (``local-dir:PATH`` names included). Label texts: the label itself, or its
 entry in ``--labels`` (a JSON object label -> text); templates: ``--templates``, one per line with
-``{}`` where the text goes (default: the text alone). Results: ``OUT/zeroshot.json`` and ``OUT/zeroshot.md``,
-several datasets in one call with their average.
+``{}`` (or CLIP_benchmark's ``{c}``) where the text goes (default: the text alone). Results:
+``OUT/zeroshot.json`` and ``OUT/zeroshot.md``, several datasets in one call with their average.
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from bmc_fast.errors import ConfigError
-from bmc_fast.eval.labelled_images import LabelledImages, load_labelled_images
+from bmc_fast.eval.labelled_images import LabelledImages, load_named_sets
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ("{}",)
+CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------- protocols
@@ -44,19 +45,21 @@ def class_embeddings(encode_texts, class_texts: list[str], templates: tuple[str,
     """(C, E): per class, its text in every template, each embedding normalised, averaged, normalised."""
     rows = []
     for text in class_texts:
-        features = F.normalize(encode_texts([t.format(text) for t in templates]), dim=-1)  # (T, E)
+        features = F.normalize(encode_texts([t.format(text, c=text) for t in templates]), dim=-1)  # (T, E)
         rows.append(F.normalize(features.mean(dim=0), dim=-1))
     return torch.stack(rows)
 
 
 def all_classes(image_features: torch.Tensor, class_features: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Top-1 / top-5 accuracy and mean per-class recall of ``argmax`` over every class (normalised inputs)."""
+    """Top-1 / top-5 accuracy and mean per-class recall of ``argmax`` over every class (normalised inputs);
+    top-5 is None below 5 classes (CLIP_benchmark reports NaN there: it would be 1.0)."""
     logits = image_features @ class_features.T  # (N, C)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, ≤5)
     correct1 = top[:, 0] == targets
-    recalls = [correct1[targets == c].float().mean().item() for c in targets.unique()]
-    return {"top1": correct1.float().mean().item(), "top5": (top == targets[:, None]).any(1).float().mean().item(),
-            "mean_per_class_recall": float(np.mean(recalls)), "n": len(targets)}
+    recalls = [correct1[targets == c].double().mean().item() for c in targets.unique()]
+    top5 = (top == targets[:, None]).any(1).double().mean().item() if logits.shape[1] >= 5 else None
+    return {"top1": correct1.double().mean().item(), "top5": top5, "mean_per_class_recall": float(np.mean(recalls)),
+            "n": len(targets)}
 
 
 def choice_sets(targets: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
@@ -81,8 +84,8 @@ def multiple_choice(image_features: torch.Tensor, class_features: torch.Tensor, 
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
     confusion.index_put_((targets, picked), torch.ones_like(targets), accumulate=True)
     slots = (sets == targets[:, None]).int().argmax(dim=1)  # where the true label was shown
-    return {"accuracy": correct.float().mean().item(), "choices": k + 1, "n": len(targets),
-            "per_class": {int(c): correct[targets == c].float().mean().item() for c in targets.unique()},
+    return {"accuracy": correct.double().mean().item(), "choices": k + 1, "n": len(targets),
+            "per_class": {int(c): correct[targets == c].double().mean().item() for c in targets.unique()},
             "confusion": confusion.tolist(), "answer_slots": torch.bincount(slots, minlength=k + 1).tolist()}
 
 
@@ -90,11 +93,14 @@ def multiple_choice(image_features: torch.Tensor, class_features: torch.Tensor, 
 
 @dataclass
 class Encoder:
-    """Normalised image and text embeddings of one model, whichever stack it comes from."""
+    """Normalised image and text embeddings (fp32, on the CPU) of one model, whichever stack it comes from;
+    the model runs on ``device`` with images in ``dtype`` (a training engine's module: bf16 on its GPU)."""
     model: Any
     tokenize: Any  # list[str] -> dict of tensors for ``encode``
     transform: Any  # PIL image -> (3, H, W)
     kind: str  # "bmc-fast" or "open_clip"
+    device: torch.device = CPU
+    dtype: torch.dtype = torch.float32
 
     @torch.no_grad()
     def encode_images(self, images: list[bytes], batch_size: int = 32) -> torch.Tensor:
@@ -103,15 +109,16 @@ class Encoder:
         out = []
         for start in range(0, len(images), batch_size):
             pixels = torch.stack([self.transform(decode_image(data)) for data in images[start:start + batch_size]])
-            out.append(self.model.encode_image(pixels, normalize=True))
+            out.append(self.model.encode_image(pixels.to(self.device, self.dtype), normalize=True).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenize(texts)
         if self.kind == "open_clip":
-            return self.model.encode_text(tokens, normalize=True)
-        return self.model.encode_text(tokens["input_ids"], tokens["attention_mask"], normalize=True)
+            return self.model.encode_text(tokens.to(self.device), normalize=True).float().cpu()
+        return self.model.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device),
+                                      normalize=True).float().cpu()
 
 
 def load_encoder(spec: str) -> Encoder:
@@ -131,14 +138,15 @@ def load_encoder(spec: str) -> Encoder:
     return bmc_fast_encoder(model, tokenizer, transform)
 
 
-def bmc_fast_encoder(model, tokenizer, transform) -> Encoder:
+def bmc_fast_encoder(model, tokenizer, transform, device: torch.device = CPU,
+                     dtype: torch.dtype = torch.float32) -> Encoder:
     """An ``Encoder`` over a ``BMCLongCLIP``; captions padded and truncated to its context."""
     context = model.cfg.context_length
 
     def tokenize(texts):
         return tokenizer(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
 
-    return Encoder(model, tokenize, transform, "bmc-fast")
+    return Encoder(model, tokenize, transform, "bmc-fast", device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -146,9 +154,8 @@ def bmc_fast_encoder(model, tokenizer, transform) -> Encoder:
 def evaluate(encoder: Encoder, data: LabelledImages, protocol: str = "both", k: int = 4, seed: int = 0,
              label_texts: dict[str, str] | None = None, templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> dict:
     classes = data.classes
-    if protocol in ("both", "mc") and k > len(classes) - 1:
-        raise ConfigError(f"zero-shot dataset {data.name!r}: --choices {k} distractors, but only {len(classes) - 1} "
-                          f"other class(es) ({len(classes)} in all): pass --choices {len(classes) - 1} or fewer")
+    if protocol in ("both", "mc"):
+        check_choices(data, k)
     texts = [(label_texts or {}).get(c, c) for c in classes]
     targets = torch.tensor([classes.index(label) for label in data.labels])
     image_features = encoder.encode_images(data.images)
@@ -161,6 +168,42 @@ def evaluate(encoder: Encoder, data: LabelledImages, protocol: str = "both", k: 
         mc["per_class"] = {classes[c]: acc for c, acc in mc["per_class"].items()}
         result["multiple_choice"] = mc
     return result
+
+
+def check_choices(data: LabelledImages, k: int, flag: str = "--choices") -> None:
+    """The multiple choice needs ``k`` distractors from the dataset's other classes."""
+    n = len(data.classes)
+    if k > n - 1:
+        raise ConfigError(f"zero-shot dataset {data.name!r}: {flag} {k} distractors, but only {n - 1} other "
+                          f"class(es) ({n} in all): pass {flag} {n - 1} or fewer")
+
+
+def read_templates(path: str, flag: str = "--templates") -> tuple[str, ...]:
+    """One template a line, each with ``{}`` (or CLIP_benchmark's ``{c}``) where the label text goes."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{flag} {path!r} is not a file: pass a text file with one template a line")
+    templates = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    if not templates or any("{}" not in t and "{c}" not in t for t in templates):
+        raise ConfigError(f"{flag} {path!r}: every line needs a {{}} (or CLIP_benchmark's {{c}}) where the label "
+                          "goes")
+    return templates
+
+
+def scalars(results: dict[str, dict]) -> dict[str, float]:
+    """Flat metrics for TensorBoard / metrics.jsonl: ``NAME/mc_acc``, ``NAME/top1``, ``NAME/top5`` (5 classes
+    or more), ``NAME/mean_per_class_recall``, and their ``average/...`` over datasets that have them."""
+    flat: dict[str, float] = {}
+    for name, r in results.items():
+        mc, ac = r.get("multiple_choice", {}), r.get("all_classes", {})
+        values = {"mc_acc": mc.get("accuracy"), "top1": ac.get("top1"), "top5": ac.get("top5"),
+                  "mean_per_class_recall": ac.get("mean_per_class_recall")}
+        flat.update({f"{name}/{key}": value for key, value in values.items() if value is not None})
+    if len(results) > 1:
+        for key in ("mc_acc", "top1", "top5", "mean_per_class_recall"):
+            values = [flat[f"{name}/{key}"] for name in results if f"{name}/{key}" in flat]
+            if len(values) == len(results):
+                flat[f"average/{key}"] = float(np.mean(values))
+    return flat
 
 
 def markdown(results: dict[str, dict], average: bool = True) -> str:
@@ -223,22 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="zeroshot", help="output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = args.label_key or [None]
-    if len(keys) not in (1, len(args.data)):
-        raise ConfigError(f"--label-key is given {len(keys)} times for {len(args.data)} --data: give it once (for "
-                          "all) or once for each --data, in the same order")
-    datasets = []
-    for item, key in zip(args.data, keys * len(args.data) if len(keys) == 1 else keys):
-        name, sep, source = item.partition("=")
-        if not sep or not name or not source:
-            raise ConfigError(f"--data {item!r}: write NAME=SOURCE, e.g. covid=DIR/shard-{{000000..000001}}.tar")
-        datasets.append(load_labelled_images(name, source, key))
+    datasets = load_named_sets(args.data, args.label_key)
+    for data in datasets:
+        if args.protocol != "all":
+            check_choices(data, args.choices)
     label_texts = json.loads(Path(args.labels).read_text()) if args.labels else None
-    templates = DEFAULT_TEMPLATES
-    if args.templates:
-        templates = tuple(line.strip() for line in Path(args.templates).read_text().splitlines() if line.strip())
-        if not templates or any("{}" not in t for t in templates):
-            raise ConfigError(f"--templates {args.templates!r}: every line needs a {{}} where the label goes")
+    templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
     encoder = load_encoder(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

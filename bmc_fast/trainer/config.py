@@ -29,7 +29,16 @@ class TrainConfig:
     tokenizer: str | None = option(None, "Hugging Face tokenizer directory (required with --train-data)")
     context_length: int | None = option(None, "text tokens kept per caption (77, 154, 512); default: the preset's")
     max_steps: int | None = option(None, "optimizer steps; default: the DeepSpeed scheduler's total_num_steps")
-    eval_every: int = option(100, "steps between retrieval evaluations, and always at the end (0: only at the end)")
+    eval_every: int = option(100, "steps between evaluations (retrieval, zero-shot), and always at the end (0: only "
+                             "at the end)")
+    zeroshot_data: tuple[str, ...] = option((), "NAME=SOURCE: labelled images (an image-folder tree, a path,label "
+                                            "CSV, or shards with --zeroshot-label-key) classified zero-shot at each "
+                                            "evaluation, both protocols (python -m bmc_fast.eval.zeroshot)")
+    zeroshot_label_key: tuple[str, ...] = option((), "shards: the .json field naming the label; once for every "
+                                                 "--zeroshot-data or once for each, in order")
+    zeroshot_choices: int = option(4, "zero-shot multiple choice: distractor labels shown with each image's own")
+    zeroshot_templates: str | None = option(None, "zero-shot: text file, one prompt template a line with {} where "
+                                            "the label goes; default: the label alone")
     save_every: int = option(500, "steps between DeepSpeed checkpoints, and always at the end (0: only at the end)")
     log_every: int = option(10, "steps between metric lines")
     keep_checkpoints: int = option(0, "keep the newest N checkpoints, delete older ones (0: keep all)")
@@ -61,6 +70,11 @@ class TrainConfig:
                                "plain accumulation (K losses of micro batch x ranks pairs)", choices=ACCUMULATIONS)
 
     def __post_init__(self) -> None:
+        self.zeroshot_data = tuple(self.zeroshot_data or ())  # argparse gives None or a list
+        self.zeroshot_label_key = tuple(self.zeroshot_label_key or ())
+        for name in ("zeroshot_label_key", "zeroshot_templates"):
+            if getattr(self, name) and not self.zeroshot_data:
+                raise ConfigError(f"--{name.replace('_', '-')} was given without --zeroshot-data NAME=SOURCE")
         for name in ("max_steps", "context_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -68,7 +82,7 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("log_every", "max_bad_steps"):
+        for name in ("log_every", "max_bad_steps", "zeroshot_choices"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),

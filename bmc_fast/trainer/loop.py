@@ -1,6 +1,6 @@
 """The training loop: ``run`` builds the model, the DeepSpeed engine and the loaders of a ``Prepared``
-run, then trains ``max_steps`` optimizer steps, logging every ``log_every``, evaluating retrieval every
-``eval_every`` and saving DeepSpeed checkpoints every ``save_every`` steps (each also at the end). Rank 0
+run, then trains ``max_steps`` optimizer steps, logging every ``log_every``, evaluating (retrieval, zero-shot)
+every ``eval_every`` and saving DeepSpeed checkpoints every ``save_every`` steps (each also at the end). Rank 0
 writes the run directory (``bmc_fast.run_dir.RunDir``).
 """
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Session:
     last_train: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     n_eval: int = 0  # pairs in the last evaluation
+    last_zeroshot: dict = field(default_factory=dict)  # the last zero-shot metrics (bmc_fast.eval.zeroshot.scalars)
     last_saved: str | None = None  # tag of the last checkpoint this run wrote
     skipped_steps: list[int] = field(default_factory=list)  # steps whose optimizer step was skipped (the guard)
     bad_in_a_row: list[int] = field(default_factory=list)  # the current run of skipped steps
@@ -74,7 +75,7 @@ def run(p: Prepared) -> dict[str, Any]:
         lr, scale = train_step(s, step)
         if due(step, cfg.log_every, p.max_steps):
             log_step(s, step, lr, scale)
-        if s.eval_loader is not None and due(step, cfg.eval_every, p.max_steps):
+        if (s.eval_loader is not None or p.zeroshot) and due(step, cfg.eval_every, p.max_steps):
             evaluate(s, step)
         if due(step, cfg.save_every, p.max_steps):
             save(s, step)
@@ -299,15 +300,40 @@ def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
 
 
 def evaluate(s: Session, step: int) -> None:
-    """Retrieval Recall@k on the eval shards; kept out of the throughput."""
+    """Retrieval Recall@k on the eval shards and zero-shot accuracy on the --zeroshot-data sets, on every rank
+    (a ZeRO-3 forward needs them all); kept out of the throughput."""
     from bmc_fast.eval.retrieval import extract_features, retrieval_recall
 
-    image, text = extract_features(s.engine.module, s.eval_loader, s.device, s.dtype)
-    s.last_eval, s.n_eval = retrieval_recall(image, text), image.shape[0]
-    s.writer.write(step, s.last_eval, prefix="eval")
-    _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.last_eval["t2i_r1"],
-                 s.last_eval["i2t_r1"], s.n_eval)
+    if s.eval_loader is not None:
+        image, text = extract_features(s.engine.module, s.eval_loader, s.device, s.dtype)
+        s.last_eval, s.n_eval = retrieval_recall(image, text), image.shape[0]
+        s.writer.write(step, s.last_eval, prefix="eval")
+        _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.last_eval["t2i_r1"],
+                     s.last_eval["i2t_r1"], s.n_eval)
+    if s.p.zeroshot:
+        evaluate_zeroshot(s, step)
     s.window.restart_clock()
+
+
+def evaluate_zeroshot(s: Session, step: int) -> None:
+    """Both zero-shot protocols on every --zeroshot-data set, as ``python -m bmc_fast.eval.zeroshot`` runs them
+    on this step's checkpoint (the eval transform, ``--seed``'s choice order)."""
+    from bmc_fast.data.transforms import image_transform
+    from bmc_fast.eval import zeroshot
+
+    p, model = s.p, s.engine.module
+    transform = image_transform(p.model_cfg.vision.image_size, train=False)
+    encoder = zeroshot.bmc_fast_encoder(model, p.tokenizer, transform, s.device, s.dtype)
+    was_training = model.training
+    model.eval()
+    results = {data.name: zeroshot.evaluate(encoder, data, k=p.cfg.zeroshot_choices, seed=p.cfg.seed,
+                                            templates=p.zeroshot_templates) for data in p.zeroshot}
+    model.train(was_training)
+    s.last_zeroshot = zeroshot.scalars(results)
+    s.writer.write(step, s.last_zeroshot, prefix="zeroshot")
+    _logger.info("step %d zero-shot: %s", step, "  ".join(
+        f"{name} {100 * s.last_zeroshot[f'{name}/mc_acc']:.1f} ({p.cfg.zeroshot_choices + 1} choices) / "
+        f"{100 * s.last_zeroshot[f'{name}/top1']:.1f} (all {len(r['classes'])})" for name, r in results.items()))
 
 
 def save(s: Session, step: int) -> None:
@@ -360,8 +386,8 @@ def finish(s: Session) -> dict[str, Any]:
     s.writer.close()
     skips = total_skips(s.skipped, p.cfg.loader, p.train_urls, s.device)
     summary = {"steps": p.max_steps, "seconds": time.perf_counter() - s.started, "train": s.last_train,
-               "eval": s.last_eval, "n_eval": s.n_eval, "world_size": env.world_size, "loader": p.cfg.loader,
-               "skipped": skips, "skipped_steps": s.skipped_steps}
+               "eval": s.last_eval, "n_eval": s.n_eval, "zeroshot": s.last_zeroshot, "world_size": env.world_size,
+               "loader": p.cfg.loader, "skipped": skips, "skipped_steps": s.skipped_steps}
     if env.rank == 0:
         _logger.info("skipped samples (%s loader, all ranks): %s", p.cfg.loader, skips or "none")
         p.run.summary.write_text(json.dumps(summary, indent=2))

@@ -40,6 +40,8 @@ class Prepared:
     max_steps: int
     train_urls: list[str]
     eval_urls: list[str]
+    zeroshot: list  # bmc_fast.eval.labelled_images.LabelledImages of each --zeroshot-data, loaded and checked
+    zeroshot_templates: tuple[str, ...]
     tokenizer: Any
     model_cfg: ModelConfig
 
@@ -67,6 +69,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
         _logger.info("no --train-data: using the embedded synthetic dataset %s", Path(default.train).parent.parent)
     train_urls = expand_shards(cfg.train_data, "--train-data")
     eval_urls = _eval_shards(cfg.eval_data)
+    zeroshot, templates = _zeroshot_sets(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_cfg = model_cfg.with_tokenizer(tokenizer)
     cfg = dataclasses.replace(cfg, loader=resolve_loader(cfg.loader, train_urls + eval_urls))
@@ -80,7 +83,8 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
         _check_new_run_dir(run, cfg.overwrite)
     cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
                               context_length=model_cfg.context_length)
-    return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, tokenizer, model_cfg)
+    return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, zeroshot, templates, tokenizer,
+                    model_cfg)
 
 
 def _resolve_auto_resume(cfg: TrainConfig, run: RunDir) -> TrainConfig:
@@ -125,6 +129,22 @@ def _eval_shards(pattern: str | None) -> list[str]:
         raise ConfigError(f"--eval-data {pattern!r} holds {n_eval} pair(s); retrieval needs at least 2: "
                           "point it at a larger evaluation split")
     return urls
+
+
+def _zeroshot_sets(cfg: TrainConfig) -> tuple[list, tuple[str, ...]]:
+    """Every --zeroshot-data set, read into memory now: a bad label key or too few classes stop the run here."""
+    from bmc_fast.eval.labelled_images import load_named_sets
+    from bmc_fast.eval.zeroshot import DEFAULT_TEMPLATES, check_choices, read_templates
+
+    if not cfg.zeroshot_data:
+        return [], DEFAULT_TEMPLATES
+    sets = load_named_sets(cfg.zeroshot_data, cfg.zeroshot_label_key, "--zeroshot-data", "--zeroshot-label-key")
+    for data in sets:
+        check_choices(data, cfg.zeroshot_choices, "--zeroshot-choices")
+        _logger.info("zero-shot set %r: %d images, %d classes", data.name, len(data.labels), len(data.classes))
+    templates = read_templates(cfg.zeroshot_templates, "--zeroshot-templates") if cfg.zeroshot_templates else \
+        DEFAULT_TEMPLATES
+    return sets, templates
 
 
 def _check_new_run_dir(run: RunDir, overwrite: bool) -> None:
