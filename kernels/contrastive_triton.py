@@ -34,9 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles: 64×64 logits with 32-wide feature slices fit every dtype in registers on A100/H100-class
-# SMs; the forward groups row tiles so the partial-column buffer stays at 3 × groups × N floats.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+from .tiles import arch_of, tiles_for
+
+# Block sizes, warps and stages per kernel, GPU generation and dot precision: tiles.py (checked for
+# spills and shared memory by compile_report.py). The forward groups row tiles so the partial-column
+# buffer stays at 3 × groups × N floats.
 MAX_GROUPS = 256
 
 
@@ -55,7 +57,7 @@ def _logit_tile(
     stride_a0, stride_a1,  # strides of A in elements (row, feature); any layout
     stride_b0, stride_b1,  # strides of B in elements (row, feature); any layout
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (fp32 inputs, or the interpreter)
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots (see _dot_mode)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots (see _dot_args)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile rows, cols, feature slice
 ):
     """X = A[rows] · B[cols]ᵀ as a (BLOCK_M, BLOCK_N) fp32 tile; masked rows/cols read zeros."""
@@ -231,12 +233,25 @@ def _tf32_matmul_allowed() -> bool:
     return bool(matmul.allow_tf32)
 
 
-def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast tiles to fp32 before tl.dot, input precision for fp32 dots)."""
-    upcast = dtype == torch.float32 or _interpreted()
-    # fp32 inputs follow torch's own matmul setting: exact unless the user allowed TF32.
-    tf32 = dtype == torch.float32 and not _interpreted() and _tf32_matmul_allowed()
-    return upcast, "tf32" if tf32 else "ieee"
+def _mode(dtype: torch.dtype) -> str:
+    """The ``tiles.MODES`` entry of a launch: fp32 inputs follow torch's own matmul setting (exact unless
+    the user allowed TF32); the interpreter runs everything as exact fp32."""
+    if _interpreted():
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if _tf32_matmul_allowed() else "ieee"
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def _arch(device: torch.device) -> str | None:
+    """The ``tiles.ARCHS`` entry of ``device``; None in the interpreter."""
+    return None if _interpreted() else arch_of(torch.cuda.get_device_capability(device))
+
+
+def _dot_args(mode: str) -> dict:
+    """UPCAST (tiles to fp32 before tl.dot: fp32 inputs, or the interpreter) and INPUT_PRECISION."""
+    upcast = mode in ("ieee", "tf32") or _interpreted()
+    return {"UPCAST": upcast, "INPUT_PRECISION": "tf32" if mode == "tf32" else "ieee"}
 
 
 def _check_launch(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -298,8 +313,21 @@ def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tenso
     _check_launch(image, texts, scale, bias, ("image", "texts"))
     if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
         raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
+    grid, args, options = softmax_forward_launch(image, texts, scale, bias, max_groups, _mode(image.dtype),
+                                                 _arch(image.device))
+    _forward_kernel[grid](*args, **options)
+    row_out, col_out = args[4], args[5]
+    col_max = col_out[0].max(dim=0).values  # merge the groups' partial columns
+    keep = torch.exp(col_out[0] - col_max[None, :]).nan_to_num_(0.0)
+    return row_out[0], row_out[1], col_max, (col_out[1] * keep).sum(0), (col_out[2] * keep).sum(0)
+
+
+def softmax_forward_launch(image, texts, scale, bias, max_groups: int, mode: str, arch: str | None):
+    """(grid, arguments, launch options) of ``_forward_kernel`` for the softmax statistics; the outputs
+    (row statistics, partial columns) are arguments 4 and 5, allocated here."""
+    tiles = tiles_for("forward_softmax", mode, arch)
     n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
-    n_tiles = triton.cdiv(n_a, BLOCK_M)
+    n_tiles = triton.cdiv(n_a, tiles.block_m)
     tiles_per_group = triton.cdiv(n_tiles, min(n_tiles, max_groups))  # bounds the partial-column buffer
     groups = triton.cdiv(n_tiles, tiles_per_group)
     row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
@@ -307,48 +335,59 @@ def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tenso
     col_out[0].fill_(float("-inf"))
     col_out[1:].zero_()
     bias_arg, has_bias = _bias_args(scale, bias)
-    upcast, precision = _dot_mode(image.dtype)
-    _forward_kernel[(groups,)](
-        image, texts, scale, bias_arg, row_out, col_out, n_a, n_b, d,
-        image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), 0, tiles_per_group,
-        SIGMOID=False, HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    col_max = col_out[0].max(dim=0).values  # merge the groups' partial columns
-    keep = torch.exp(col_out[0] - col_max[None, :]).nan_to_num_(0.0)
-    return row_out[0], row_out[1], col_max, (col_out[1] * keep).sum(0), (col_out[2] * keep).sum(0)
+    args = (image, texts, scale, bias_arg, row_out, col_out, n_a, n_b, d,
+            image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), 0, tiles_per_group)
+    return (groups,), args, dict(SIGMOID=False, HAS_BIAS=has_bias, **_dot_args(mode), **tiles.launch_options())
 
 
 def sigmoid_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     diag_offset: int):
     """Same contract as ``contrastive_torch.sigmoid_forward``: one program per row tile (no column state)."""
     _check_launch(image, texts, scale, bias, ("image", "texts"))
-    n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
-    row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
-    bias_arg, has_bias = _bias_args(scale, bias)
-    upcast, precision = _dot_mode(image.dtype)
-    _forward_kernel[(triton.cdiv(n_a, BLOCK_M),)](
-        image, texts, scale, bias_arg, row_out, row_out, n_a, n_b, d,
-        image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), diag_offset, 1,
-        SIGMOID=True, HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    grid, args, options = sigmoid_forward_launch(image, texts, scale, bias, diag_offset, _mode(image.dtype),
+                                                 _arch(image.device))
+    _forward_kernel[grid](*args, **options)
+    row_out = args[4]
     return row_out[0], row_out[1], row_out[2]
 
 
+def sigmoid_forward_launch(image, texts, scale, bias, diag_offset: int, mode: str, arch: str | None):
+    """(grid, arguments, launch options) of ``_forward_kernel`` for SigLIP; the row statistics are
+    argument 4, allocated here."""
+    tiles = tiles_for("forward_sigmoid", mode, arch)
+    n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
+    row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
+    bias_arg, has_bias = _bias_args(scale, bias)
+    args = (image, texts, scale, bias_arg, row_out, row_out, n_a, n_b, d,
+            image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), diag_offset, 1)
+    return ((triton.cdiv(n_a, tiles.block_m),), args,
+            dict(SIGMOID=True, HAS_BIAS=has_bias, **_dot_args(mode), **tiles.launch_options()))
+
+
 def _backward_one(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset, diag_coef):
+    grid, args, options = backward_launch(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset,
+                                          diag_coef, _mode(a.dtype), _arch(a.device))
+    _backward_kernel[grid](*args, **options)
+    return args[2]
+
+
+def backward_launch(a, b_mat, scale, bias, sigmoid: bool, a_lse, a_coef, b_lse, b_coef, diag_offset: int, diag_coef,
+                    mode: str, arch: str | None):
+    """(grid, arguments, launch options) of ``_backward_kernel``; the fp32 gradient is argument 2,
+    allocated (zeroed) here."""
+    tiles = tiles_for("backward_sigmoid" if sigmoid else "backward_softmax", mode, arch)
     out = torch.zeros(a.shape, device=a.device, dtype=torch.float32)
     bias_arg, has_bias = _bias_args(scale, bias)
     has_b_term = b_coef is not None
     dummy = a_coef  # a valid pointer for arguments the constexpr flags leave unread
-    upcast, precision = _dot_mode(a.dtype)
-    _backward_kernel[(triton.cdiv(a.shape[0], BLOCK_M),)](
-        a, b_mat, out, scale, bias_arg,
-        a_lse if a_lse is not None else dummy, a_coef, b_lse if has_b_term else dummy,
-        b_coef if has_b_term else dummy, diag_coef if diag_coef is not None else dummy,
-        a.shape[0], b_mat.shape[0], a.shape[1],
-        a.stride(0), a.stride(1), b_mat.stride(0), b_mat.stride(1), out.stride(0), out.stride(1), diag_offset,
-        SIGMOID=sigmoid, HAS_BIAS=has_bias, HAS_B_TERM=has_b_term, UPCAST=upcast, INPUT_PRECISION=precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return out
+    args = (a, b_mat, out, scale, bias_arg,
+            a_lse if a_lse is not None else dummy, a_coef, b_lse if has_b_term else dummy,
+            b_coef if has_b_term else dummy, diag_coef if diag_coef is not None else dummy,
+            a.shape[0], b_mat.shape[0], a.shape[1],
+            a.stride(0), a.stride(1), b_mat.stride(0), b_mat.stride(1), out.stride(0), out.stride(1), diag_offset)
+    return ((triton.cdiv(a.shape[0], tiles.block_m),), args,
+            dict(SIGMOID=sigmoid, HAS_BIAS=has_bias, HAS_B_TERM=has_b_term, **_dot_args(mode),
+                 **tiles.launch_options()))
 
 
 def backward(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,

@@ -330,22 +330,24 @@ def test_dot_mode_reads_the_new_tf32_api(monkeypatch, restore_fp32_precision, sw
     """torch >= 2.9: TF32 set through fp32_precision (where reading allow_tf32 raises) reaches the kernels."""
     from bmc_fast.kernels import contrastive_triton as kt
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine; _dot_mode reads it per call
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine; _mode reads it per call
     matmul = torch.backends.cuda.matmul
-    assert kt._dot_mode(torch.float32) == (True, "ieee")
+    assert kt._mode(torch.float32) == "ieee"
     if switch == "global":
         matmul.fp32_precision = "none"  # defers to the global switch
         torch.backends.fp32_precision = "tf32"
         matmul.fp32_precision = "none"
     else:
         matmul.fp32_precision = "tf32"
-    assert kt._dot_mode(torch.float32) == (True, "tf32")
-    assert kt._dot_mode(torch.bfloat16) == (False, "ieee")  # 16-bit dots are native; no precision switch
+    assert kt._mode(torch.float32) == "tf32" and kt._dot_args("tf32") == {"UPCAST": True, "INPUT_PRECISION": "tf32"}
+    assert kt._mode(torch.bfloat16) == "bf16" and kt._mode(torch.float16) == "fp16"
+    assert kt._dot_args("bf16") == {"UPCAST": False, "INPUT_PRECISION": "ieee"}  # 16-bit dots are native
     matmul.fp32_precision = "ieee"
-    assert kt._dot_mode(torch.float32) == (True, "ieee")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no TF32
+    assert kt._mode(torch.float32) == "ieee"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no TF32, and upcasts 16-bit tiles
     matmul.fp32_precision = "tf32"
-    assert kt._dot_mode(torch.float32) == (True, "ieee")
+    assert kt._mode(torch.float32) == kt._mode(torch.bfloat16) == "ieee"
+    assert kt._dot_args("bf16")["UPCAST"] and kt._arch(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("n_rows,n_cols", [(333, 200), (300, 70)])
