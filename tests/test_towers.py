@@ -13,6 +13,7 @@ from bmc_fast.text_tower import TextTower, caption_buckets, masked_mean, varlen_
 from bmc_fast.vision_tower import VisionTransformer
 
 PRESET = "bmc-longclip-l14-512"
+ONE_TEXT_LAYER = {"num_hidden_layers": 1}  # the image-weight tests: ModernBERT-base's random init alone takes ~10 s
 
 
 def _perturbed(state):
@@ -37,7 +38,7 @@ def open_clip_vit(tmp_path_factory):
 
 def test_open_clip_vit_l14_loads_and_matches(open_clip_vit):
     reference, path = open_clip_vit
-    ours = create_model(PRESET, image_weights=path, vision={"act": "gelu"}).eval()  # strict load: no key left over
+    ours = create_model(PRESET, image_weights=path, vision={"act": "gelu"}, text=ONE_TEXT_LAYER).eval()  # strict load
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want = reference.encode_image(images)
@@ -65,7 +66,7 @@ def test_timm_names_load_and_match(tmp_path):
 
 def test_image_proj_linear_keeps_a_fresh_projection(open_clip_vit):
     reference, path = open_clip_vit
-    ours = create_model(PRESET, image_weights=path, image_proj="linear", vision={"act": "gelu"})
+    ours = create_model(PRESET, image_weights=path, image_proj="linear", vision={"act": "gelu"}, text=ONE_TEXT_LAYER)
     assert not torch.equal(ours.visual.proj, reference.visual.proj)
     torch.testing.assert_close(ours.visual.ln_post.weight, reference.visual.ln_post.weight)
 

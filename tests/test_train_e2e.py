@@ -112,33 +112,6 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
         assert not marker.exists()
 
 
-def test_one_rank_run_resumes_from_its_checkpoint(small_data, tmp_path):
-    run_dir = tmp_path / "run"
-    ds_config = deepspeed_config(tmp_path, 2, steps=8, batch=32)
-    short = ["--max-steps", "8", "--eval-every", "0"]  # checkpoints after 6 and 8
-    launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, *short), tmp_path)
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["batch"] == {"global_batch": 32, "micro_batch": 32, "accumulation": 1, "world_size": 1}
-    uninterrupted, _ = _weights(run_dir)
-
-    (run_dir / "checkpoints" / "latest").write_text("step0000006")  # as if the run had died after step 6
-    proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 1, *short, "--resume"), tmp_path)
-    assert "resumed from step0000006 at step 6" in proc.stdout + proc.stderr
-    assert json.loads((run_dir / "config.json").read_text()) == config  # the original set-up is kept
-    assert json.loads((run_dir / "config.resume-1.json").read_text())["train"]["resume"] == "latest"
-    assert "resumed the data stream, RNG states and skip counts of step0000006" in proc.stdout + proc.stderr
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == list(range(1, 9)) + [7, 8]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step0000008"
-    # Steps 7-8 again, from the saved stream: the same weights, bit for bit. A resume from step >= 6 is where
-    # DeepSpeed's CPU FusedAdam would drift by one ulp (its bias correction; the trainer picks torch's AdamW).
-    assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in proc.stdout + proc.stderr
-    resumed, _ = _weights(run_dir)
-    different = [key for key in uninterrupted if not torch.equal(resumed[key], uninterrupted[key])]
-    assert not different, different
-
-
 def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
     from bmc_fast.errors import ConfigError
 
@@ -187,10 +160,10 @@ def _check_weights_only_consolidation(run_dir):
     return consolidated
 
 
-def _weights(run_dir):
+def _weights(run_dir, tag=None):
     from bmc_fast.eval.checkpoint import load_run
 
-    model, _, model_cfg = load_run(run_dir)
+    model, _, model_cfg = load_run(run_dir, tag=tag)
     return model.state_dict(), model_cfg
 
 
@@ -203,9 +176,10 @@ def _last_per_step(run_dir, key):
 @pytest.mark.parametrize("loader,accumulation", [("pil", 1), ("dali", 2)])
 def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, accumulation, small_data, tmp_path):
     """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 7 steps, checkpoints after 3, 6, 7):
-    the same command twice ends with bit-identical weights; the same command with rank 1 killed by SIGKILL
-    as step 7 begins, relaunched with --resume from step 6 (where DeepSpeed's CPU FusedAdam would drift),
-    ends with them too, loss for loss. PIL loader plain, DALI with contrastive accumulation (2 micro batches)."""
+    the same command twice (the second one's rank 1 killed by SIGKILL as step 7 begins) gives bit-identical
+    weights at step 6; relaunched with --resume from step 6 (where DeepSpeed's CPU FusedAdam would drift),
+    the killed run ends with the uninterrupted run's weights too, loss for loss. PIL loader plain, DALI with
+    contrastive accumulation (2 micro batches)."""
     from bmc_fast.model import BMCLongCLIP
 
     ds_config = deepspeed_config(tmp_path, 2, steps=7, batch=32, accumulation=accumulation)
@@ -214,10 +188,8 @@ def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, a
         return _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "7",
                            "--eval-every", "0", "--save-every", "3", *extra)
 
-    for name in ("first", "second"):
-        launch_deepspeed(args(tmp_path / name), tmp_path, log=f"{name}.log")
-    (first, model_cfg), (second, _) = _weights(tmp_path / "first"), _weights(tmp_path / "second")
-    assert not [key for key in first if not torch.equal(first[key], second[key])]
+    launch_deepspeed(args(tmp_path / "first"), tmp_path, log="first.log")
+    first, model_cfg = _weights(tmp_path / "first")
     torch.manual_seed(1)  # the runs' --seed: the weights they started from
     start = BMCLongCLIP(model_cfg).state_dict()
     moved = [key for key in start if not torch.equal(start[key], first[key])]
@@ -229,14 +201,24 @@ def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, a
     proc = launch_deepspeed(kill_args, tmp_path, check=False, env={"BMC_FAST_TEST_KILL": "1:7"}, log="killed.log")
     assert proc.returncode != 0 and (killed / "checkpoints" / "latest").read_text() == "step0000006"
     assert not (killed / "summary.json").exists()
+    # determinism: the same command in another process tree, bit for bit at the step both runs saved
+    assert_same_tensors(_weights(killed)[0], _weights(tmp_path / "first", tag="step0000006")[0])
     port = kill_args[kill_args.index("--master_port") + 1]
     for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # a killed rank frees nothing
         leftover.unlink()
+    config = json.loads((killed / "config.json").read_text())
     proc = launch_deepspeed(args(killed, "--resume"), tmp_path, log="resumed.log")
-    assert "resumed the data stream, RNG states and skip counts of step0000006" in proc.stdout + proc.stderr
-    resumed, _ = _weights(killed)
-    different = [key for key in first if not torch.equal(first[key], resumed[key])]
-    assert not different, different
+    log = proc.stdout + proc.stderr
+    assert "resumed from step0000006 at step 6" in log
+    assert "resumed the data stream, RNG states and skip counts of step0000006" in log
+    assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in log
+    assert json.loads((killed / "config.json").read_text()) == config  # the original set-up is kept
+    assert json.loads((killed / "config.resume-1.json").read_text())["train"]["resume"] == "latest"
+    steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in r]
+    assert steps == list(range(1, 8)), steps  # 1-6 before the kill, 7 after the resume
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step0000007"
+    assert_same_tensors(_weights(killed)[0], first)
     assert _last_per_step(killed, "train/loss") == _last_per_step(tmp_path / "first", "train/loss")
 
 
