@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "open-clip-torch>=2.24", "ruff"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "open-clip-torch>=2.24", "ruff"],
     "bench": ["matplotlib", "open-clip-torch>=2.24"],
     # GPU-only accelerators, not installable on the CPU machines this project is developed on.
     # NVIDIA apex is never listed: the PyPI `apex` is an unrelated package (build NVIDIA apex from source).
