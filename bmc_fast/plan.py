@@ -1,0 +1,271 @@
+"""Memory planner: will a contrastive batch fit, per GPU, before anything is launched?
+
+    python -m bmc_fast.plan --preset bmc-longclip-l14-512 --ds_config ds_configs/paper_16k_8gpu.json \\
+        --gpus 8 --gpu-memory 80GB [--grad-checkpointing] [--te-precision bf16] [--global-batch 16384]
+
+Per GPU, in the DeepSpeed JSON's precision:
+
+- **model states** from DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` for ZeRO-2,
+  ``estimate_zero3_model_states_mem_needs`` with the largest layer for ZeRO-3; ZeRO-1 from the ZeRO-2 terms
+  with unpartitioned 16-bit gradients). The estimators assume 16-bit training; fp32 runs hold
+  4 (params) + 16/N (the optimizer's fp32 partition copy, Adam's two moments and the gradient partition)
+  bytes per parameter, as DeepSpeed's ZeRO optimizer keeps them (full gradients only pass through).
+- **activations per pair**, measured on this machine by a probe: one image and captions of two lengths
+  through the real towers (padded or unpadded as the preset runs, activation checkpointing as asked),
+  counting the bytes autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``), in the
+  run's dtype; per pair = the image's bytes + a caption of ``--mean-tokens`` tokens (``--context`` when
+  padded). Plus the backward's working set: twice the largest single block's saved bytes per pair.
+- **the fused loss**: the gathered features of every rank's pairs and their gradients (fp32), and the
+  Triton forward's row statistics and partial columns (``kernels/contrastive_triton.py``).
+
+Then the largest micro batch that fits under ``--gpu-memory`` less ``--reserve`` (CUDA context, allocator
+slack), and the contrastive accumulation K that reaches ``--global-batch``. Every number is computed, not
+measured on a GPU; ``benchmarks/bench_plan.py`` compares the planner with measured peaks on CPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bmc_fast.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
+GiB = 1024 ** 3
+# ModernBERT's tokenizer (BioClinical ModernBERT shares it): the probe's vocabulary unless a preset sets one.
+MODERNBERT_TOKENS = {"vocab_size": 50368, "pad_token_id": 50283, "cls_token_id": 50281, "sep_token_id": 50282}
+
+
+@dataclass
+class Probe:
+    """Bytes autograd saves for the backward, per image and per caption of ``a + b·tokens``."""
+    image_bytes: float
+    text_bytes_per_caption: float  # a
+    text_bytes_per_token: float  # b
+    largest_block_bytes_per_pair: float  # one block's saved bytes (ViT + text, at the planned tokens)
+    params: int
+    largest_layer_params: int
+
+
+@dataclass
+class Plan:
+    preset: str
+    zero_stage: int
+    dtype: str
+    gpus: int
+    micro_batch: int
+    tokens_per_caption: float
+    model_states_bytes: float
+    activation_bytes: float
+    loss_bytes: float
+    total_bytes: float
+    states_source: str
+
+    def table(self) -> str:
+        rows = [("model states", self.model_states_bytes, self.states_source),
+                ("activations", self.activation_bytes, f"micro batch {self.micro_batch}, "
+                                                       f"{self.tokens_per_caption:.0f} tokens a caption"),
+                ("fused loss", self.loss_bytes, f"{self.micro_batch * self.gpus} gathered pairs"),
+                ("total", self.total_bytes, "")]
+        return "\n".join(f"  {name:<14} {value / GiB:8.2f} GiB  {note}" for name, value, note in rows)
+
+
+def probe(model_cfg, dtype: torch.dtype, tokens: float, device: str = "cpu") -> Probe:
+    """Run one image and two captions through the real towers (random init) and count saved bytes."""
+    from bmc_fast.model import BMCLongCLIP
+
+    model = BMCLongCLIP(model_cfg).to(device=device, dtype=dtype).train()
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    size = model_cfg.vision.image_size
+    image = _saved_bytes(lambda: model.encode_image(torch.randn(1, 3, size, size, device=device, dtype=dtype)), model)
+    short, long_ = 32, min(model_cfg.context_length, 256)
+    text = [_saved_bytes(lambda n=n: model.encode_text(*_caption(n, model_cfg, device)), model) for n in (short, long_)]
+    per_token = (text[1] - text[0]) / (long_ - short)
+    per_caption = text[0] - per_token * short
+    blocks = model_cfg.vision.layers + model_cfg.text.num_hidden_layers
+    plain = image + per_caption + per_token * tokens
+    if model_cfg.vision.grad_checkpointing:  # a checkpointed block is recomputed, whole, during the backward
+        block = _block_estimate(model_cfg, dtype, tokens, device)
+        # torch's non-reentrant checkpoint keeps each block's input by reference, not as a saved tensor
+        esize = torch.empty((), dtype=dtype).element_size()
+        image += model_cfg.vision.layers * (model_cfg.vision.grid_size ** 2 + 1) * model_cfg.vision.width * esize
+        per_token += model_cfg.text.num_hidden_layers * model_cfg.text.hidden_size * esize
+    else:
+        block = plain / blocks
+    return Probe(image, per_caption, per_token, block, params, largest)
+
+
+def _block_estimate(model_cfg, dtype, tokens, device) -> float:
+    """With checkpointing on: one block's saved bytes, from the same probe without it."""
+    import dataclasses
+
+    vision = dataclasses.replace(model_cfg.vision, grad_checkpointing=False)
+    text = dataclasses.replace(model_cfg.text, grad_checkpointing=False)
+    full = probe(dataclasses.replace(model_cfg, vision=vision, text=text), dtype, tokens, device)
+    return (full.image_bytes + full.text_bytes_per_caption + full.text_bytes_per_token * tokens) / (
+        model_cfg.vision.layers + model_cfg.text.num_hidden_layers)
+
+
+def _saved_bytes(forward, model) -> float:
+    """Bytes of the distinct tensors autograd keeps from ``forward()`` for the backward, the model's own
+    parameters left out (a linear layer saves its weight: model states, counted apart)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return float(sum(seen.values()))
+
+
+def _caption(n: int, model_cfg, device):
+    """One caption of ``n`` real tokens, padded to the context (the unpadded path packs the real ones)."""
+    context = model_cfg.context_length
+    ids = torch.full((1, context), model_cfg.text.pad_token_id, device=device)
+    ids[0, :n] = torch.randint(3, model_cfg.text.vocab_size, (n,), device=device)
+    mask = torch.zeros(1, context, dtype=torch.long, device=device)
+    mask[0, :n] = 1
+    return ids, mask
+
+
+def model_states_bytes(params: int, largest_layer: int, stage: int, gpus: int, gpus_per_node: int,
+                       half: bool, offload: bool) -> tuple[float, str]:
+    """(bytes per GPU, where the number comes from)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    nodes = max(1, gpus // gpus_per_node)
+    if not half:
+        return 4 * params + 16 * params / gpus, "fp32: 4 + 16/N bytes a parameter (DeepSpeed's are 16-bit)"
+    if stage == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, gpus_per_node, nodes,
+                                                          cpu_offload=offload, cpu_offload_params=offload)
+        return float(gpu), "DeepSpeed estimate_zero3_model_states_mem_needs"
+    _, gpu = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=offload)
+    if stage == 1:  # ZeRO-1 keeps every 16-bit gradient: the ZeRO-2 terms with 2 bytes unpartitioned
+        return float(gpu) + 2 * params * (1 - 1 / gpus), "DeepSpeed's ZeRO-2 estimate + 16-bit gradients"
+    return float(gpu), "DeepSpeed estimate_zero2_model_states_mem_needs"
+
+
+def loss_bytes(micro: int, gpus: int, embed_dim: int, feature_bytes: int) -> float:
+    """The fused loss on one rank: both sides' gathered features (and their fp32 gradients), the Triton
+    softmax forward's 12·n_a + 20·G·N bytes of row statistics and partial columns."""
+    n_a, n = micro, micro * gpus
+    groups = min(math.ceil(n_a / 64), 256)
+    return 2 * n * embed_dim * (feature_bytes + 4) + 12 * n_a + 20 * groups * n
+
+
+def plan(model_cfg, probe_result: Probe, micro: int, gpus: int, gpus_per_node: int, stage: int, dtype: torch.dtype,
+         offload: bool, tokens: float, preset: str) -> Plan:
+    half = dtype in (torch.bfloat16, torch.float16)
+    states, source = model_states_bytes(probe_result.params, probe_result.largest_layer_params, stage, gpus,
+                                        gpus_per_node, half, offload)
+    p = probe_result
+    per_pair = p.image_bytes + p.text_bytes_per_caption + p.text_bytes_per_token * tokens
+    activations = micro * (per_pair + 2 * p.largest_block_bytes_per_pair)
+    loss = loss_bytes(micro, gpus, model_cfg.embed_dim, 2 if half else 4)
+    return Plan(preset, stage, str(dtype).removeprefix("torch."), gpus, micro, tokens, states, activations, loss,
+                states + activations + loss, source)
+
+
+def largest_micro_batch(model_cfg, probe_result: Probe, budget: float, **kwargs) -> int:
+    """The largest micro batch whose plan fits in ``budget`` bytes (0 when not even one pair does)."""
+    fits = 0
+    step = 1
+    while plan(model_cfg, probe_result, fits + step, **kwargs).total_bytes <= budget:  # gallop, then bisect
+        fits += step
+        step *= 2
+    while step > 1:
+        step //= 2
+        if plan(model_cfg, probe_result, fits + step, **kwargs).total_bytes <= budget:
+            fits += step
+    return fits
+
+
+def parse_bytes(text: str, flag: str) -> float:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|MB|MiB)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"{flag} {text!r}: write a size such as 80GB or 141GiB")
+    scale = {"gb": 1e9, "gib": GiB, "mb": 1e6, "mib": 1024 ** 2}[match.group(2).lower()]
+    return float(match.group(1)) * scale
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bmc_fast.cli import ArgumentParser, positive_int
+    from bmc_fast.model_config import load_model_config
+    from bmc_fast.trainer.ds_config import load_ds_config
+
+    parser = ArgumentParser(prog="python -m bmc_fast.plan", description="Per-GPU memory of a contrastive batch.")
+    parser.add_argument("--preset", default="bmc-longclip-l14-512")
+    parser.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True)
+    parser.add_argument("--gpus", type=positive_int, required=True, help="GPUs in the run (all nodes)")
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8)
+    parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
+    parser.add_argument("--reserve", default="4GB", help="left aside for the CUDA context and allocator slack")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--te-precision", default=None, choices=("none", "bf16", "fp8"),
+                        help="recorded; the probe runs the torch layers (TE is CUDA only)")
+    parser.add_argument("--mean-tokens", type=float, default=127.0,
+                        help="real tokens a caption (BIOMEDICA: ~127); padded presets use the context")
+    parser.add_argument("--global-batch", type=positive_int, default=None, help="pairs a contrastive loss should span")
+    parser.add_argument("--micro-batch", type=positive_int, default=None, help="plan this micro batch instead")
+    parser.add_argument("--json", default=None, help="also write the plan here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    checkpointing = {"grad_checkpointing": True} if args.grad_checkpointing else {}
+    model_cfg = load_model_config(args.preset, vision=checkpointing, text={**MODERNBERT_TOKENS, **checkpointing})
+    ds_config = load_ds_config(args.ds_config)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else \
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+    tokens = args.mean_tokens if model_cfg.text_unpad else float(model_cfg.context_length)
+    budget = parse_bytes(args.gpu_memory, "--gpu-memory") - parse_bytes(args.reserve, "--reserve")
+    measured = probe(model_cfg, dtype, tokens)
+    common = dict(gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus), stage=stage, dtype=dtype,
+                  offload=offload, tokens=tokens, preset=args.preset)
+    fits = largest_micro_batch(model_cfg, measured, budget, **common)
+    accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
+    micro = args.micro_batch or ds_config.get("train_micro_batch_size_per_gpu") or (
+        ds_config["train_batch_size"] // (args.gpus * accumulation) if "train_batch_size" in ds_config else 0) or \
+        max(fits, 1)
+    chosen = plan(model_cfg, measured, micro, **common)
+    out = {"plan": asdict(chosen), "probe": asdict(measured), "largest_micro_batch": fits, "budget_bytes": budget,
+           "grad_checkpointing": args.grad_checkpointing, "te_precision": args.te_precision}
+    lines = [f"{args.preset}, ZeRO-{stage}, {chosen.dtype}, {args.gpus} GPU(s) of {args.gpu_memory} "
+             f"({args.reserve} reserved), activation checkpointing {'on' if args.grad_checkpointing else 'off'}:",
+             chosen.table(),
+             f"  fits: {'yes' if chosen.total_bytes <= budget else 'NO'}; largest micro batch that fits: {fits}"]
+    if args.global_batch:
+        if fits == 0:
+            lines.append(f"  --global-batch {args.global_batch}: not even one pair a GPU fits")
+        else:
+            k = math.ceil(args.global_batch / (fits * args.gpus))
+            micro_k = math.ceil(args.global_batch / (k * args.gpus))
+            out["accumulation"] = {"k": k, "micro_batch": micro_k, "global_batch": k * micro_k * args.gpus}
+            lines.append(f"  --global-batch {args.global_batch}: micro batch {micro_k} x contrastive accumulation "
+                         f"{k} x {args.gpus} GPUs = {k * micro_k * args.gpus} pairs a loss")
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    from bmc_fast.cli import run_main
+
+    run_main(main)
