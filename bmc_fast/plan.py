@@ -203,10 +203,20 @@ def parse_bytes(text: str, flag: str) -> float:
     return float(match.group(1)) * scale
 
 
+def _read_json(path: str, flag: str) -> dict:
+    """A JSON object from ``path`` (the library reads the DeepSpeed JSON itself: it never imports the trainer)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{flag} {path!r}: cannot read it as JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} {path!r}: expected a JSON object")
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict:
     from bmc_fast.cli import ArgumentParser, positive_int
     from bmc_fast.model_config import load_model_config
-    from bmc_fast.trainer.ds_config import load_ds_config
 
     parser = ArgumentParser(prog="python -m bmc_fast.plan", description="Per-GPU memory of a contrastive batch.")
     parser.add_argument("--preset", default="bmc-longclip-l14-512")
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpointing = {"grad_checkpointing": True} if args.grad_checkpointing else {}
     model_cfg = load_model_config(args.preset, vision=checkpointing, text={**MODERNBERT_TOKENS, **checkpointing})
-    ds_config = load_ds_config(args.ds_config)
+    ds_config = _read_json(args.ds_config, "--ds_config")
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else \
