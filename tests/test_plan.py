@@ -71,4 +71,4 @@ def test_readme_paper_gpu_table_is_the_results_file():
     readme = (REPO / "README.md").read_text()
     rows = [line for line in (REPO / "benchmarks" / "results" / "paper_gpus.md").read_text().splitlines()
             if line.startswith("| ")]
-    assert len(rows) == 5 and all(f"  {row}" in readme for row in rows)
+    assert len(rows) == 4 and all(f"  {row}" in readme for row in rows)
