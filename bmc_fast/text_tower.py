@@ -78,32 +78,84 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     group with a key mask; every query sees exactly its own caption's keys, so the result equals
     caption-by-caption attention. ``sliding_window`` follows ModernBERT's attention module (half
     window + 1, flash-attn's inclusive convention): key j is visible from query i when |i − j| ≤ sliding_window − 1.
+    The groups' index tensors are built once per forward (``_BucketPlan``, kept on ``cu_seq_lens_q``, which
+    every layer receives): a layer costs one gather and one SDPA call per group and one reordering.
     """
     if cu_seq_lens_q is None:
         raise ValueError(f"{VARLEN_SDPA} attention needs cu_seq_lens_q (the packed captions' boundaries): call the "
                          "model through bmc_fast's TextTower, or set_attn_implementation('sdpa') on the HF model first")
-    bounds = cu_seq_lens_q.tolist()
-    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    per_caption: list[torch.Tensor | None] = [None] * len(lengths)  # (heads, n_i, d) each
-    for group in caption_buckets(lengths):
-        longest = lengths[group[0]]
-        if len(group) == 1:  # a view, no copy
-            start = starts[group[0]]
-            q, k, v = (t[:, :, start:start + longest] for t in (query, key, value))  # (1, heads, L, d)
-            mask = None
-        else:  # (G, heads, Lg, d), zero-padded; padded keys masked out
-            q, k, v = (torch.cat([F.pad(t[:, :, starts[i]:starts[i] + lengths[i]], (0, 0, 0, longest - lengths[i]))
-                                  for i in group]) for t in (query, key, value))
-            pos = torch.arange(longest, device=query.device)
-            mask = (pos < torch.tensor([lengths[i] for i in group], device=query.device)[:, None])[:, None, None, :]
-        if sliding_window is not None and longest > sliding_window:
-            pos = torch.arange(longest, device=query.device)
-            window = (pos[:, None] - pos[None, :]).abs() <= sliding_window - 1  # (Lg, Lg)
-            mask = window if mask is None else mask & window  # (G, 1, Lg, Lg)
+    plan = getattr(cu_seq_lens_q, "_bmc_bucket_plan", None)
+    if plan is None or plan.device != query.device:
+        plan = _BucketPlan(cu_seq_lens_q, query.device)
+        cu_seq_lens_q._bmc_bucket_plan = plan
+    heads, d = query.shape[1], query.shape[3]
+    outs = []  # (heads, n_group_tokens, d) per group, in the plan's order
+    for group in plan.groups:
+        if group.gather is None:  # one caption: a view, no copy
+            q, k, v = (t[:, :, group.start:group.start + group.longest] for t in (query, key, value))
+        else:  # (G, heads, Lg, d); padded positions hold a copy of token 0, masked as keys
+            q, k, v = (t[0][:, group.gather].view(heads, group.size, group.longest, d).transpose(0, 1)
+                       for t in (query, key, value))
+        mask = group.mask(sliding_window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        for row, i in enumerate(group):
-            per_caption[i] = out[row, :, :lengths[i]]
-    return torch.cat(per_caption, dim=1).transpose(0, 1).unsqueeze(0).contiguous(), None  # (1, T, heads, d)
+        out = out.transpose(0, 1).reshape(heads, -1, d)  # (heads, G·Lg, d)
+        outs.append(out if group.valid is None else out[:, group.valid])
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (heads, T, d), captions in plan order
+    if plan.restore is not None:
+        out = out[:, plan.restore]  # back to packed order
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), None  # (1, T, heads, d)
+
+
+class _Group:
+    """One SDPA call of ``varlen_sdpa_attention``: captions padded to the longest of them."""
+
+    def __init__(self, starts: list[int], lengths: list[int], members: list[int], device: torch.device):
+        self.size, self.longest = len(members), lengths[members[0]]
+        self.start = starts[members[0]]
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+        self.pos = torch.arange(self.longest, device=device)
+        if self.size == 1:
+            self.gather = self.valid = self.key_valid = None
+            return
+        n = torch.tensor([lengths[i] for i in members], device=device)[:, None]  # (G, 1)
+        start = torch.tensor([starts[i] for i in members], device=device)[:, None]
+        self.key_valid = self.pos[None, :] < n  # (G, Lg)
+        self.gather = torch.where(self.key_valid, start + self.pos[None, :], 0).reshape(-1)  # (G·Lg,) into T
+        self.valid = self.key_valid.reshape(-1)  # which of the G·Lg outputs are real tokens
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """(G, 1, Lg, Lg) or (Lg, Lg) boolean mask, None when every key is visible. A padded query row sees
+        every key (its output is dropped): no row is fully masked, so no NaN reaches the backward."""
+        if sliding_window not in self._masks:
+            mask = None
+            if self.key_valid is not None:
+                mask = self.key_valid[:, None, None, :]  # (G, 1, 1, Lg)
+            if sliding_window is not None and self.longest > sliding_window:
+                window = (self.pos[:, None] - self.pos[None, :]).abs() <= sliding_window - 1  # (Lg, Lg)
+                mask = window if mask is None else mask & window  # (G, 1, Lg, Lg)
+            if mask is not None and self.key_valid is not None:
+                mask = mask | ~self.key_valid[:, None, :, None]  # padded query rows see all
+            self._masks[sliding_window] = mask
+        return self._masks[sliding_window]
+
+
+class _BucketPlan:
+    """The groups of one packed batch and the permutation that puts their outputs back in packed order."""
+
+    def __init__(self, cu_seq_lens: torch.Tensor, device: torch.device):
+        bounds = cu_seq_lens.tolist()
+        starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        self.device = device
+        buckets = caption_buckets(lengths)
+        self.groups = [_Group(starts, lengths, members, device) for members in buckets]
+        order = [i for members in buckets for i in members]
+        if order == sorted(order):
+            self.restore = None
+        else:  # concatenated outputs hold caption order[0]'s tokens first, ...: invert that permutation
+            concat = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in order])
+            self.restore = torch.empty_like(concat)
+            self.restore[concat] = torch.arange(len(concat))
+            self.restore = self.restore.to(device)
 
 
 def _register_attention() -> None:

@@ -241,11 +241,13 @@ def test_caption_buckets_bound_padding_and_cover_every_caption():
     assert [128, 129, 130] in [sorted(lengths[i] for i in g) for g in buckets]  # similar lengths share a call
 
 
-@pytest.mark.parametrize("window", [None, 9], ids=["global", "local"])
-def test_varlen_sdpa_equals_caption_by_caption_float64(window):
+@pytest.mark.parametrize(("window", "lengths"), [
+    (None, [31, 30, 29, 30, 3, 1, 2, 17, 16]), (9, [31, 30, 29, 30, 3, 1, 2, 17, 16]),
+    (5, [90, 7, 100]),  # 90 and 100 share a call: the 90's padded rows 95..99 see no key of the window
+], ids=["global", "local", "local-padded-rows-outside-the-window"])
+def test_varlen_sdpa_equals_caption_by_caption_float64(window, lengths):
     """Grouped, masked SDPA against plain per-caption attention in float64, values and gradients."""
     g = torch.Generator().manual_seed(0)
-    lengths = [31, 30, 29, 30, 3, 1, 2, 17, 16]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = (torch.randn(1, 2, sum(lengths), 8, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
