@@ -9,12 +9,11 @@ per-seed Recall@k of context 77 and 512, the T2I R@1 ratio, and the machine, and
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import report
 from report import write_report
 
 from bmc_fast.cli import ArgumentParser, run_main
@@ -26,9 +25,8 @@ RESULTS = Path(__file__).parent / "results"
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "accelerator": "none (CPU only)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    info = report.machine("cuda" if torch.cuda.is_available() else "cpu")
+    return {**info, "accelerator": info.get("gpu", "none (CPU only)")}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -61,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", default="runs/bench_context", help="where the demo runs go")
     parser.add_argument("--out", default=str(RESULTS / "context_ablation"), help="output path without suffix")
     parser.add_argument("--plot-only", action="store_true", help="redraw OUT.png from an existing OUT.json")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps per demo run (default: the demo's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.plot_only:
@@ -70,13 +69,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_seed, started = {}, time.perf_counter()
     for seed in args.seeds:
-        per_seed[seed] = demo.main(["--out", f"{args.runs}/seed{seed}", "--seed", str(seed)])
+        steps = ["--max-steps", str(args.max_steps)] if args.max_steps else []
+        per_seed[seed] = demo.main(["--out", f"{args.runs}/seed{seed}", "--seed", str(seed), *steps])
     ratios = [r["ctx512"]["t2i_r1"] / max(r["ctx77"]["t2i_r1"], 0.5) for r in per_seed.values()]
     result = {
         "what": "tiny BMC-LongCLIP, embedded synthetic data, 2 CPU ranks (deepspeed launcher, ZeRO-2), "
                 "context 77 vs 512, all else equal; Recall@k in percent on 200 held-out pairs",
         "machine": machine(),
         "seconds": time.perf_counter() - started,
+        "max_steps": args.max_steps,
         "seeds": {str(s): r for s, r in per_seed.items()},
         "t2i_r1_ratio_512_over_77": {"per_seed": ratios, "min": min(ratios)},
         "ctx512_t2i_r1_mean": statistics.mean(r["ctx512"]["t2i_r1"] for r in per_seed.values()),

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    machine = {"device": device, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+    machine = {**report.machine(args.device), "device": device,
                "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "tokenizer": tokenizer_name,
                "torch": torch.__version__, "dali": nvidia.dali.__version__}
     result = {"machine": machine, "cases": cases, "notes": notes}

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
 from bmc_fast.optional import installed
@@ -121,17 +122,7 @@ def estimated_bytes(impl: str, n: int, d: int) -> int:
     return matrices * 4 * n * n + 8 * 4 * n * d
 
 
-def machine(device: str) -> dict:
-    import torch
-
-    info = {"device": device, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        info["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return info
-
+machine = report.machine  # bench_accumulation and bench_plan import it from here
 
 def _spawn(case: dict, timeout: float) -> dict:
     command = [sys.executable, __file__, "--case", json.dumps(case)]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import report
 import torch
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "time_ratio": t_unpadded / t_padded, "tokens_ratio": computed / real_tokens})
         sys.stderr.write(f"{name}: padded {t_padded:.2f} s, unpadded {t_unpadded:.2f} s "
                          f"(ratio {t_unpadded / t_padded:.2f}; {computed}/{padded_tokens} tokens)\n")
-    info = {"device": args.device, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "batch": args.batch, "context": CONTEXT, "real_data": real_note}
-    if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
+    info = {**report.machine(args.device), "batch": args.batch, "context": CONTEXT, "real_data": real_note}
     out = RESULTS / f"text_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "cases": cases}

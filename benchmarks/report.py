@@ -3,6 +3,8 @@ then a markdown table) and ``OUT.png`` (when the benchmark draws one)."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,3 +23,29 @@ def write_report(out: Path, result: dict, header: str, columns: list[str], rows:
     out.with_suffix(".md").write_text(markdown)
     sys.stdout.write(markdown)
     return markdown
+
+
+# The packages whose versions every results file records (absent ones are left out).
+PACKAGES = ("torch", "triton", "deepspeed", "transformers", "tokenizers", "open_clip_torch", "timm", "webdataset",
+            "nvidia-dali-cuda130", "transformer_engine", "flash_attn", "numpy")
+
+
+def machine(device: str = "cpu") -> dict:
+    """Where a benchmark ran: device, cores, CPU (or GPU) name, memory, Python and the package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    info = {"device": device, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    info["versions"] = versions
+    return info

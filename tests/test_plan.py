@@ -64,11 +64,3 @@ def test_committed_cpu_validation_is_within_20_percent():
     assert {r["shape"] for r in rows} == {"tiny", "mid"} and len(rows) >= 4
     for r in rows:
         assert 0.8 <= r["predicted_bytes"] / r["measured_bytes"] <= 1.2, r
-
-
-def test_readme_paper_gpu_table_is_the_results_file():
-    """The README's GPU table is benchmarks/results/paper_gpus.md, row for row (regenerate both together)."""
-    readme = (REPO / "README.md").read_text()
-    rows = [line for line in (REPO / "benchmarks" / "results" / "paper_gpus.md").read_text().splitlines()
-            if line.startswith("| ")]
-    assert len(rows) == 4 and all(f"  {row}" in readme for row in rows)

@@ -28,6 +28,7 @@ from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.prepare import Prepared
 from bmc_fast.trainer.run_data import log_token_waste, make_loaders, total_skips
+from bmc_fast.trainer.step_profile import NoProfile
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Session:
     last_saved: str | None = None  # tag of the last checkpoint this run wrote
     skipped_steps: list[int] = field(default_factory=list)  # steps whose optimizer step was skipped (the guard)
     bad_in_a_row: list[int] = field(default_factory=list)  # the current run of skipped steps
+    profile: Any = field(default_factory=NoProfile)  # a StepProfile times the parts of each step (bench_train.py)
 
     @property
     def pairs_per_loss(self) -> int:
@@ -197,10 +199,14 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
         losses = []  # this step's micro batch losses, on the device
         for _ in range(plan.accumulation):
             batch = _next_batch(s)
-            image, text, scale = s.engine(*_model_inputs(s, batch))
-            loss = guard_loss(s.loss_fn(image, text, scale))
-            s.engine.backward(loss)
-            s.engine.step()
+            with s.profile.part("forward"):
+                image, text, scale = s.engine(*_model_inputs(s, batch))
+            with s.profile.part("loss"):
+                loss = guard_loss(s.loss_fn(image, text, scale))
+            with s.profile.part("backward"):
+                s.engine.backward(loss)
+            with s.profile.part("optimizer"):
+                s.engine.step()
             s.window.add_micro_batch(loss, batch["attention_mask"])
             losses.append(loss)
     s.window.end_step()
@@ -262,20 +268,29 @@ def _contrastive_step(s: Session) -> tuple[torch.Tensor, torch.Tensor]:
 
     batches = [_next_batch(s) for _ in range(s.p.plan.accumulation)]
 
-    def backward(surrogate: torch.Tensor) -> None:
-        s.engine.backward(surrogate, scale_wrt_gas=False)  # the surrogates already sum to the step's gradient
-        s.engine.step()  # an optimizer step only at the K-th micro batch (DeepSpeed counts them)
+    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with s.profile.part("forward"):
+            return s.engine(*_model_inputs(s, batch))
 
-    loss, scale = contrastive_accumulation_step(lambda batch: s.engine(*_model_inputs(s, batch)), batches,
-                                                lambda *features: guard_loss(s.loss_fn(*features)), backward,
-                                                s.device)
+    def loss(*features: torch.Tensor) -> torch.Tensor:
+        with s.profile.part("loss"):
+            return guard_loss(s.loss_fn(*features))
+
+    def backward(surrogate: torch.Tensor) -> None:
+        with s.profile.part("backward"):
+            s.engine.backward(surrogate, scale_wrt_gas=False)  # the surrogates already sum to the step's gradient
+        with s.profile.part("optimizer"):
+            s.engine.step()  # an optimizer step only at the K-th micro batch (DeepSpeed counts them)
+
+    loss, scale = contrastive_accumulation_step(forward, batches, loss, backward, s.device)
     for k, batch in enumerate(batches):
         s.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
     return loss, scale
 
 
 def _next_batch(s: Session) -> dict:
-    batch = next(s.batches)
+    with s.profile.part("data"):
+        batch = next(s.batches)
     s.skipped.update(batch["skipped"])
     return batch
 

@@ -1,0 +1,589 @@
+"""Whole training steps of the real trainer, where their time goes, and the paper's stack side by side.
+
+    python benchmarks/bench_train.py --preset tiny --context 512 --lengths real --batch 32 --steps 3 \\
+        [--baseline open_clip] [--with-loaders] [--trace DIR] [--ds_config J] [--loss-backend B] ...
+    python benchmarks/bench_train.py --suite quick|full      # every case, each in a fresh process
+
+One case: ``bmc_fast.trainer.prepare`` and ``loop.start`` build the real run (DeepSpeed engine, loss, loaders)
+over WebDataset shards written for the case (synthetic images; captions with the chosen lengths), then
+``loop.train_step`` runs ``--warmup`` + ``--steps`` steps, each timed twice: around the call (the step) and
+inside it by ``bmc_fast.trainer.step_profile`` (data, image forward, text forward, forward, loss, backward,
+optimizer, communication: CUDA events on GPU, perf_counter on CPU). With ``--baseline open_clip`` each step of
+bmc-fast is followed by one of open_clip's (``open_clip_baseline.py``: its CustomTextCLIP built from an
+export of the same initial weights, captions padded to the context, ClipLoss, AdamW) on the same batch,
+held in memory, in the same process and threads; the first step's two losses must agree. With
+``--with-loaders`` batches come from the loaders instead: bmc-fast's (DALI by default) and open_clip's
+webdataset + PIL path, on the same shards.
+
+Caption lengths: ``real`` samples the ModernBERT-tokenized texts of ../shared/data (biomedical captions and
+COVID-19 notes; the case is skipped with a reason when absent); ``biomedica`` draws lengths from a log-normal
+of mean 127 tokens (σ 0.6), as BIOMEDICA's captions average, and cuts real (or synthetic) text to them.
+
+Reported per stack: step seconds (median of the timed steps), the parts, their coverage of the step, samples/s,
+real tokens/s, TFLOP/s of the model's useful work (``bmc_fast.flops`` on the real lengths; open_clip's executed
+padded FLOPs too), MFU against a peak whose source is printed (a GPU's data-sheet dense bf16 peak, or on CPU a
+matmul in the run's dtype measured here), and peak memory (CUDA: max allocated; CPU: resident-set high-water above the
+step's start, sampled every 5 ms). Suites write benchmarks/results/train_<device>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from report import machine, write_report
+
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+LENGTHS = ("real", "biomedica")
+BIOMEDICA_MEAN, BIOMEDICA_SIGMA = 127, 0.6
+STACKS = ("bmc_fast", "open_clip")
+_logger = logging.getLogger("bench_train")
+
+# (preset, context, lengths, batch, steps, extra options): each case runs in its own process, bmc-fast's steps
+# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision; this CPU has AMX) on ZeRO-1
+# with DeepSpeed's fused CPU Adam: on one rank ZeRO-2's bf16 optimizer step costs ~2x open_clip's here.
+# Batch 8 is the most that fits both stacks in 24 GiB (12 ran out of memory).
+L14_OPTIONS = ("--ds_config", "ds_configs/zero1_bf16.json")
+SUITES = {
+    "quick": [("tiny", c, lengths, 32, 3, ()) for lengths in LENGTHS for c in (77, 154, 512)]
+    + [("bmc-longclip-l14-512", 512, "biomedica", 8, 2, L14_OPTIONS)],
+    "full": [("tiny", c, lengths, 64, 5, ()) for lengths in LENGTHS for c in (77, 154, 512)]
+    + [("bmc-longclip-l14-512", c, lengths, 8, 2, L14_OPTIONS) for lengths in LENGTHS for c in (77, 154, 512)],
+}
+LOADER_CASES = {"quick": [("tiny", 512, "real", 32, 3, ())], "full": [("tiny", 512, "real", 64, 5, ())]}
+
+
+# ---------------------------------------------------------------- case data
+def tokenizer_dir() -> tuple[str, bool]:
+    """(a tokenizer directory, whether it is the real ModernBERT one from ../shared/data)."""
+    real = SHARED / "tokenizers" / "modernbert"
+    if (real / "tokenizer.json").is_file():
+        return str(real), True
+    from bmc_fast.data.default_data import ensure_default_data
+
+    return ensure_default_data().tokenizer, False
+
+
+def real_texts() -> list[str] | None:
+    from bmc_fast.data.token_stats import read_texts
+
+    captions = SHARED / "captions" / "biomed_captions.jsonl"
+    if not captions.is_file():
+        return None
+    texts = read_texts(str(captions)) + read_texts(str(SHARED / "covid_cxr" / "*.tar"))
+    return [t for t in texts if t]
+
+
+def case_captions(lengths: str, n: int, tokenizer, seed: int) -> list[str]:
+    """``n`` captions: real texts, or real (else synthetic) text cut to BIOMEDICA-like token counts."""
+    rng = random.Random(seed)
+    texts = real_texts()
+    if lengths == "real":
+        if texts is None:
+            raise FileNotFoundError(f"--lengths real needs {SHARED}/captions and covid_cxr")
+        return [rng.choice(texts) for _ in range(n)]
+    if texts is None:
+        from bmc_fast.data.synthetic import make_sample
+
+        texts = [make_sample(rng)[1] for _ in range(200)]
+    pieces = tokenizer(rng.sample(texts, min(len(texts), 2000)), add_special_tokens=False)["input_ids"]
+    stream = [token for piece in pieces for token in piece]
+    mu = math.log(BIOMEDICA_MEAN) - BIOMEDICA_SIGMA ** 2 / 2  # E[exp(N(mu, sigma²))] = mean
+    captions = []
+    for _ in range(n):
+        length = min(max(round(math.exp(rng.gauss(mu, BIOMEDICA_SIGMA))), 3), 1024) - 2  # [CLS], [SEP]
+        start = rng.randrange(max(1, len(stream) - length))
+        captions.append(tokenizer.decode(stream[start:start + length], clean_up_tokenization_spaces=False))
+    return captions
+
+
+def write_shards(out: Path, captions: list[str], seed: int, per_shard: int = 64) -> str:
+    """WebDataset shards of synthetic images (bmc_fast.data.synthetic) with ``captions``; returns a pattern."""
+    import webdataset as wds
+
+    from bmc_fast.data.synthetic import make_sample
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    n_shards = math.ceil(len(captions) / per_shard)
+    for s in range(n_shards):
+        with wds.TarWriter(str(out / f"shard-{s:06d}.tar")) as sink:
+            for i in range(s * per_shard, min((s + 1) * per_shard, len(captions))):
+                image = make_sample(rng)[0]
+                jpg = io.BytesIO()
+                image.save(jpg, format="JPEG", quality=90)
+                sink.write({"__key__": f"{i:08d}", "jpg": jpg.getvalue(), "txt": captions[i]})
+    return str(out / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def case_ds_config(path: str, batch: int, steps: int, world_size: int) -> dict:
+    """The DeepSpeed JSON with this case's micro batch (its accumulation kept) and enough scheduler steps."""
+    config = json.loads((ROOT / path if not Path(path).is_file() else Path(path)).read_text())
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    config["train_micro_batch_size_per_gpu"] = batch
+    config["train_batch_size"] = batch * accumulation * world_size
+    params = (config.get("scheduler") or {}).get("params")
+    if params and "total_num_steps" in params:
+        params["total_num_steps"] = max(params["total_num_steps"], steps)
+        params["warmup_num_steps"] = min(params.get("warmup_num_steps", 0), 1)  # a non-zero lr from step 2
+    return config
+
+
+# ---------------------------------------------------------------- measuring
+class ResidentPeak:
+    """Resident-set high-water mark above the level at ``start()``, sampled every 5 ms on a thread (CPU)."""
+
+    def __init__(self):
+        self._peak, self._base, self._run = 0, 0, False
+
+    @staticmethod
+    def _rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def start(self) -> None:
+        self._base = self._peak = self._rss()
+        self._run = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while self._run:
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.005)
+
+    def stop(self) -> int:
+        self._run = False
+        self._thread.join()
+        return max(self._peak, self._rss()) - self._base
+
+
+def cpu_matmul_peak(threads: int, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, source): the best of 5 4096² matmuls in the engine's ``dtype`` on this CPU (bf16 runs on AMX
+    where the CPU has it, so an fp32 peak would understate a bf16 run's)."""
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    flops = 2 * 4096 ** 3 / best
+    name = str(dtype).removeprefix("torch.")
+    return flops, f"measured here: {name} 4096x4096 matmul, {threads} thread(s), {flops / 1e9:.0f} GFLOP/s"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_and_source(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    if device.type == "cuda":
+        from bmc_fast.flops import PEAK_BF16_FLOPS, peak_flops
+
+        name = torch.cuda.get_device_name(device)
+        peak = peak_flops(name)
+        if peak is None:
+            return None, f"{name}: not in bmc_fast.flops.PEAK_BF16_FLOPS ({', '.join(PEAK_BF16_FLOPS)}), no MFU"
+        return peak, f"data sheet: {name} dense bf16 {peak / 1e12:.0f} TFLOP/s"
+    return cpu_matmul_peak(torch.get_num_threads(), dtype)
+
+
+class Meter:
+    """A stack's timed steps: the step around the call, its parts, memory, loss."""
+
+    def __init__(self, device: torch.device):
+        from bmc_fast.trainer.step_profile import StepProfile
+
+        self.device, self.profile = device, StepProfile(device)
+        self.steps: list[dict] = []
+
+    @contextlib.contextmanager
+    def step(self, record: dict):
+        cuda = self.device.type == "cuda"
+        memory = None if cuda else ResidentPeak()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            memory.start()
+        start = time.perf_counter()
+        self.profile.begin_step()
+        yield
+        parts = self.profile.end_step()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        record.update(seconds=time.perf_counter() - start, parts=parts,
+                      peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else memory.stop())
+        self.steps.append(record)
+
+
+class LossRecorder(torch.nn.Module):
+    """The trainer's loss module, keeping its last value (read after the step)."""
+
+    def __init__(self, loss_fn: torch.nn.Module):
+        super().__init__()
+        self.loss_fn, self.last = loss_fn, None
+
+    def forward(self, *args):
+        loss = self.loss_fn(*args)
+        self.last = loss.detach()
+        return loss
+
+
+# ---------------------------------------------------------------- one case
+def run_case(args: argparse.Namespace) -> dict:
+    from bmc_fast.trainer import loop
+    from bmc_fast.trainer.config import TrainConfig
+    from bmc_fast.trainer.distributed import DistEnv
+    from bmc_fast.trainer.prepare import prepare
+
+    env = DistEnv.from_environ()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train-"))
+    steps = args.warmup + args.steps
+    from transformers import AutoTokenizer
+
+    tokenizer_path, real_tokenizer = tokenizer_dir()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    n_samples = steps * args.batch * env.world_size * (1 if not args.with_loaders else 2)
+    captions = case_captions(args.lengths, n_samples, tokenizer, seed=args.seed)
+    if env.rank == 0:
+        shards = write_shards(work / "shards", captions, seed=args.seed)
+        ds_json = work / "ds_config.json"
+        ds_json.write_text(json.dumps(case_ds_config(args.ds_config, args.batch, steps, env.world_size)))
+    if env.world_size > 1:
+        _barrier_before_init(work)
+    shards = str(work / "shards" / f"shard-{{000000..{math.ceil(n_samples / 64) - 1:06d}}}.tar")
+    cfg = TrainConfig(ds_config=str(work / "ds_config.json"), preset=args.preset, train_data=shards,
+                      tokenizer=tokenizer_path, context_length=args.context, max_steps=steps, eval_every=0,
+                      save_every=0, log_every=10 ** 9, output_dir=str(work / "run"), overwrite=True,
+                      seed=args.seed, workers=args.workers, loader=args.loader, loss_backend=args.loss_backend,
+                      te_precision=args.te_precision, text_unpad=args.text_unpad,
+                      grad_checkpointing=args.grad_checkpointing)
+    p = prepare(cfg, env)
+    s = loop.start(p)
+    s.loss_fn = LossRecorder(s.loss_fn)
+    peak, peak_source = peak_and_source(s.device, s.dtype)
+    meters = {"bmc_fast": Meter(s.device)}
+    s.profile = meters["bmc_fast"].profile
+    s.profile.watch_towers(s.engine.module)
+    s.profile.watch_reduction(s.engine)
+    baseline = None
+    if args.baseline == "open_clip":
+        from open_clip_baseline import OpenClipStack
+
+        baseline = OpenClipStack(_full_module(s), p.tokenizer, p.model_cfg, p.ds_config, work / "open_clip_export",
+                                 s.device, env.rank, env.world_size)
+        meters["open_clip"] = Meter(s.device)
+        meters["open_clip"].profile.watch_towers(baseline.module)
+    if args.with_loaders:
+        open_clip_batches = baseline.loader(p.train_urls, args.batch, max(args.workers, 1)) if baseline else None
+    else:  # the same batches, in memory, for both stacks
+        held = [next(s.batches) for _ in range(steps)]
+        s.batches = iter(held)
+    seen: list[int] = []  # real caption lengths of the batches bmc-fast takes this step
+    s.batches = _recording_lengths(s.batches, seen)
+    trace = _trace(args.trace, s.device) if args.trace else contextlib.nullcontext()
+    with trace as profiler, s.profile.watch_collectives():
+        for step in range(1, steps + 1):
+            record = {"step": step, "warmup": step <= args.warmup}
+            lr = s.engine.get_lr()[0]
+            with _region("bmc_fast step"), meters["bmc_fast"].step(record):
+                loop.train_step(s, step)
+            record["loss"] = float(s.loss_fn.last)
+            record["lengths"], seen[:] = list(seen), []
+            if baseline is not None:
+                other = {"step": step, "warmup": step <= args.warmup}
+                prof = meters["open_clip"].profile
+                with _region("open_clip step"), meters["open_clip"].step(other):
+                    with prof.part("data"):
+                        if args.with_loaders:
+                            pixels, ids = (t.to(s.device) for t in next(open_clip_batches))
+                        else:
+                            pixels, ids = baseline.padded_inputs(held[step - 1])
+                    loss = baseline.step(pixels, ids, lr, prof)
+                other["loss"] = float(loss)
+                other["lengths"] = (ids != baseline.pad_id).sum(dim=1).tolist()
+            if profiler is not None:
+                profiler.step()
+            _logger.info("step %d: %s", step, "  ".join(f"{name} {m.steps[-1]['seconds']:.2f} s (loss "
+                                                       f"{m.steps[-1]['loss']:.4f})" for name, m in meters.items()))
+    result = summarize(args, p, s.dtype, meters, peak, peak_source, real_tokenizer)
+    loop.finish(s)
+    return result
+
+
+def _recording_lengths(batches, seen: list[int]):
+    for batch in batches:
+        seen.extend(batch["attention_mask"].sum(dim=1).tolist())
+        yield batch
+
+
+def _barrier_before_init(work: Path) -> None:
+    """Ranks > 0 wait for rank 0's shards (before torch.distributed exists): a marker file."""
+    marker = work / "ds_config.json"
+    for _ in range(6000):
+        if marker.is_file():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"rank 0 wrote no {marker}")
+
+
+def _full_module(s):
+    """The engine's model with every parameter whole (ZeRO-3 gathers them for the export)."""
+    if s.engine.zero_optimization_stage() == 3:
+        raise NotImplementedError("--baseline open_clip with ZeRO-3: pass a stage 1 or 2 --ds_config")
+    return s.engine.module
+
+
+def _region(name: str):
+    return torch.profiler.record_function(name)
+
+
+@contextlib.contextmanager
+def _trace(out: str, device: torch.device):
+    """A torch.profiler trace of every step (TensorBoard's profiler plugin, or Perfetto: the .pt.trace.json)."""
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, on_trace_ready=tensorboard_trace_handler(out), record_shapes=False) as prof:
+        yield prof
+
+
+def summarize(args, p, dtype: torch.dtype, meters: dict, peak: float | None, peak_source: str,
+              real_tokenizer: bool) -> dict:
+    """The case's results: per stack the median step, mean parts, throughput, FLOP/s, MFU, memory, losses."""
+    from bmc_fast.flops import train_step_flops
+    from bmc_fast.trainer.step_profile import OTHER, PARTS
+
+    world, context = p.env.world_size, p.model_cfg.context_length
+    pairs = args.batch * p.plan.accumulation * world
+    stacks = {}
+    for name, meter in meters.items():
+        timed = [r for r in meter.steps if not r["warmup"]]
+        seconds = statistics.median(r["seconds"] for r in timed)
+        parts = {k: statistics.mean(r["parts"][k] for r in timed) for k in (*PARTS, OTHER)}
+        # this rank's real tokens and FLOPs a step, times the ranks (they draw alike)
+        tokens = statistics.mean(sum(r["lengths"]) for r in timed) * world
+        flops = statistics.mean(train_step_flops(p.model_cfg, len(r["lengths"]), r["lengths"]) for r in timed) * world
+        executed = flops if name == "bmc_fast" and p.model_cfg.text_unpad else statistics.mean(
+            train_step_flops(p.model_cfg, len(r["lengths"]), r["lengths"], padded_to=context) for r in timed) * world
+        stacks[name] = {
+            "seconds": seconds, "parts": parts,
+            "coverage": sum(parts[k] for k in PARTS) / statistics.mean(r["seconds"] for r in timed),
+            "samples_per_s": pairs / seconds, "tokens_per_s": tokens / seconds, "mean_tokens": tokens / pairs,
+            "tflops": flops / seconds / 1e12,  # the model's useful work: real tokens
+            "executed_tflops": executed / seconds / 1e12,  # what ran: padded captions count whole
+            "mfu": flops / seconds / (peak * world) if peak else None,
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in timed),
+            "first_loss": meter.steps[0]["loss"], "steps": [{k: v for k, v in r.items() if k != "lengths"}
+                                                            for r in meter.steps]}
+    result = {"case": case_name(args), "preset": args.preset, "context": context, "lengths": args.lengths,
+              "batch": args.batch, "pairs_per_step": pairs, "world_size": world, "steps": args.steps,
+              "warmup": args.warmup, "with_loaders": args.with_loaders, "threads": torch.get_num_threads(),
+              "dtype": str(dtype).removeprefix("torch."),
+              "switches": {"ds_config": args.ds_config, "zero_stage": p.ds_config.get("zero_optimization", {})
+                           .get("stage", 0), "loss_backend": p.cfg.loss_backend, "text_unpad": p.model_cfg.text_unpad,
+                           "attn_backend": p.model_cfg.attn_backend, "loader": p.cfg.loader,
+                           "te_precision": p.model_cfg.te_precision, "grad_checkpointing": args.grad_checkpointing,
+                           "accumulation": p.plan.accumulation},
+              "real_tokenizer": real_tokenizer, "peak_flops": peak, "peak_source": peak_source, "stacks": stacks}
+    if "open_clip" in stacks:
+        a, b = stacks["bmc_fast"], stacks["open_clip"]
+        result["speedup"] = b["seconds"] / a["seconds"]
+        result["speedup_per_step"] = [y["seconds"] / x["seconds"] for x, y in zip(a["steps"], b["steps"])
+                                      if not x["warmup"]]
+        if not args.with_loaders:  # the same first batch through the same weights
+            tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, abs(b["first_loss"]))
+            result["first_loss_diff"] = abs(a["first_loss"] - b["first_loss"])
+            result["first_loss_tolerance"] = tolerance
+            result["first_losses_agree"] = result["first_loss_diff"] <= tolerance
+    return result
+
+
+def case_name(args) -> str:
+    return f"{args.preset} ctx{args.context} {args.lengths} b{args.batch}" + (" +loaders" if args.with_loaders else "")
+
+
+# ---------------------------------------------------------------- suites and the report
+def _spawn(case: tuple, baseline: str, with_loaders: bool, extra: list[str], timeout: float) -> dict:
+    preset, context, lengths, batch, steps, options = case
+    command = [sys.executable, __file__, "--preset", preset, "--context", str(context), "--lengths", lengths,
+               "--batch", str(batch), "--steps", str(steps), "--baseline", baseline, "--json", *options, *extra]
+    if with_loaders:
+        command.append("--with-loaders")
+    name = f"{preset} ctx{context} {lengths} b{batch}" + (" +loaders" if with_loaders else "")
+    if lengths == "real" and real_texts() is None:
+        return {"case": name, "status": f"skipped: {SHARED} has no captions / covid_cxr (real caption lengths)"}
+    started = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    sys.stderr.write(f"{name}: {describe(result)} ({time.perf_counter() - started:.0f} s)\n")
+    return {**result, "status": "ok"}
+
+
+def describe(r: dict) -> str:
+    a = r["stacks"]["bmc_fast"]
+    text = f"bmc-fast {a['seconds']:.3f} s/step, parts cover {100 * a['coverage']:.0f}%"
+    if "speedup" in r:
+        text += f"; open_clip {r['stacks']['open_clip']['seconds']:.3f} s: {r['speedup']:.2f}x"
+    if "first_losses_agree" in r:
+        text += f"; first losses differ by {r['first_loss_diff']:.1e} (tolerance {r['first_loss_tolerance']:.0e})"
+    return text
+
+
+PART_LABELS = {"data": "data", "image_forward": "image fwd", "text_forward": "text fwd", "forward": "fwd other",
+               "loss": "loss", "backward": "backward", "optimizer": "optimizer", "communication": "comm",
+               "other": "other"}
+
+
+def write_suite(rows: list[dict], suite: str, device: str, extra: list[str]) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    peak_sources = "; ".join(dict.fromkeys(r["peak_source"] for r in ok)) or "none"
+    columns = ["case", "engine", "mean tokens", "bmc-fast s/step", "open_clip s/step", "speedup", "bmc-fast parts (s)",
+               "parts / step", "tokens/s", "TFLOP/s", "MFU", "peak MiB (bmc / oc)", "first losses"]
+    table = []
+    for r in rows:
+        if r["status"] != "ok":
+            table.append([r["case"], r["status"]] + [""] * (len(columns) - 2))
+            continue
+        a, b = r["stacks"]["bmc_fast"], r["stacks"].get("open_clip")
+        parts = ", ".join(f"{PART_LABELS[k]} {v:.3f}" for k, v in a["parts"].items() if v >= 0.0005)
+        agree = ("n/a (loaders)" if r["with_loaders"] else
+                 f"{'agree' if r['first_losses_agree'] else 'DIFFER'} ({r['first_loss_diff']:.1e})") if b else ""
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(r["dtype"], r["dtype"])
+        engine = f"ZeRO-{r['switches']['zero_stage']} {dtype}"
+        table.append([r["case"], engine, f"{a['mean_tokens']:.0f}", f"{a['seconds']:.3f}",
+                      f"{b['seconds']:.3f}" if b else "", f"{r['speedup']:.2f}x" if b else "", parts,
+                      f"{a['coverage']:.2f}", f"{a['tokens_per_s']:.0f}", f"{a['tflops']:.3f}",
+                      f"{100 * a['mfu']:.1f}%" if a["mfu"] is not None else "n/a",
+                      f"{a['peak_memory_bytes'] / 2**20:.0f} / {b['peak_memory_bytes'] / 2**20:.0f}" if b else
+                      f"{a['peak_memory_bytes'] / 2**20:.0f}", agree])
+    info = machine(device)
+    header = (f"`bench_train.py --suite {suite}`{' ' + ' '.join(extra) if extra else ''}: whole training steps of "
+              f"the real trainer (1 rank, DeepSpeed, random init) against open_clip 3.3's (HFTextEncoder over the "
+              f"same ModernBertModel, padded to the context, ClipLoss) on the same batches, alternated in one "
+              f"process. Machine: {info['cores']} cores {info.get('gpu', info['cpu'])}, torch {info['torch']}. "
+              f"Speedup = open_clip s/step ÷ bmc-fast s/step (median). MFU peaks, by the run's dtype: {peak_sources}.")
+    payload = {"machine": info, "suite": suite, "extra_args": extra, "rows": rows}
+    return write_report(RESULTS / f"train_{device}", payload, header, columns, table,
+                        plot=lambda path: plot(ok, path))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Stacked step breakdown, bmc-fast beside open_clip, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bmc_fast.trainer.step_profile import OTHER, PARTS
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.2))
+    ticks, labels, x = [], [], 0.0
+    for r in rows:
+        first = x
+        for name in STACKS:
+            if name not in r["stacks"]:
+                continue
+            bottom, seconds = 0.0, r["stacks"][name]["parts"]
+            scale = 1 / r["stacks"]["bmc_fast"]["seconds"]  # every case relative to bmc-fast's step
+            for i, part in enumerate((*PARTS, OTHER)):
+                ax.bar(x, seconds[part] * scale, 0.8, bottom=bottom, color=plt.cm.tab10(i),
+                       label=PART_LABELS[part] if not ticks else None)
+                bottom += seconds[part] * scale
+            ticks.append(x)
+            labels.append("bmc" if name == "bmc_fast" else "oc")
+            x += 1
+        case = r["case"].replace("bmc-longclip-l14-512", "l14").replace(" b", "\nb", 1)
+        ax.text((first + x - 1) / 2, -0.16, case, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                fontsize=6)
+        x += 0.6
+    ax.set_xticks(ticks, labels, fontsize=6)
+    ax.set_ylabel("step time / bmc-fast step")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="benchmarks/bench_train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rerender", action="store_true", help="--suite: rewrite the .md/.png from the .json")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=None,
+                        help="every case of a suite, each in a fresh process; writes benchmarks/results/train_*")
+    parser.add_argument("--preset", default="tiny", help="model preset (bmc_fast/model_configs) or JSON")
+    parser.add_argument("--context", type=positive_int, default=512, help="text context length")
+    parser.add_argument("--lengths", choices=LENGTHS, default="biomedica", help="caption lengths (see above)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="micro batch per rank")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps")
+    parser.add_argument("--warmup", type=positive_int, default=1, help="steps before timing (the first one)")
+    parser.add_argument("--baseline", choices=("none", "open_clip"), default="none",
+                        help="open_clip: the paper's stack, its steps alternated with bmc-fast's")
+    parser.add_argument("--with-loaders", action="store_true",
+                        help="batches from the loaders (bmc-fast's --loader vs open_clip's webdataset + PIL)")
+    parser.add_argument("--trace", default=None, help="write a torch.profiler trace of the steps to this directory")
+    parser.add_argument("--ds_config", "--ds-config", default="ds_configs/zero2.json",
+                        help="DeepSpeed JSON (its micro batch is replaced by --batch)")
+    parser.add_argument("--loss-backend", default="auto", help="fused loss kernels: auto, triton, torch")
+    parser.add_argument("--loader", default="auto", help="bmc-fast's loader: auto, dali, pil")
+    parser.add_argument("--workers", type=int, default=1, help="loader workers / DALI threads")
+    parser.add_argument("--te-precision", default=None, help="Transformer Engine layers (CUDA)")
+    parser.add_argument("--no-text-unpad", dest="text_unpad", action="store_false", default=None,
+                        help="pad captions in bmc-fast too")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default=None, help="shards and run directory (default: a temporary one)")
+    parser.add_argument("--json", action="store_true", help="print the case's result as one JSON line last")
+    parser.add_argument("--timeout", type=float, default=3600, help="--suite: seconds per case")
+    return parser
+
+
+SUITE_OPTIONS = ("--ds_config", "--loss-backend", "--loader", "--workers", "--te-precision", "--seed")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.suite:
+        extra = [x for name in SUITE_OPTIONS for x in (name, str(getattr(args, name.lstrip("-").replace("-", "_"))))
+                 if getattr(args, name.lstrip("-").replace("-", "_")) != parser.get_default(
+                     name.lstrip("-").replace("-", "_"))]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.rerender:
+            saved = json.loads((RESULTS / f"train_{device}.json").read_text())
+            write_suite(saved["rows"], saved["suite"], device, saved["extra_args"])
+            return saved
+        rows = [_spawn(case, "open_clip", False, extra, args.timeout) for case in SUITES[args.suite]]
+        rows += [_spawn(case, "open_clip", True, extra, args.timeout) for case in LOADER_CASES[args.suite]]
+        write_suite(rows, args.suite, device, extra)
+        return {"rows": rows}
+    from bmc_fast.trainer.metrics import setup_logging
+
+    setup_logging(int(os.environ.get("RANK", 0)))
+    result = run_case(args)
+    sys.stderr.write(describe(result) + "\n")
+    if args.json and int(os.environ.get("RANK", 0)) == 0:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

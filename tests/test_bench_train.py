@@ -1,0 +1,132 @@
+"""The step profile (exclusive parts that add up to the step) and ``benchmarks/bench_train.py``: the real
+trainer beside open_clip 3.3 on the same batches, run as a user runs it (a separate process)."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bmc_fast.trainer.step_profile import OTHER, PARTS, StepProfile
+from helpers import REPO, SHARED_DATA, free_port
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_parts_are_exclusive_and_add_up_to_the_step():
+    profile = StepProfile(torch.device("cpu"))
+    profile.begin_step()
+    started = time.perf_counter()
+    _busy(0.01)  # outside every part: other
+    with profile.part("forward"):
+        _busy(0.02)
+        with profile.part("image_forward"):  # nested: not also counted as forward
+            _busy(0.03)
+        _busy(0.01)
+    with profile.part("backward"):
+        _busy(0.02)
+    seconds = profile.end_step()
+    wall = time.perf_counter() - started
+    assert set(seconds) == {*PARTS, OTHER, "step"}
+    assert seconds["step"] == pytest.approx(sum(seconds[k] for k in (*PARTS, OTHER)))
+    assert seconds["step"] == pytest.approx(wall, abs=2e-3)
+    assert seconds["image_forward"] == pytest.approx(0.03, abs=5e-3)
+    assert seconds["forward"] == pytest.approx(0.03, abs=5e-3)
+    assert seconds["backward"] == pytest.approx(0.02, abs=5e-3)
+    assert seconds[OTHER] == pytest.approx(0.01, abs=5e-3)
+    assert seconds["loss"] == 0.0
+
+
+def test_part_errors_name_the_part():
+    profile = StepProfile(torch.device("cpu"))
+    with pytest.raises(ValueError, match="'fwd' is not one of"):
+        profile.enter("fwd")
+    profile.enter("loss")
+    with pytest.raises(RuntimeError, match="leaving 'backward' but the open parts are \\['loss'\\]"):
+        profile.leave("backward")
+
+
+def test_tower_hooks_and_collectives_are_charged_and_removed(tmp_path):
+    """Forward hooks time the towers; a blocking collective inside a part is charged to communication,
+    and the patched torch.distributed functions are restored on exit."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Module()
+        model.visual, model.text = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        profile = StepProfile(torch.device("cpu"))
+        profile.watch_towers(model)
+        original = torch.distributed.all_reduce
+        with profile.watch_collectives():
+            assert torch.distributed.all_reduce is not original
+            profile.begin_step()
+            with profile.part("backward"):
+                model.visual(torch.ones(2, 4))
+                model.text(torch.ones(2, 4))
+                torch.distributed.all_reduce(torch.ones(3))
+            seconds = profile.end_step()
+        assert torch.distributed.all_reduce is original
+        assert seconds["image_forward"] > 0 and seconds["text_forward"] > 0 and seconds["communication"] > 0
+        profile.close()
+        profile.begin_step()
+        model.visual(torch.ones(2, 4))
+        assert profile.end_step()["image_forward"] == 0.0  # hooks removed
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _bench(tmp_path, *args: str) -> dict:
+    env = {"PATH": "/usr/bin:/bin", "MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    import os
+
+    env.update({k: v for k, v in os.environ.items() if k in ("HOME", "TORCH_EXTENSIONS_DIR", "TMPDIR")})
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--json",
+                           "--work-dir", str(tmp_path / "work"), *args], capture_output=True, text=True,
+                          timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_bench_train_against_open_clip_same_batches(tmp_path):
+    """Both stacks take the same batches from the same weights: the first step's losses agree with open_clip's
+    own CustomTextCLIP + ClipLoss; the parts cover the measured step; the counts are the batches'."""
+    r = _bench(tmp_path, "--preset", "tiny", "--context", "77", "--lengths", "biomedica", "--batch", "8",
+               "--steps", "1", "--baseline", "open_clip")
+    a, b = r["stacks"]["bmc_fast"], r["stacks"]["open_clip"]
+    assert r["first_losses_agree"], (a["first_loss"], b["first_loss"])
+    assert abs(a["first_loss"] - b["first_loss"]) <= 1e-4 * b["first_loss"]
+    for stack in (a, b):
+        assert 0.9 <= stack["coverage"] <= 1.0 + 1e-6
+        assert stack["parts"]["image_forward"] > 0 and stack["parts"]["text_forward"] > 0
+        assert stack["parts"]["backward"] > 0 and stack["parts"]["optimizer"] > 0
+        assert len(stack["steps"]) == 2 and stack["steps"][0]["warmup"] and not stack["steps"][1]["warmup"]
+        assert stack["mfu"] is not None and 0 < stack["mfu"] < 1
+    assert a["parts"]["communication"] > 0 == b["parts"]["communication"]  # DeepSpeed's reduction; 1-rank ClipLoss
+    assert a["mean_tokens"] == b["mean_tokens"] <= 77  # the same captions, cut to the context
+    assert b["executed_tflops"] > b["tflops"]  # open_clip computes every padded position
+    assert r["speedup"] == pytest.approx(b["seconds"] / a["seconds"])
+    assert r["peak_source"].startswith("measured here: float32 4096x4096 matmul")
+    assert r["switches"]["zero_stage"] == 2 and r["switches"]["loss_backend"] == "auto"
+
+
+@pytest.mark.slow
+def test_bench_train_with_loaders_and_trace(tmp_path):
+    """--with-loaders: bmc-fast's PIL loader and open_clip's webdataset + PIL path on the same shards;
+    --trace writes a torch.profiler trace; ZeRO-1 and the torch loss backend pass through."""
+    if not (SHARED_DATA / "captions" / "biomed_captions.jsonl").is_file():
+        lengths = "biomedica"
+    else:
+        lengths = "real"
+    r = _bench(tmp_path, "--preset", "tiny", "--context", "154", "--lengths", lengths, "--batch", "8",
+               "--steps", "1", "--baseline", "open_clip", "--with-loaders", "--loader", "pil",
+               "--ds_config", "ds_configs/zero1.json", "--loss-backend", "torch", "--trace", str(tmp_path / "trace"))
+    assert r["with_loaders"] and "first_losses_agree" not in r
+    assert r["switches"]["loader"] == "pil" and r["switches"]["zero_stage"] == 1
+    assert r["stacks"]["open_clip"]["parts"]["data"] > 0
+    assert list((tmp_path / "trace").glob("*.pt.trace.json"))
