@@ -260,6 +260,8 @@ def run_case(args: argparse.Namespace) -> dict:
 
 
 def _run_case(args: argparse.Namespace, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
     from bmc_fast.trainer import loop
     from bmc_fast.trainer.config import TrainConfig
     from bmc_fast.trainer.distributed import DistEnv
@@ -267,19 +269,17 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
 
     env = DistEnv.from_environ()
     steps = args.warmup + args.steps
-    from transformers import AutoTokenizer
-
     tokenizer_path, real_tokenizer = tokenizer_dir()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     n_samples = steps * args.batch * env.world_size * (1 if not args.with_loaders else 2)
     captions = case_captions(args.lengths, n_samples, tokenizer, seed=args.seed)
     if env.rank == 0:
-        shards = write_shards(work / "shards", captions, seed=args.seed)
-        ds_json = work / "ds_config.json"
-        ds_json.write_text(json.dumps(case_ds_config(args.ds_config, args.batch, steps, env.world_size)))
+        write_shards(work / "shards", captions, seed=args.seed)
+        config = case_ds_config(args.ds_config, args.batch, steps, env.world_size)
+        (work / "ds_config.json").write_text(json.dumps(config))  # last: ranks > 0 wait for it
     if env.world_size > 1:
         _barrier_before_init(work)
-    shards = str(work / "shards" / f"shard-{{000000..{math.ceil(n_samples / 64) - 1:06d}}}.tar")
+    shards = str(work / "shards" / f"shard-{{000000..{math.ceil(n_samples / 64) - 1:06d}}}.tar")  # write_shards' names
     cfg = TrainConfig(ds_config=str(work / "ds_config.json"), preset=args.preset, train_data=shards,
                       tokenizer=tokenizer_path, context_length=args.context, max_steps=steps, eval_every=0,
                       save_every=0, log_every=10 ** 9, output_dir=str(work / "run"), overwrite=True,
