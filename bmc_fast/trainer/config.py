@@ -12,6 +12,7 @@ from bmc_fast.data.select_loader import LOADERS
 from bmc_fast.errors import ConfigError
 from bmc_fast.kernels import BACKENDS as LOSS_BACKENDS
 from bmc_fast.model_config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISIONS
+from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
 
 # With gradient_accumulation_steps K > 1: one loss over all K micro batches (GradCache), or K losses.
 ACCUMULATIONS = ("contrastive", "independent")
@@ -65,6 +66,9 @@ class TrainConfig:
     max_bad_steps: int = option(10, "stop the run (exit 1) after this many skipped steps in a row: steps whose loss "
                                 "or gradient norm is not finite on some rank are skipped by all")
     grad_checkpointing: bool = option(False, "activation checkpointing in both towers")
+    grad_norm_dtype: str = option("auto", "dtype of DeepSpeed's gradient norm for clipping: float64 (DeepSpeed's), "
+                                  "float32; auto: float32 on CPU, where float64 copies of every gradient cost "
+                                  "seconds a step (bmc_fast/trainer/grad_norm.py)", choices=GRAD_NORM_DTYPES)
     accumulation: str = option("contrastive", "with gradient_accumulation_steps K > 1: 'contrastive' contrasts all K "
                                "micro batches in one loss (one extra forward each), 'independent' is DeepSpeed's "
                                "plain accumulation (K losses of micro batch x ranks pairs)", choices=ACCUMULATIONS)
@@ -87,7 +91,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),
                               ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
-                              ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES)):
+                              ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES),
+                              ("grad_norm_dtype", GRAD_NORM_DTYPES)):
             check_choice(self, name, allowed)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one")

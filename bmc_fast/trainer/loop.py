@@ -25,6 +25,7 @@ from bmc_fast.run_dir import checkpoint_tag
 from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer
 from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
+from bmc_fast.trainer.grad_norm import set_grad_norm_dtype
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.prepare import Prepared
 from bmc_fast.trainer.run_data import log_token_waste, make_loaders, total_skips
@@ -175,6 +176,7 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     model = BMCLongCLIP(p.model_cfg, image_weights=p.cfg.image_weights, text_weights=p.cfg.text_weights)
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
     config = with_resumable_cpu_adam(p.ds_config, get_accelerator().device_name())
+    set_grad_norm_dtype(p.cfg.grad_norm_dtype, get_accelerator().device_name())
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=config)
     if not p.cfg.resume:
         return engine, 1, n_params
