@@ -47,6 +47,7 @@ import torch
 from report import machine, write_report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -54,6 +55,9 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 LENGTHS = ("real", "biomedica")
 BIOMEDICA_MEAN, BIOMEDICA_SIGMA = 127, 0.6
 STACKS = ("bmc_fast", "open_clip")
+# PyTorch's CPU allocator puts tensors of >= 2 MB on transparent huge pages when this is set (read at the first
+# allocation). Suite cases set it (for both stacks: they share the process); a single case keeps the caller's.
+THP = "THP_MEM_ALLOC_ENABLE"
 _logger = logging.getLogger("bench_train")
 
 # (preset, context, lengths, batch, steps, extra options): each case runs in its own process, bmc-fast's steps
@@ -285,7 +289,7 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
                       save_every=0, log_every=10 ** 9, output_dir=str(work / "run"), overwrite=True,
                       seed=args.seed, workers=args.workers, loader=args.loader, loss_backend=args.loss_backend,
                       te_precision=args.te_precision, text_unpad=args.text_unpad,
-                      grad_checkpointing=args.grad_checkpointing)
+                      grad_checkpointing=args.grad_checkpointing, grad_norm_dtype=args.grad_norm_dtype)
     p = prepare(cfg, env)
     s = loop.start(p)
     s.loss_fn = LossRecorder(s.loss_fn)
@@ -412,7 +416,8 @@ def summarize(args, p, dtype: torch.dtype, meters: dict, peak: float | None, pea
                            .get("stage", 0), "loss_backend": p.cfg.loss_backend, "text_unpad": p.model_cfg.text_unpad,
                            "attn_backend": p.model_cfg.attn_backend, "loader": p.cfg.loader,
                            "te_precision": p.model_cfg.te_precision, "grad_checkpointing": args.grad_checkpointing,
-                           "accumulation": p.plan.accumulation},
+                           "accumulation": p.plan.accumulation, "grad_norm_dtype": p.cfg.grad_norm_dtype,
+                           THP: os.environ.get(THP, "")},
               "real_tokenizer": real_tokenizer, "peak_flops": peak, "peak_source": peak_source, "stacks": stacks}
     if "open_clip" in stacks:
         a, b = stacks["bmc_fast"], stacks["open_clip"]
@@ -443,6 +448,7 @@ def _spawn(case: tuple, baseline: str, with_loaders: bool, extra: list[str], tim
         return {"case": name, "status": f"skipped: {SHARED} has no captions / covid_cxr (real caption lengths)"}
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.setdefault(THP, "1")  # both stacks' CPU tensors on 2 MB pages: page faults, not work, were seconds a step
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -466,9 +472,26 @@ PART_LABELS = {"data": "data", "image_forward": "image fwd", "text_forward": "te
                "other": "other"}
 
 
+def peaks_by_dtype(rows: list[dict]) -> list[str]:
+    """Each dtype's measured peaks as one range ('float32: 174-222 GFLOP/s, ...'), or the sources as given."""
+    by_dtype: dict[str, list[dict]] = {}
+    for r in rows:
+        by_dtype.setdefault(r["dtype"], []).append(r)
+    out = []
+    for dtype, group in by_dtype.items():
+        if not all(r["peak_source"].startswith("measured here") for r in group):
+            out += dict.fromkeys(r["peak_source"] for r in group)
+            continue
+        gflops = sorted(r["peak_flops"] / 1e9 for r in group)
+        spread = f"{gflops[0]:.0f}" if round(gflops[0]) == round(gflops[-1]) else f"{gflops[0]:.0f}-{gflops[-1]:.0f}"
+        out.append(f"{dtype} {spread} GFLOP/s (measured here, 4096² matmul, {group[0]['threads']} threads)")
+    return out
+
+
 def write_suite(rows: list[dict], suite: str, device: str, extra: list[str]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    peak_sources = "; ".join(dict.fromkeys(r["peak_source"] for r in ok)) or "none"
+    peak_sources = "; ".join(peaks_by_dtype(ok)) or "none"
+    thp = sorted({r["switches"].get(THP) or "unset" for r in ok})
     columns = ["case", "engine", "mean tokens", "bmc-fast s/step", "open_clip s/step", "speedup", "bmc-fast parts (s)",
                "parts / step", "tokens/s", "TFLOP/s", "MFU", "peak MiB (bmc / oc)", "first losses"]
     table = []
@@ -493,7 +516,10 @@ def write_suite(rows: list[dict], suite: str, device: str, extra: list[str]) -> 
               f"the real trainer (1 rank, DeepSpeed, random init) against open_clip 3.3's (HFTextEncoder over the "
               f"same ModernBertModel, padded to the context, ClipLoss) on the same batches, alternated in one "
               f"process. Machine: {info['cores']} cores {info.get('gpu', info['cpu'])}, torch {info['torch']}. "
-              f"Speedup = open_clip s/step ÷ bmc-fast s/step (median). MFU peaks, by the run's dtype: {peak_sources}.")
+              f"Speedup = open_clip s/step ÷ bmc-fast s/step (median). MFU peaks, by the run's dtype: {peak_sources}. "
+              f"{THP}={'/'.join(thp)} for both stacks; DeepSpeed's clipping norm: "
+              f"{'/'.join(sorted({r['switches'].get('grad_norm_dtype', 'float64') for r in ok}))} "
+              "(bmc_fast/trainer/grad_norm.py).")
     payload = {"machine": info, "suite": suite, "extra_args": extra, "rows": rows}
     return write_report(RESULTS / f"train_{device}", payload, header, columns, table,
                         plot=lambda path: plot(ok, path))
@@ -560,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-text-unpad", dest="text_unpad", action="store_false", default=None,
                         help="pad captions in bmc-fast too")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--grad-norm-dtype", default="auto", choices=GRAD_NORM_DTYPES,
+                        help="DeepSpeed's clipping norm (bmc_fast/trainer/grad_norm.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=None, help="shards and run directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print the case's result as one JSON line last")
@@ -567,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUITE_OPTIONS = ("--ds_config", "--loss-backend", "--loader", "--workers", "--te-precision", "--seed")
+SUITE_OPTIONS = ("--ds_config", "--loss-backend", "--loader", "--workers", "--te-precision", "--grad-norm-dtype",
+                 "--seed")
 
 
 def main(argv: list[str] | None = None) -> dict:
