@@ -26,16 +26,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 # name -> (quick arguments, full arguments). Quick is what this 2-core CPU machine runs in about 20 minutes:
-# smaller grids than the committed CPU results in three places, written under the same names except the context
-# ablation (1 seed of 60 steps, not 3 demo runs of ~12 min each: context_ablation_quick.*): the loss at N = 1,024,
-# 4,096 and 16,384 against open_clip (not the whole grid, nor the naive loss), the text tower with one repeat.
+# smaller sizes than the full runs in four places. Two write their own files, so that the README keeps the full
+# runs' tables: the context ablation (1 seed of 60 steps, not 3 demo runs of ~12 min each: context_ablation_quick.*)
+# and the loss (N = 1,024, 4,096 and 16,384 against open_clip, not the whole grid nor the naive loss:
+# loss_cpu_quick.*). The text tower (one repeat) and the loaders (one repeat) write the README's files.
 RESULTS = "benchmarks/results"
 BENCHMARKS = {
     "paper_gpus": ([], []),
     "bench_plan": (["--paper"], ["--paper"]),
     "bench_text": (["--batch", "8", "--repeats", "1"], ["--batch", "64", "--repeats", "5", "--device", "cuda"]),
-    "bench_loss": (["--n", "1024", "4096", "16384", "--impls", "fused", "open_clip", "--repeats", "1"],
-                   ["--device", "cuda"]),
+    "bench_loss": (["--n", "1024", "4096", "16384", "--impls", "fused", "open_clip", "--repeats", "1",
+                    "--tag", "quick"], ["--device", "cuda"]),
     "bench_accumulation": ([], []),
     "bench_data": (["--repeats", "1"], ["--repeats", "3", "--device", "cuda"]),
     "bench_train": (["--suite", "quick"], ["--suite", "full"]),
