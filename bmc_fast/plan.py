@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reserve", default="4GB", help="left aside for the CUDA context and allocator slack")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--te-precision", default=None, choices=("none", "bf16", "fp8"),
-                        help="recorded; the probe runs the torch layers (TE is CUDA only)")
+                        help="noted in the plan: the probe runs the torch layers (TE is CUDA only); "
+                        "an upper bound for fp8")
     parser.add_argument("--mean-tokens", type=float, default=127.0,
                         help="real tokens a caption (BIOMEDICA: ~127); padded presets use the context")
     parser.add_argument("--global-batch", type=positive_int, default=None, help="pairs a contrastive loss should span")
@@ -260,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
              f"({args.reserve} reserved), activation checkpointing {'on' if args.grad_checkpointing else 'off'}:",
              chosen.table(),
              f"  fits: {'yes' if chosen.total_bytes <= budget else 'NO'}; largest micro batch that fits: {fits}"]
+    if args.te_precision in ("bf16", "fp8"):
+        lines.append(f"  --te-precision {args.te_precision}: activations are the torch layers' (the probe runs on CPU, "
+                     "without Transformer Engine)" + ("; FP8 layers can save 1-byte inputs where these count 2, so "
+                                                      "this is an upper bound, not an FP8 measurement"
+                                                      if args.te_precision == "fp8" else ""))
     if args.global_batch:
         if fits == 0:
             lines.append(f"  --global-batch {args.global_batch}: not even one pair a GPU fits")

@@ -54,6 +54,9 @@ def test_cli_prints_the_plan_and_the_accumulation_for_a_global_batch(tmp_path, c
     k = out["accumulation"]
     assert k["global_batch"] >= 16384 and k["micro_batch"] <= out["largest_micro_batch"]
     assert json.loads((tmp_path / "plan.json").read_text())["largest_micro_batch"] == out["largest_micro_batch"]
+    plan.main(["--preset", "tiny", "--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--gpus", "1",
+               "--te-precision", "fp8"])
+    assert "--te-precision fp8: activations are the torch layers'" in capsys.readouterr().out  # says it is a bound
     with pytest.raises(ConfigError, match="--gpu-memory '80 gigs': write a size such as 80GB"):
         plan.main(["--preset", "tiny", "--ds_config", str(REPO / "ds_configs" / "zero2.json"), "--gpus", "1",
                    "--gpu-memory", "80 gigs"])
