@@ -25,7 +25,7 @@ from bmc_fast.cli import ArgumentParser, run_main
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# name -> (quick arguments, full arguments). Quick is what this 2-core CPU machine runs in about 20 minutes:
+# name -> (quick arguments, full arguments). Quick is what this 2-core CPU machine runs in about 15 minutes:
 # smaller sizes than the full runs in four places. Two write their own files, so that the README keeps the full
 # runs' tables: the context ablation (1 seed of 60 steps, not 3 demo runs of ~12 min each: context_ablation_quick.*)
 # and the loss (N = 1,024, 4,096 and 16,384 against open_clip, not the whole grid nor the naive loss:
