@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from report import write_report
+from report import machine, write_report
 
 from bmc_fast.cli import ArgumentParser, run_main
 
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
             row[f"step_seconds_mfu{int(mfu * 100)}"] = checkpointed / (gpus * peak * mfu)
         row["padded_step_seconds_mfu40"] = padded * 4 / 3 / (gpus * peak * 0.4)
         rows.append(row)
-    result = {"pairs": PAIRS, "mean_tokens": sum(lengths) / len(lengths), "flops_unpadded": unpadded,
-              "flops_padded_512": padded, "flops_unpadded_checkpointed": checkpointed, "rows": rows}
+    result = {"machine": machine("cpu"), "pairs": PAIRS, "mean_tokens": sum(lengths) / len(lengths),
+              "flops_unpadded": unpadded, "flops_padded_512": padded, "flops_unpadded_checkpointed": checkpointed,
+              "rows": rows}
     header = (f"Computed, not measured. One step of {PAIRS:,} pairs: {unpadded / 1e15:.0f} PFLOP unpadded "
               f"(mean {result['mean_tokens']:.0f} tokens a caption) against {padded / 1e15:.0f} PFLOP padded to "
               f"512 ({padded / unpadded:.2f}×); with activation checkpointing {checkpointed / 1e15:.0f} PFLOP. "

@@ -32,8 +32,8 @@ ROOT = HERE.parent
 # loss_cpu_quick.*). The text tower (one repeat) and the loaders (one repeat) write the README's files.
 RESULTS = "benchmarks/results"
 BENCHMARKS = {
-    "paper_gpus": ([], []),
     "bench_plan": (["--paper"], ["--paper"]),
+    "paper_gpus": ([], []),  # from bench_plan's plan_paper.json
     "bench_text": (["--batch", "8", "--repeats", "1"], ["--batch", "64", "--repeats", "5", "--device", "cuda"]),
     "bench_loss": (["--n", "1024", "4096", "16384", "--impls", "fused", "open_clip", "--repeats", "1",
                     "--tag", "quick"], ["--device", "cuda"]),
