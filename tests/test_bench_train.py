@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmc_fast.trainer.step_profile import OTHER, PARTS, StepProfile
-from helpers import REPO, SHARED_DATA, free_port
+from helpers import REPO, SHARED_DATA, free_port, launch_deepspeed
 
 
 def _busy(seconds: float) -> None:
@@ -130,3 +130,22 @@ def test_bench_train_with_loaders_and_trace(tmp_path):
     assert r["switches"]["loader"] == "pil" and r["switches"]["zero_stage"] == 1
     assert r["stacks"]["open_clip"]["parts"]["data"] > 0
     assert list((tmp_path / "trace").glob("*.pt.trace.json"))
+
+
+@pytest.mark.slow
+def test_bench_train_on_two_ranks_under_the_launcher(tmp_path):
+    """2 ranks: rank 0 writes the shards and the JSON, rank 1 waits for them; open_clip runs under DDP with
+    ClipLoss gathering both ranks' features, and its first loss still equals bmc-fast's. Its gradient
+    all-reduce runs inside DDP's reducer during backward, so it is charged to backward, not communication."""
+    proc = launch_deepspeed(["--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+                             str(REPO / "benchmarks" / "bench_train.py"), "--preset", "tiny", "--context", "77",
+                             "--lengths", "biomedica", "--batch", "8", "--steps", "1", "--baseline", "open_clip",
+                             "--work-dir", str(tmp_path / "work"), "--json"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"case"')]
+    assert len(results) == 1  # rank 0 alone prints it
+    r = results[0]
+    a, b = r["stacks"]["bmc_fast"], r["stacks"]["open_clip"]
+    assert r["world_size"] == 2 and r["pairs_per_step"] == 16
+    assert r["first_losses_agree"] and abs(a["first_loss"] - b["first_loss"]) <= 1e-4 * b["first_loss"]
+    assert a["parts"]["communication"] > 0 and 0.9 <= a["coverage"] <= 1.0 + 1e-6
+    assert b["parts"]["communication"] == 0 and 0.9 <= b["coverage"] <= 1.0 + 1e-6
