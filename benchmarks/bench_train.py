@@ -473,7 +473,8 @@ PART_LABELS = {"data": "data", "image_forward": "image fwd", "text_forward": "te
 
 
 def peaks_by_dtype(rows: list[dict]) -> list[str]:
-    """Each dtype's measured peaks as one range ('float32: 174-222 GFLOP/s, ...'), or the sources as given."""
+    """Each dtype's measured peaks as one range ('float32 174-222 GFLOP/s (measured here, ...)'), or the sources
+    as given."""
     by_dtype: dict[str, list[dict]] = {}
     for r in rows:
         by_dtype.setdefault(r["dtype"], []).append(r)

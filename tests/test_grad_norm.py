@@ -9,7 +9,7 @@ import torch
 
 from bmc_fast.errors import ConfigError
 from bmc_fast.trainer.config import TrainConfig
-from bmc_fast.trainer.grad_norm import resolve_grad_norm_dtype
+from bmc_fast.trainer.grad_norm import resolve_grad_norm_dtype, set_grad_norm_dtype
 from helpers import REPO, free_port
 
 # One process, one rank over gloo: a ZeRO engine per (stage, choice); each takes a step of the same loss on the
@@ -82,3 +82,13 @@ def test_auto_is_float32_on_cpu_and_deepspeeds_own_elsewhere():
         resolve_grad_norm_dtype("half", "cpu")
     with pytest.raises(ConfigError, match="grad.norm.dtype"):
         TrainConfig(grad_norm_dtype="half")
+
+
+def test_a_deepspeed_without_get_norm_dtype_refuses_float32_and_keeps_its_own_norm(monkeypatch):
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    monkeypatch.delattr(stage_1_and_2, "get_norm_dtype")
+    with pytest.raises(ConfigError, match="stage_1_and_2 has no get_norm_dtype.*--grad-norm-dtype float64"):
+        set_grad_norm_dtype("float32", "cpu")
+    assert set_grad_norm_dtype("float64", "cpu") is torch.float64  # DeepSpeed's own: nothing to replace
+    assert not hasattr(stage_1_and_2, "get_norm_dtype")

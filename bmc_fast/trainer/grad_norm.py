@@ -47,6 +47,8 @@ def set_grad_norm_dtype(choice: str, device_type: str) -> torch.dtype:
     for name in ZERO_MODULES:
         module = importlib.import_module(name)
         if not hasattr(module, "get_norm_dtype"):
+            if dtype is None:  # DeepSpeed's own norm: nothing to set, whatever this version does
+                continue
             raise ConfigError(f"--grad-norm-dtype {choice}: {name} has no get_norm_dtype in this DeepSpeed; "
                               "pass --grad-norm-dtype float64 to keep DeepSpeed's own norm")
         module.get_norm_dtype = zero_utils.get_norm_dtype if dtype is None else (lambda: dtype)
