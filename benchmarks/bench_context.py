@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -53,18 +54,44 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write(result: dict, out: Path) -> None:
+    """OUT.json, OUT.png and OUT.md: retrieval per seed, then zero-shot accuracy per seed (in percent)."""
+    seeds = result["seeds"]
+    ratios = result["t2i_r1_ratio_512_over_77"]["per_seed"]
+    table = [[seed, f"{r['ctx77']['t2i_r1']:.1f}", f"{r['ctx512']['t2i_r1']:.1f}", f"{r['ctx77']['i2t_r1']:.1f}",
+              f"{r['ctx512']['i2t_r1']:.1f}", f"{ratio:.1f}x"] for (seed, r), ratio in zip(seeds.items(), ratios)]
+    markdown = write_report(out, result, f"Context-length ablation ({result['what']}). Machine: "
+                            f"{result['machine']['cores']} cores, {result['machine']['accelerator']}, torch "
+                            f"{result['machine']['torch']}.",
+                            ["seed", "ctx77 T2I R@1", "ctx512 T2I R@1", "ctx77 I2T R@1", "ctx512 I2T R@1", "T2I ratio"],
+                            table, plot=lambda path: plot(result, path))
+    if all("zeroshot_colour" in r["ctx77"] for r in seeds.values()):
+        tasks = [("zeroshot_modality", "modality (4)"), ("zeroshot_colour", "first lesion's colour (8)")]
+        cells = [("multiple_choice", "ctx77"), ("multiple_choice", "ctx512"), ("top1", "ctx77"), ("top1", "ctx512")]
+        rows = ["| " + " | ".join([seed, label, *(f"{r[ctx][task][metric]:.1f}" for metric, ctx in cells)]) + " |"
+                for seed, r in seeds.items() for task, label in tasks]
+        columns = ["seed", "task (classes)", "ctx77 multiple choice", "ctx512 multiple choice",
+                   "ctx77 all-classes top-1", "ctx512 all-classes top-1"]
+        zeroshot = ("\nZero-shot classification, labels from each eval sample's attributes: 3 choices (multiple "
+                    "choice; chance 33.3%) and all classes (top-1).\n\n| " + " | ".join(columns) + " |\n"
+                    + "|---" * len(columns) + "|\n" + "\n".join(rows) + "\n")
+        out.with_suffix(".md").write_text(markdown + zeroshot)
+        sys.stdout.write(zeroshot)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/bench_context", help="where the demo runs go")
     parser.add_argument("--out", default=str(RESULTS / "context_ablation"), help="output path without suffix")
-    parser.add_argument("--plot-only", action="store_true", help="redraw OUT.png from an existing OUT.json")
+    parser.add_argument("--from-json", action="store_true",
+                        help="rewrite OUT.md and OUT.png from an existing OUT.json (no training)")
     parser.add_argument("--max-steps", type=int, default=None, help="steps per demo run (default: the demo's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if args.plot_only:
+    if args.from_json:
         result = json.loads(out.with_suffix(".json").read_text())
-        plot(result, out.with_suffix(".png"))
+        write(result, out)
         return result
 
     per_seed, started = {}, time.perf_counter()
@@ -83,12 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ctx512_t2i_r1_mean": statistics.mean(r["ctx512"]["t2i_r1"] for r in per_seed.values()),
         "ctx77_t2i_r1_mean": statistics.mean(r["ctx77"]["t2i_r1"] for r in per_seed.values()),
     }
-    table = [[str(seed), f"{r['ctx77']['t2i_r1']:.1f}", f"{r['ctx512']['t2i_r1']:.1f}", f"{r['ctx77']['i2t_r1']:.1f}",
-              f"{r['ctx512']['i2t_r1']:.1f}", f"{ratio:.1f}x"] for (seed, r), ratio in zip(per_seed.items(), ratios)]
-    write_report(out, result, f"Context-length ablation ({result['what']}). Machine: {result['machine']['cores']} "
-                 f"cores, {result['machine']['accelerator']}, torch {result['machine']['torch']}.",
-                 ["seed", "ctx77 T2I R@1", "ctx512 T2I R@1", "ctx77 I2T R@1", "ctx512 I2T R@1", "T2I ratio"], table,
-                 plot=lambda path: plot(result, path))
+    write(result, out)
     return result
 
 

@@ -34,6 +34,7 @@ RESULTS = "benchmarks/results"
 BENCHMARKS = {
     "bench_plan": (["--paper"], ["--paper"]),
     "paper_gpus": ([], []),  # from bench_plan's plan_paper.json
+    "bench_tokens": ([], []),
     "bench_text": (["--batch", "8", "--repeats", "1"], ["--batch", "64", "--repeats", "5", "--device", "cuda"]),
     "bench_loss": (["--n", "1024", "4096", "16384", "--impls", "fused", "open_clip", "--repeats", "1",
                     "--tag", "quick"], ["--device", "cuda"]),

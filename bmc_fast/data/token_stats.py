@@ -161,9 +161,9 @@ def plot_waste(lengths: Sequence[int], stats: dict, path: str | Path) -> None:
     bars.bar(x, 100 - waste, color="tab:green", label="visible")
     bars.bar(x, waste, bottom=100 - waste, color="tab:red", label="wasted (beyond the cutoff)")
     for i, row in enumerate(stats["cutoffs"]):
-        bars.text(i, (100 - row["waste_pct"]) / 2, f"{_pct(100 - row['waste_pct'])}%", ha="center", va="center",
+        bars.text(i, (100 - row["waste_pct"]) / 2, f"{format_pct(100 - row['waste_pct'])}%", ha="center", va="center",
                   fontsize=9, color="white")
-        bars.text(i, 101, f"{_pct(row['waste_pct'])}% wasted\n{_pct(row['truncated_pct'])}% of texts cut",
+        bars.text(i, 101, f"{format_pct(row['waste_pct'])}% wasted\n{format_pct(row['truncated_pct'])}% of texts cut",
                   ha="center", va="bottom", fontsize=8)
     bars.set(xticks=x, xticklabels=[str(c) for c in cutoffs], xlabel="context length (tokens)",
              ylabel="% of all tokens", ylim=(0, 120), title="token waste")
@@ -171,7 +171,7 @@ def plot_waste(lengths: Sequence[int], stats: dict, path: str | Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _pct(value: float) -> str:
+def format_pct(value: float) -> str:
     """One decimal, or two significant digits below 0.1 so that a small waste does not read as 0.0."""
     return f"{value:.1f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
 
