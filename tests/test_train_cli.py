@@ -88,6 +88,21 @@ def test_deepspeed_settings_that_never_skip_a_non_finite_step_are_refused(small_
         train.main(_args(small_data, tmp_path, **{"--ds_config": str(path)}))
 
 
+def test_fp16_on_an_accelerator_without_it_is_refused_before_the_model(small_data, tmp_path, monkeypatch):
+    """DeepSpeed's CPU accelerator has float16 only where oneDNN does (AVX512-FP16 / AMX-FP16 CPUs); elsewhere its
+    engine fails deep inside initialize. The trainer says so up front, with the fix."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    config = {**json.loads(Path(ZERO2).read_text()), "fp16": {"enabled": True}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"--ds_config: fp16.enabled is true, but DeepSpeed's cpu accelerator has no "
+                                          r"float16 on this machine \(it supports float32(, bfloat16)?\); use "
+                                          r'"bf16": \{"enabled": true\} instead'):
+        train.main(_args(small_data, tmp_path, **{"--ds_config": str(path)}))
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--zeroshot-data", "m=EVAL", "--zeroshot-label-key", "no.such.key"],
      r"zero-shot dataset 'm': sample '.*' of '.*' has no 'no.such.key' in its .json .* pass another "

@@ -113,6 +113,25 @@ def check_skips_non_finite_steps(config: dict[str, Any]) -> None:
                               "non-finite gradients; remove it")
 
 
+# DeepSpeed JSON section -> (the dtype it trains in, the fix when the accelerator lacks it)
+_PRECISIONS = {
+    "fp16": ("float16", 'use "bf16": {"enabled": true} instead, or remove "fp16" to train in fp32'),
+    "bf16": ("bfloat16", 'remove "bf16" to train in fp32'),
+    "bfloat16": ("bfloat16", 'remove "bfloat16" to train in fp32'),
+}
+
+
+def check_precision_supported(config: dict[str, Any], device: str, supported: list[str]) -> None:
+    """Refuse an enabled fp16/bf16 section whose dtype the accelerator lacks (``supported``: the names of
+    DeepSpeed's ``get_accelerator().supported_dtypes()``), before any model is built. DeepSpeed's CPU
+    accelerator offers float16 only where oneDNN has it (AVX512-FP16 or AMX-FP16 CPUs); elsewhere DeepSpeed
+    itself fails inside ``initialize`` with "Type fp16 is not supported on your device"."""
+    for section, (dtype, fix) in _PRECISIONS.items():
+        if (config.get(section) or {}).get("enabled") and dtype not in supported:
+            raise ConfigError(f"{FLAG}: {section}.enabled is true, but DeepSpeed's {device} accelerator has no "
+                              f"{dtype} on this machine (it supports {', '.join(supported)}); {fix}")
+
+
 def with_resumable_cpu_adam(config: dict[str, Any], device_type: str) -> dict[str, Any]:
     """On CPU, train Adam/AdamW with ``torch.optim.AdamW`` (DeepSpeed's ``"torch_adam": true``) unless the JSON
     chooses, so that a resumed run continues bit for bit.

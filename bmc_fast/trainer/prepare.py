@@ -19,6 +19,7 @@ from bmc_fast.trainer.distributed import DistEnv
 from bmc_fast.trainer.ds_config import (
     BatchPlan,
     batch_plan,
+    check_precision_supported,
     check_skips_non_finite_steps,
     load_ds_config,
     with_total_steps,
@@ -46,6 +47,16 @@ class Prepared:
     model_cfg: ModelConfig
 
 
+def _accelerator_dtypes() -> tuple[str, list[str]]:
+    """DeepSpeed's accelerator: its device name and the dtypes it trains in, by the checks its engine makes."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = ["float32", *["float16"] * bool(accelerator.is_fp16_supported()),
+                 *["bfloat16"] * bool(accelerator.is_bf16_supported())]
+    return accelerator.device_name(), supported
+
+
 def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     """Check every input and resolve defaults; raises ``ConfigError`` naming the flag at the first problem."""
     from bmc_fast.data.text_tokenizer import load_tokenizer
@@ -53,6 +64,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
     plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
     check_skips_non_finite_steps(ds_config)
+    check_precision_supported(ds_config, *_accelerator_dtypes())
     _check_weights(cfg)
     checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
     model_cfg = load_model_config(  # validates the preset and the overrides early
