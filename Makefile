@@ -24,8 +24,9 @@ venv: $(VENV)/.installed $(TORCH_EXTENSIONS_DIR)/.built
 demo: venv
 	$(PY) -m bmc_fast.trainer.demo --out runs/demo
 
-# The lint, then every test (the slow ones launch DeepSpeed or spawn processes), two at a time: a launch
-# spends much of its time starting processes, so two workers finish in ~12 min where one takes ~19.
+# The lint, then every test (the slow ones launch DeepSpeed or spawn processes, and run first), two at a
+# time: a launch spends much of its time starting processes, so two workers finish in ~10-12 min where one
+# takes ~19.
 test: lint
 	$(VENV)/bin/pytest -q -n 2 --durations=15
 

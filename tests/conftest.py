@@ -20,6 +20,12 @@ import torch  # noqa: E402
 from helpers import MODERNBERT_TOKENIZER  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (each launches processes for 30-150 s) first, in file order, then the rest: two xdist
+    workers then start on long tests and end on short ones, instead of one finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

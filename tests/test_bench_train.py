@@ -93,29 +93,6 @@ def _bench(tmp_path, *args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_bench_train_against_open_clip_same_batches(tmp_path):
-    """Both stacks take the same batches from the same weights: the first step's losses agree with open_clip's
-    own CustomTextCLIP + ClipLoss; the parts cover the measured step; the counts are the batches'."""
-    r = _bench(tmp_path, "--preset", "tiny", "--context", "77", "--lengths", "biomedica", "--batch", "8",
-               "--steps", "1", "--baseline", "open_clip")
-    a, b = r["stacks"]["bmc_fast"], r["stacks"]["open_clip"]
-    assert r["first_losses_agree"], (a["first_loss"], b["first_loss"])
-    assert abs(a["first_loss"] - b["first_loss"]) <= 1e-4 * b["first_loss"]
-    for stack in (a, b):
-        assert 0.9 <= stack["coverage"] <= 1.0 + 1e-6
-        assert stack["parts"]["image_forward"] > 0 and stack["parts"]["text_forward"] > 0
-        assert stack["parts"]["backward"] > 0 and stack["parts"]["optimizer"] > 0
-        assert len(stack["steps"]) == 2 and stack["steps"][0]["warmup"] and not stack["steps"][1]["warmup"]
-        assert stack["mfu"] is not None and 0 < stack["mfu"] < 1
-    assert a["parts"]["communication"] > 0 == b["parts"]["communication"]  # DeepSpeed's reduction; 1-rank ClipLoss
-    assert a["mean_tokens"] == b["mean_tokens"] <= 77  # the same captions, cut to the context
-    assert b["executed_tflops"] > b["tflops"]  # open_clip computes every padded position
-    assert r["speedup"] == pytest.approx(b["seconds"] / a["seconds"])
-    assert r["peak_source"].startswith("measured here: float32 4096x4096 matmul")
-    assert r["switches"]["zero_stage"] == 2 and r["switches"]["loss_backend"] == "auto"
-
-
-@pytest.mark.slow
 def test_bench_train_with_loaders_and_trace(tmp_path):
     """--with-loaders: bmc-fast's PIL loader and open_clip's webdataset + PIL path on the same shards;
     --trace writes a torch.profiler trace; ZeRO-1 and the torch loss backend pass through."""
@@ -133,10 +110,12 @@ def test_bench_train_with_loaders_and_trace(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_train_on_two_ranks_under_the_launcher(tmp_path):
-    """2 ranks: rank 0 writes the shards and the JSON, rank 1 waits for them; open_clip runs under DDP with
-    ClipLoss gathering both ranks' features, and its first loss still equals bmc-fast's. Its gradient
-    all-reduce runs inside DDP's reducer during backward, so it is charged to backward, not communication."""
+def test_bench_train_against_open_clip_on_two_ranks_under_the_launcher(tmp_path):
+    """Both stacks take the same batches from the same weights, on 2 ranks under the deepspeed launcher: rank 0
+    writes the shards and the JSON, rank 1 waits for them; open_clip runs under DDP with ClipLoss gathering both
+    ranks' features, and the first step's losses agree with open_clip's own CustomTextCLIP + ClipLoss. The
+    parts cover the measured step; the counts are the batches'. open_clip's gradient all-reduce runs inside
+    DDP's reducer during backward, so it is charged to backward, not communication."""
     proc = launch_deepspeed(["--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
                              str(REPO / "benchmarks" / "bench_train.py"), "--preset", "tiny", "--context", "77",
                              "--lengths", "biomedica", "--batch", "8", "--steps", "1", "--baseline", "open_clip",
@@ -147,5 +126,15 @@ def test_bench_train_on_two_ranks_under_the_launcher(tmp_path):
     a, b = r["stacks"]["bmc_fast"], r["stacks"]["open_clip"]
     assert r["world_size"] == 2 and r["pairs_per_step"] == 16
     assert r["first_losses_agree"] and abs(a["first_loss"] - b["first_loss"]) <= 1e-4 * b["first_loss"]
-    assert a["parts"]["communication"] > 0 and 0.9 <= a["coverage"] <= 1.0 + 1e-6
-    assert b["parts"]["communication"] == 0 and 0.9 <= b["coverage"] <= 1.0 + 1e-6
+    for stack in (a, b):
+        assert 0.9 <= stack["coverage"] <= 1.0 + 1e-6
+        assert stack["parts"]["image_forward"] > 0 and stack["parts"]["text_forward"] > 0
+        assert stack["parts"]["backward"] > 0 and stack["parts"]["optimizer"] > 0
+        assert len(stack["steps"]) == 2 and stack["steps"][0]["warmup"] and not stack["steps"][1]["warmup"]
+        assert stack["mfu"] is not None and 0 < stack["mfu"] < 1
+    assert a["parts"]["communication"] > 0 == b["parts"]["communication"]  # DeepSpeed's reduction; DDP's in backward
+    assert a["mean_tokens"] == b["mean_tokens"] <= 77  # the same captions, cut to the context
+    assert b["executed_tflops"] > b["tflops"]  # open_clip computes every padded position
+    assert r["speedup"] == pytest.approx(b["seconds"] / a["seconds"])
+    assert r["peak_source"].startswith("measured here: float32 4096x4096 matmul")
+    assert r["switches"]["zero_stage"] == 2 and r["switches"]["loss_backend"] == "auto"
