@@ -489,7 +489,9 @@ def peaks_by_dtype(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_suite(rows: list[dict], suite: str, device: str, extra: list[str]) -> str:
+def write_suite(rows: list[dict], suite: str, info: dict, extra: list[str], out: Path) -> str:
+    """OUT.{json,md,png} of a suite run on the machine ``info`` (``report.machine``: the run's, not the
+    rerendering one's)."""
     ok = [r for r in rows if r["status"] == "ok"]
     peak_sources = "; ".join(peaks_by_dtype(ok)) or "none"
     thp = sorted({r["switches"].get(THP) or "unset" for r in ok})
@@ -512,17 +514,17 @@ def write_suite(rows: list[dict], suite: str, device: str, extra: list[str]) -> 
                       f"{100 * a['mfu']:.1f}%" if a["mfu"] is not None else "n/a",
                       f"{a['peak_memory_bytes'] / 2**20:.0f} / {b['peak_memory_bytes'] / 2**20:.0f}" if b else
                       f"{a['peak_memory_bytes'] / 2**20:.0f}", agree])
-    info = machine(device)
+    where = info.get("gpu", info.get("cpu_model", info["cpu"]))
     header = (f"`bench_train.py --suite {suite}`{' ' + ' '.join(extra) if extra else ''}: whole training steps of "
               f"the real trainer (1 rank, DeepSpeed, random init) against open_clip 3.3's (HFTextEncoder over the "
               f"same ModernBertModel, padded to the context, ClipLoss) on the same batches, alternated in one "
-              f"process. Machine: {info['cores']} cores {info.get('gpu', info['cpu'])}, torch {info['torch']}. "
+              f"process. Machine: {info['cores']} cores {where}, torch {info['torch']}. "
               f"Speedup = open_clip s/step ÷ bmc-fast s/step (median). MFU peaks, by the run's dtype: {peak_sources}. "
               f"{THP}={'/'.join(thp)} for both stacks; DeepSpeed's clipping norm: "
               f"{'/'.join(sorted({r['switches'].get('grad_norm_dtype', 'float64') for r in ok}))} "
               "(bmc_fast/trainer/grad_norm.py).")
     payload = {"machine": info, "suite": suite, "extra_args": extra, "rows": rows}
-    return write_report(RESULTS / f"train_{device}", payload, header, columns, table,
+    return write_report(out, payload, header, columns, table,
                         plot=lambda path: plot(ok, path))
 
 
@@ -593,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=None, help="shards and run directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print the case's result as one JSON line last")
     parser.add_argument("--timeout", type=float, default=3600, help="--suite: seconds per case")
+    parser.add_argument("--out", default=None,
+                        help="--suite: output path without suffix (default benchmarks/results/train_<device>)")
     return parser
 
 
@@ -609,13 +613,14 @@ def main(argv: list[str] | None = None) -> dict:
                  if getattr(args, name.lstrip("-").replace("-", "_")) != parser.get_default(
                      name.lstrip("-").replace("-", "_"))]
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = Path(args.out) if args.out else RESULTS / f"train_{device}"
         if args.rerender:
-            saved = json.loads((RESULTS / f"train_{device}.json").read_text())
-            write_suite(saved["rows"], saved["suite"], device, saved["extra_args"])
+            saved = json.loads(out.with_suffix(".json").read_text())
+            write_suite(saved["rows"], saved["suite"], saved["machine"], saved["extra_args"], out)
             return saved
         rows = [_spawn(case, "open_clip", False, extra, args.timeout) for case in SUITES[args.suite]]
         rows += [_spawn(case, "open_clip", True, extra, args.timeout) for case in LOADER_CASES[args.suite]]
-        write_suite(rows, args.suite, device, extra)
+        write_suite(rows, args.suite, machine(device), extra, out)
         return {"rows": rows}
     from bmc_fast.trainer.metrics import setup_logging
 

@@ -30,6 +30,17 @@ PACKAGES = ("torch", "triton", "deepspeed", "transformers", "tokenizers", "open_
             "nvidia-dali-cuda130", "transformer_engine", "flash_attn", "numpy")
 
 
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (machines of one kind here differ: Intel Xeon one day, AMD EPYC
+    the next, with other vector units), or the architecture where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
+
+
 def machine(device: str = "cpu") -> dict:
     """Where a benchmark ran: device, cores, CPU (or GPU) name, memory, Python and the package versions."""
     from importlib.metadata import PackageNotFoundError, version
@@ -37,6 +48,7 @@ def machine(device: str = "cpu") -> dict:
     import torch
 
     info = {"device": device, "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "torch": torch.__version__, "python": platform.python_version(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     if device.startswith("cuda"):
