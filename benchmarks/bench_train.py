@@ -61,9 +61,10 @@ THP = "THP_MEM_ALLOC_ENABLE"
 _logger = logging.getLogger("bench_train")
 
 # (preset, context, lengths, batch, steps, extra options): each case runs in its own process, bmc-fast's steps
-# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision; this CPU has AMX) on ZeRO-1
-# with DeepSpeed's fused CPU Adam: on one rank ZeRO-2's bf16 optimizer step costs ~2x open_clip's here.
-# Batch 8 is the most that fits both stacks in 24 GiB (12 ran out of memory).
+# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision) on ZeRO-1 with DeepSpeed's
+# fused CPU Adam: on one rank ZeRO-2's bf16 optimizer step costs ~2x open_clip's here. zero1_bf16.json turns
+# contiguous_gradients off: on one rank its second copy of every gradient (bucket, then partition buffer) cost
+# ~2 s a step on an AMD EPYC here. Batch 8 is the most that fits both stacks in 24 GiB (12 ran out of memory).
 L14_OPTIONS = ("--ds_config", "ds_configs/zero1_bf16.json")
 SUITES = {
     "quick": [("tiny", c, lengths, 32, 3, ()) for lengths in LENGTHS for c in (77, 154, 512)]
