@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py --preset tiny --context 512 --lengths real --batch 32 --steps 3 \\
         [--baseline open_clip] [--with-loaders] [--trace DIR] [--ds_config J] [--loss-backend B] ...
     python benchmarks/bench_train.py --suite quick|full      # every case, each in a fresh process
+    python benchmarks/bench_train.py --suite malloc --out benchmarks/results/train_malloc_cpu   # glibc's malloc
 
 One case: ``bmc_fast.trainer.prepare`` and ``loop.start`` build the real run (DeepSpeed engine, loss, loaders)
 over WebDataset shards written for the case (synthetic images; captions with the chosen lengths), then
@@ -24,6 +25,12 @@ real tokens/s, TFLOP/s of the model's useful work (``bmc_fast.flops`` on the rea
 padded FLOPs too), MFU against a peak whose source is printed (a GPU's data-sheet dense bf16 peak, or on CPU a
 matmul in the run's dtype measured here), and peak memory (CUDA: max allocated; CPU: resident-set high-water above the
 step's start, sampled every 5 ms). Suites write benchmarks/results/train_<device>.{json,md,png}.
+
+``--cpu-malloc heap`` makes glibc keep freed memory for reuse (``mallopt``: no ``mmap`` for large blocks, no
+trimming of the heap), as CUDA's caching allocator does on a GPU. By default glibc gives every block above
+32 MB back to the OS when it is freed, so a step's fresh gradients, flat buffers and activations are page faults
+again every step: on a 2-core AMD EPYC VM that cost seconds of a ViT-L/14 step, in both stacks. The ``malloc``
+suite measures both settings side by side.
 """
 from __future__ import annotations
 
@@ -58,20 +65,35 @@ STACKS = ("bmc_fast", "open_clip")
 # PyTorch's CPU allocator puts tensors of >= 2 MB on transparent huge pages when this is set (read at the first
 # allocation). Suite cases set it (for both stacks: they share the process); a single case keeps the caller's.
 THP = "THP_MEM_ALLOC_ENABLE"
+CPU_MALLOC = ("default", "heap")
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX
+HEAP_PEAK_NOTE = (" (with heap malloc the resident set keeps the last step's memory, so the peak above a step's "
+                  "start reads near 0)")
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 _logger = logging.getLogger("bench_train")
 
 # (preset, context, lengths, batch, steps, extra options): each case runs in its own process, bmc-fast's steps
-# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision) on ZeRO-1 with DeepSpeed's
-# fused CPU Adam: on one rank ZeRO-2's bf16 optimizer step costs ~2x open_clip's here. zero1_bf16.json turns
-# contiguous_gradients off: on one rank its second copy of every gradient (bucket, then partition buffer) cost
-# ~2 s a step on an AMD EPYC here. Batch 8 is the most that fits both stacks in 24 GiB (12 ran out of memory).
-L14_OPTIONS = ("--ds_config", "ds_configs/zero1_bf16.json")
+# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision) on ZeRO-1. On a CPU they use
+# ZeRO-Offload (zero1_bf16_cpu_offload.json; the "offload" goes nowhere): DeepSpeed then keeps the fp32 gradients
+# in a persistent buffer and steps DeepSpeedCPUAdam on it. Without it, its ZeRO-1 step flattens the bf16
+# gradients and converts them into a new 1.8 GB fp32 buffer every step (stage_1_and_2.py), page faults that cost
+# ~3 s a step on a 2-core AMD EPYC here, against open_clip's 1 s AdamW. On a GPU, zero1_bf16.json (no offload).
+# contiguous_gradients is off: on one rank its second copy of every gradient (bucket, then partition buffer)
+# cost ~2 s a step here. Batch 8 is the most that fits both stacks in 24 GiB (12 ran out of memory).
+L14_OPTIONS = ("--ds_config", "ds_configs/zero1_bf16.json" if torch.cuda.is_available() else
+               "ds_configs/zero1_bf16_cpu_offload.json")
 SUITES = {
     "quick": [("tiny", c, lengths, 32, 3, ()) for lengths in LENGTHS for c in (77, 154, 512)]
     + [("bmc-longclip-l14-512", 512, "biomedica", 8, 2, L14_OPTIONS)],
     "full": [("tiny", c, lengths, 64, 5, ()) for lengths in LENGTHS for c in (77, 154, 512)]
     + [("bmc-longclip-l14-512", c, lengths, 8, 2, L14_OPTIONS) for lengths in LENGTHS for c in (77, 154, 512)],
 }
+# glibc's default malloc against one that keeps freed memory (--cpu-malloc heap), on cases of the quick suite; the
+# ViT-L/14 one on plain ZeRO-1 (no offload), whose step allocates its fp32 gradients anew
+HEAP, ZERO1_BF16 = ("--cpu-malloc", "heap"), ("--ds_config", "ds_configs/zero1_bf16.json")
+SUITES["malloc"] = [("bmc-longclip-l14-512", 512, "biomedica", 8, 2, options) for options in (ZERO1_BF16,
+                                                                                                ZERO1_BF16 + HEAP)]
+SUITES["malloc"] += [("tiny", 512, lengths, 32, 3, options) for lengths in LENGTHS for options in ((), HEAP)]
 LOADER_CASES = {"quick": [("tiny", 512, "real", 32, 3, ())], "full": [("tiny", 512, "real", 64, 5, ())]}
 
 
@@ -418,7 +440,7 @@ def summarize(args, p, dtype: torch.dtype, meters: dict, peak: float | None, pea
                            "attn_backend": p.model_cfg.attn_backend, "loader": p.cfg.loader,
                            "te_precision": p.model_cfg.te_precision, "grad_checkpointing": args.grad_checkpointing,
                            "accumulation": p.plan.accumulation, "grad_norm_dtype": p.cfg.grad_norm_dtype,
-                           THP: os.environ.get(THP, "")},
+                           THP: os.environ.get(THP, ""), "cpu_malloc": args.cpu_malloc},
               "real_tokenizer": real_tokenizer, "peak_flops": peak, "peak_source": peak_source, "stacks": stacks}
     if "open_clip" in stacks:
         a, b = stacks["bmc_fast"], stacks["open_clip"]
@@ -434,7 +456,27 @@ def summarize(args, p, dtype: torch.dtype, meters: dict, peak: float | None, pea
 
 
 def case_name(args) -> str:
-    return f"{args.preset} ctx{args.context} {args.lengths} b{args.batch}" + (" +loaders" if args.with_loaders else "")
+    return (f"{args.preset} ctx{args.context} {args.lengths} b{args.batch}" + (" +loaders" if args.with_loaders else "")
+            + (f" {args.cpu_malloc} malloc" if args.cpu_malloc != "default" else ""))
+
+
+def use_cpu_malloc(mode: str) -> None:
+    """``heap``: glibc serves every block from its heap and never trims it (``mallopt(M_MMAP_MAX, 0)``,
+    ``mallopt(M_TRIM_THRESHOLD, INT_MAX)``), so freed memory is reused without new page faults."""
+    if mode not in CPU_MALLOC:
+        raise ValueError(f"--cpu-malloc {mode!r}: choose one of {', '.join(CPU_MALLOC)}")
+    if mode == "default":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError) as e:
+        raise RuntimeError(f"--cpu-malloc {mode} needs glibc's mallopt (Linux): {e}") from e
+    if not ok:
+        raise RuntimeError(f"--cpu-malloc {mode}: glibc's mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD")
+    _logger.info("malloc: glibc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB), for both stacks")
 
 
 # ---------------------------------------------------------------- suites and the report
@@ -496,6 +538,7 @@ def write_suite(rows: list[dict], suite: str, info: dict, extra: list[str], out:
     ok = [r for r in rows if r["status"] == "ok"]
     peak_sources = "; ".join(peaks_by_dtype(ok)) or "none"
     thp = sorted({r["switches"].get(THP) or "unset" for r in ok})
+    mallocs = sorted({r["switches"].get("cpu_malloc", "default") for r in ok})
     columns = ["case", "engine", "mean tokens", "bmc-fast s/step", "open_clip s/step", "speedup", "bmc-fast parts (s)",
                "parts / step", "tokens/s", "TFLOP/s", "MFU", "peak MiB (bmc / oc)", "first losses"]
     table = []
@@ -521,7 +564,8 @@ def write_suite(rows: list[dict], suite: str, info: dict, extra: list[str], out:
               f"same ModernBertModel, padded to the context, ClipLoss) on the same batches, alternated in one "
               f"process. Machine: {info['cores']} cores {where}, torch {info['torch']}. "
               f"Speedup = open_clip s/step ÷ bmc-fast s/step (median). MFU peaks, by the run's dtype: {peak_sources}. "
-              f"{THP}={'/'.join(thp)} for both stacks; DeepSpeed's clipping norm: "
+              f"{THP}={'/'.join(thp)} for both stacks, glibc malloc: "
+              f"{'/'.join(mallocs)}{HEAP_PEAK_NOTE if 'heap' in mallocs else ''}; DeepSpeed's clipping norm: "
               f"{'/'.join(sorted({r['switches'].get('grad_norm_dtype', 'float64') for r in ok}))} "
               "(bmc_fast/trainer/grad_norm.py).")
     payload = {"machine": info, "suite": suite, "extra_args": extra, "rows": rows}
@@ -592,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--grad-norm-dtype", default="auto", choices=GRAD_NORM_DTYPES,
                         help="DeepSpeed's clipping norm (bmc_fast/trainer/grad_norm.py)")
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="default",
+                        help="heap: glibc keeps freed memory for reuse, as CUDA's caching allocator does (see above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=None, help="shards and run directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print the case's result as one JSON line last")
@@ -620,12 +666,13 @@ def main(argv: list[str] | None = None) -> dict:
             write_suite(saved["rows"], saved["suite"], saved["machine"], saved["extra_args"], out)
             return saved
         rows = [_spawn(case, "open_clip", False, extra, args.timeout) for case in SUITES[args.suite]]
-        rows += [_spawn(case, "open_clip", True, extra, args.timeout) for case in LOADER_CASES[args.suite]]
+        rows += [_spawn(case, "open_clip", True, extra, args.timeout) for case in LOADER_CASES.get(args.suite, [])]
         write_suite(rows, args.suite, machine(device), extra, out)
         return {"rows": rows}
     from bmc_fast.trainer.metrics import setup_logging
 
     setup_logging(int(os.environ.get("RANK", 0)))
+    use_cpu_malloc(args.cpu_malloc)
     result = run_case(args)
     sys.stderr.write(describe(result) + "\n")
     if args.json and int(os.environ.get("RANK", 0)) == 0:

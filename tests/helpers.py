@@ -105,9 +105,10 @@ def corrupt_samples(good_jpeg: bytes, good_png: bytes) -> list[tuple[str, list[t
 
 
 def deepspeed_config(tmp_path, stage: int, steps: int, batch: int, bf16: bool = False, accumulation: int = 1,
-                     fp16_scale_power: int | None = None) -> Path:
+                     fp16_scale_power: int | None = None, offload: bool = False) -> Path:
     """The shipped ``ds_configs/zero{stage}.json`` resized for a short test run; returns its path.
-    ``fp16_scale_power``: fp16 with DeepSpeed's dynamic loss scaling, starting at 2**power."""
+    ``fp16_scale_power``: fp16 with DeepSpeed's dynamic loss scaling, starting at 2**power; ``offload``: ZeRO-Offload
+    of the optimizer to the CPU, as ``ds_configs/zero1_bf16_cpu_offload.json``."""
     import json
 
     config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
@@ -117,9 +118,12 @@ def deepspeed_config(tmp_path, stage: int, steps: int, batch: int, bf16: bool = 
     if fp16_scale_power is not None:
         config["fp16"] = {"enabled": True, "initial_scale_power": fp16_scale_power}
     config["scheduler"]["params"].update(total_num_steps=steps, warmup_num_steps=min(2, steps))
+    if offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:  # partition every tensor of the tiny model, not only those above the 1e5-element default
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / f"zero{stage}-accum{accumulation}{'-fp16' if fp16_scale_power is not None else ''}.json"
+    path = tmp_path / (f"zero{stage}-accum{accumulation}{'-fp16' if fp16_scale_power is not None else ''}"
+                       f"{'-offload' if offload else ''}.json")
     path.write_text(json.dumps(config))
     return path
 

@@ -102,11 +102,39 @@ def test_bench_train_with_loaders_and_trace(tmp_path):
         lengths = "real"
     r = _bench(tmp_path, "--preset", "tiny", "--context", "154", "--lengths", lengths, "--batch", "8",
                "--steps", "1", "--baseline", "open_clip", "--with-loaders", "--loader", "pil",
-               "--ds_config", "ds_configs/zero1.json", "--loss-backend", "torch", "--trace", str(tmp_path / "trace"))
+               "--ds_config", "ds_configs/zero1.json", "--loss-backend", "torch", "--trace", str(tmp_path / "trace"),
+               "--cpu-malloc", "heap")
     assert r["with_loaders"] and "first_losses_agree" not in r
+    assert r["switches"]["cpu_malloc"] == "heap" and r["case"].endswith("+loaders heap malloc")
     assert r["switches"]["loader"] == "pil" and r["switches"]["zero_stage"] == 1
     assert r["stacks"]["open_clip"]["parts"]["data"] > 0
     assert list((tmp_path / "trace").glob("*.pt.trace.json"))
+
+
+_MMAPPED_BLOCKS = """
+import ctypes, sys, torch
+sys.path.insert(0, "benchmarks")
+from bench_train import use_cpu_malloc
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+use_cpu_malloc(sys.argv[1])
+before = libc.mallinfo2().hblks  # blocks mapped by the imports
+x = torch.ones(64 * 2**20)  # 256 MiB
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_malloc_heap_keeps_large_blocks_off_mmap():
+    """By default glibc maps a new 256 MiB block with mmap (given back to the OS when freed); --cpu-malloc heap
+    serves it from the heap."""
+    counts = {mode: int(subprocess.run([sys.executable, "-c", _MMAPPED_BLOCKS, mode], cwd=REPO, check=True,
+                                       capture_output=True, text=True).stdout.split()[-1])
+              for mode in ("default", "heap")}
+    assert counts["default"] >= 1 and counts["heap"] == 0, counts
 
 
 @pytest.mark.slow
