@@ -67,9 +67,9 @@ STACKS = ("bmc_fast", "open_clip")
 THP = "THP_MEM_ALLOC_ENABLE"
 CPU_MALLOC = ("default", "heap")
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 HEAP_PEAK_NOTE = (" (with heap malloc the resident set keeps the last step's memory, so the peak above a step's "
                   "start reads near 0)")
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 _logger = logging.getLogger("bench_train")
 
 # (preset, context, lengths, batch, steps, extra options): each case runs in its own process, bmc-fast's steps
