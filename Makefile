@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(VENV)/.installed: setup.py requirements/cpu-pins.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements/cpu-pins.txt -e '.[test,bench]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements/cpu-pins.txt -e '.[train,eval,test,bench]'
 	touch $@
 
 # Build DeepSpeed's CPU ops (shared-memory comm, fused Adam) once, so no run waits ~75 s for g++.

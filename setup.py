@@ -1,39 +1,57 @@
 """bmc-fast: long-context biomedical CLIP training (BMC-LongCLIP) on DeepSpeed.
 
 Import names live under ``bmc_fast``: the folders ``kernels/`` and ``dali_pipelines/`` install as
-``bmc_fast.kernels`` and ``bmc_fast.dali_pipelines``, because a top-level ``kernels`` module would
-collide with Hugging Face's ``kernels`` package.
-"""
-from setuptools import setup
+``bmc_fast.kernels`` and ``bmc_fast.dali_pipelines``. ``kernels/`` has no ``__init__.py`` (Hugging Face's
+``kernels`` package, which transformers >= 5.25 imports, owns that top-level name, and ``python -m`` from the
+repository root puts the root first on ``sys.path``): ``bmc_fast/_kernels/__init__.py`` is the package's
+``__init__``, and the wheel gets the folder's modules beside it.
 
-# What CI pins lives in requirements/cpu-pins.txt; these are the compatible ranges.
+    pip install .                  # the library: fused losses, model, load_model of an export
+    pip install '.[train]'         # + the trainer (DeepSpeed, webdataset, torchdata, DALI)
+    pip install '.[train,eval]'    # + evaluation's plots
+"""
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# Lower bounds are the versions CI pins (requirements/cpu-pins.txt) and tests; older releases are untested.
 INSTALL_REQUIRES = [
-    "torch>=2.4",
-    "deepspeed>=0.16",
-    # The tested release: older ones lack ModernBERT's layer_types, AttentionInterface,
-    # set_attn_implementation or activation_checkpointing_enable, all used by text_tower.py.
-    "transformers>=5.23",
-    "tokenizers>=0.21",
-    "webdataset>=0.2.86",
-    "torchdata>=0.11",  # StatefulDataLoader: the PIL loader's exact resume
-    "braceexpand",
+    "torch>=2.14",
+    "torchvision>=0.29",  # the eval transform load_model returns
+    # ModernBERT's layer_types, AttentionInterface, set_attn_implementation (text_tower.py); 5.25 requires HF
+    # `kernels`, whose top-level name the repository's kernels/ folder must never shadow (tests/test_package.py).
+    "transformers>=5.25",
+    "tokenizers>=0.23",
+    "safetensors",
     "pillow",
     "numpy",
-    "torchvision",
-    "tqdm",
-    "tensorboard",
-    "filelock",
     "packaging",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3", "open-clip-torch>=2.24", "ruff"],
-    "bench": ["matplotlib", "open-clip-torch>=2.24"],
+    # The trainer and what reads its runs (export and evaluation of a run read DeepSpeed checkpoints).
+    # DALI: the wheel for CUDA 13; take nvidia-dali-cuda120 instead for CUDA 12 (its CPU pipelines run on either).
+    "train": ["deepspeed>=0.19", "webdataset>=1.0", "torchdata>=0.11", "braceexpand", "tqdm", "tensorboard",
+              "filelock", "nvidia-dali-cuda130>=2.4"],
+    "eval": ["matplotlib", "open-clip-torch>=3.3"],  # confusion plots; open_clip models in zero-shot
+    "test": ["pytest>=8", "pytest-xdist>=3", "open-clip-torch>=3.3", "ruff"],
+    "bench": ["matplotlib", "open-clip-torch>=3.3"],
     # GPU-only accelerators, not installable on the CPU machines this project is developed on.
     # NVIDIA apex is never listed: the PyPI `apex` is an unrelated package (build NVIDIA apex from source).
-    # DALI: pick the wheel matching the CUDA major version (nvidia-dali-cuda120 for CUDA 12).
-    "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.6", "nvidia-dali-cuda130", "triton"],
+    "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.6", "triton"],
 }
+
+
+class BuildPyWithKernels(build_py):
+    """Put the modules of the top-level ``kernels/`` folder into ``bmc_fast/kernels/`` of the wheel."""
+
+    def find_package_modules(self, package: str, package_dir: str) -> list[tuple[str, str, str]]:
+        modules = super().find_package_modules(package, package_dir)
+        if package == "bmc_fast.kernels":
+            modules += [(package, path.stem, str(path)) for path in sorted(Path("kernels").glob("*.py"))]
+        return modules
+
 
 setup(
     name="bmc-fast",
@@ -50,10 +68,11 @@ setup(
     ],
     package_dir={
         "bmc_fast": "bmc_fast",
-        "bmc_fast.kernels": "kernels",
+        "bmc_fast.kernels": "bmc_fast/_kernels",
         "bmc_fast.dali_pipelines": "dali_pipelines",
     },
     package_data={"bmc_fast": ["model_configs/*.json"], "bmc_fast.data": ["*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    cmdclass={"build_py": BuildPyWithKernels},
 )

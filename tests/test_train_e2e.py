@@ -1,5 +1,7 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,14 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     if not bf16:
         assert summary["zeroshot"] == pytest.approx(offline, abs=1e-9)
     consolidated = _check_weights_only_consolidation(run_dir)
+    if loader == "pil":  # the export CLI from the repository root, where transformers >= 5.25 imports HF's kernels
+        import bmc_fast
+
+        proc = subprocess.run([sys.executable, "-m", "bmc_fast.export", str(run_dir), str(tmp_path / "export-cli")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        exported, _, _ = bmc_fast.load_model(tmp_path / "export-cli")
+        assert_same_tensors(exported.state_dict(), bmc_fast.load_model(run_dir)[0].state_dict())
     if stage == 3:  # the export holds DeepSpeed's fp32 consolidation of the partitioned weights, bit for bit
         from safetensors.torch import load_file
 
