@@ -17,7 +17,8 @@ from pathlib import Path
 import report
 from report import write_report
 
-from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.errors import ConfigError
 from bmc_fast.trainer import demo
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,11 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS / "context_ablation"), help="output path without suffix")
     parser.add_argument("--from-json", action="store_true",
                         help="rewrite OUT.md and OUT.png from an existing OUT.json (no training)")
-    parser.add_argument("--max-steps", type=int, default=None, help="steps per demo run (default: the demo's)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="steps per demo run (default: the demo's)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.from_json:
-        result = json.loads(out.with_suffix(".json").read_text())
+        try:
+            result = json.loads(out.with_suffix(".json").read_text())
+        except (OSError, ValueError) as error:  # missing, unreadable or not JSON
+            raise ConfigError(f"--from-json: {str(out.with_suffix('.json'))!r} (--out {args.out!r} + .json) is not a "
+                              f"readable JSON file ({error}): run without --from-json first, or fix --out") from error
         write(result, out)
         return result
 

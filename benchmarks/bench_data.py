@@ -30,6 +30,7 @@ import numpy as np
 import report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.errors import ConfigError
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the DALI graph runs")
     args = parser.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU here: pass --device cpu")
     device_id = 0 if args.device == "cuda" else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
@@ -235,7 +240,6 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{cases[name]['open_clip']['images_per_s']:.1f} (DALI/PIL "
                              f"{cases[name]['dali_over_pil']:.2f})\n")
     import nvidia.dali
-    import torch
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     machine = {**report.machine(args.device), "device": device,

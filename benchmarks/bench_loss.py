@@ -29,6 +29,7 @@ from pathlib import Path
 import report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.errors import ConfigError
 from bmc_fast.optional import installed
 
 RESULTS = Path(__file__).parent / "results"
@@ -194,7 +195,11 @@ def plot(results: list[dict], path: Path, info: dict) -> None:
 
 def rerender(json_path: Path) -> None:
     """Rewrite a result's .md/.png from its .json (skip estimates recomputed; measurements untouched)."""
-    summary = json.loads(json_path.read_text())
+    try:
+        summary = json.loads(json_path.read_text())
+    except (OSError, ValueError) as error:  # missing, unreadable or not JSON
+        raise ConfigError(f"--rerender {str(json_path)!r} is not a readable JSON file ({error}): pass a result of "
+                          "this benchmark, e.g. benchmarks/results/loss_cpu.json") from error
     for r in summary["results"]:
         if r["status"].startswith("skipped"):
             r["status"] = f"skipped: needs ~{estimated_bytes(r['impl'], r['n'], r['d']) / 2**30:.0f} GiB"
@@ -215,6 +220,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--rerender", type=Path, help="only rewrite the .md/.png of this result .json")
     args = parser.parse_args(argv)
+    if not 0 < args.memory_fraction <= 1:
+        raise ConfigError(f"--memory-fraction must be in (0, 1] (a share of the device's memory), got "
+                          f"{args.memory_fraction}")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 (seconds per case), got {args.timeout}")
     if args.rerender:
         rerender(args.rerender)
         return []
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU here: pass --device cpu, or leave --device out")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     impls = args.impls or (["fused", "fused_torch", "open_clip", "naive"] + (["inf_cl"] if installed("inf_cl") else [])

@@ -23,6 +23,7 @@ import torch
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
 from bmc_fast.data.token_stats import read_texts
+from bmc_fast.errors import ConfigError
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=positive_int, default=8, help="captions per step")
     parser.add_argument("--repeats", type=positive_int, default=2, help="passes per path; the best is kept")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                        help="default: cuda when available")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU here: pass --device cpu, or leave --device out")
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     from bmc_fast.model_config import load_model_config

@@ -17,6 +17,7 @@ from report import machine, write_report
 
 from bmc_fast.cli import ArgumentParser, run_main
 from bmc_fast.data import token_stats
+from bmc_fast.errors import ConfigError
 
 RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,19 +33,27 @@ def _present(data: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "modernbert"),
-                        help="Hugging Face tokenizer directory (default: ../shared/data's ModernBERT)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="Hugging Face tokenizer directory (default: ../shared/data's ModernBERT; every set is "
+                             "skipped where it is absent)")
     parser.add_argument("--cutoffs", type=int, nargs="+", default=list(token_stats.DEFAULT_CUTOFFS))
     parser.add_argument("--out", default=str(RESULTS / "token_waste"), help="output path without suffix")
     args = parser.parse_args(argv)
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise ConfigError(f"--tokenizer {args.tokenizer!r} is not a directory: pass a Hugging Face tokenizer "
+                          "directory, or leave --tokenizer out for ../shared/data's ModernBERT")
+    tokenizer = args.tokenizer or str(SHARED / "tokenizers" / "modernbert")
     out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out!r}: the directory {str(out.parent)!r} does not exist: create it or pass "
+                          "a path in an existing directory")
     sets, started = {}, time.perf_counter()
     for name, (data, what) in TEXT_SETS.items():
-        if not _present(data) or not Path(args.tokenizer).is_dir():
-            sets[name] = {"what": what, "status": f"skipped: {data} or {args.tokenizer} absent"}
+        if not _present(data) or not Path(tokenizer).is_dir():
+            sets[name] = {"what": what, "status": f"skipped: {data} or {tokenizer} absent"}
             continue
         plot = out.with_name(f"{out.name}_{name}.png")
-        stats = token_stats.main(["--tokenizer", args.tokenizer, "--data", str(data),
+        stats = token_stats.main(["--tokenizer", tokenizer, "--data", str(data),
                                   "--cutoffs", *map(str, args.cutoffs), "--plot", str(plot)])
         sets[name] = {"what": what, **stats}
     result = {"what": "token waste per context length (tokens beyond the cutoff, never seen by the text tower)",

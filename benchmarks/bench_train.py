@@ -54,6 +54,8 @@ import torch
 from report import machine, write_report
 
 from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.errors import ConfigError
+from bmc_fast.trainer.ds_config import load_ds_config
 from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,9 +162,14 @@ def write_shards(out: Path, captions: list[str], seed: int, per_shard: int = 64)
     return str(out / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
 
 
+def ds_config_path(path: str) -> Path:
+    """``--ds_config`` as given, or relative to the repository root (where its default lives)."""
+    return Path(path) if Path(path).is_file() else ROOT / path
+
+
 def case_ds_config(path: str, batch: int, steps: int, world_size: int) -> dict:
     """The DeepSpeed JSON with this case's micro batch (its accumulation kept) and enough scheduler steps."""
-    config = json.loads((ROOT / path if not Path(path).is_file() else Path(path)).read_text())
+    config = load_ds_config(ds_config_path(path))
     accumulation = config.get("gradient_accumulation_steps", 1)
     config["train_micro_batch_size_per_gpu"] = batch
     config["train_batch_size"] = batch * accumulation * world_size
@@ -276,8 +283,6 @@ class LossRecorder(torch.nn.Module):
 def run_case(args: argparse.Namespace) -> dict:
     """One case in this process; its shards, run directory and export go to --work-dir (kept) or to a
     temporary directory (deleted afterwards: the ViT-L/14 export alone is 1.7 GB)."""
-    from bmc_fast.errors import ConfigError
-
     if args.work_dir is not None:
         return _run_case(args, Path(args.work_dir))
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -654,6 +659,10 @@ SUITE_OPTIONS = ("--ds_config", "--loss-backend", "--loader", "--workers", "--te
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 (seconds per case), got {args.timeout}")
+    if not args.rerender:
+        load_ds_config(ds_config_path(args.ds_config))  # a missing or malformed JSON stops here, not in each case
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.suite:
         extra = [x for name in SUITE_OPTIONS for x in (name, str(getattr(args, name.lstrip("-").replace("-", "_"))))
@@ -662,7 +671,11 @@ def main(argv: list[str] | None = None) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out = Path(args.out) if args.out else RESULTS / f"train_{device}"
         if args.rerender:
-            saved = json.loads(out.with_suffix(".json").read_text())
+            try:
+                saved = json.loads(out.with_suffix(".json").read_text())
+            except (OSError, ValueError) as error:  # missing, unreadable or not JSON
+                raise ConfigError(f"--rerender: {str(out.with_suffix('.json'))!r} is not a readable JSON file "
+                                  f"({error}): run the suite without --rerender first, or fix --out") from error
             write_suite(saved["rows"], saved["suite"], saved["machine"], saved["extra_args"], out)
             return saved
         rows = [_spawn(case, "open_clip", False, extra, args.timeout) for case in SUITES[args.suite]]

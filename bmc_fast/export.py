@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,7 @@ def export(model, tokenizer, cfg: ModelConfig, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise ConfigError(f"export: {str(out)!r} exists and holds no export: pass a new or empty directory")
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     config = open_clip_config(cfg, out)
     tokenizer.save_pretrained(str(out))
@@ -97,11 +97,27 @@ def export(model, tokenizer, cfg: ModelConfig, out_dir: str | Path) -> Path:
     return out
 
 
+def check_out_dir(out: Path) -> None:
+    """``ConfigError`` unless ``out`` can take an export: a new directory that can be created, an empty one,
+    or an earlier export."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export: out_dir {str(out)!r} is a file: pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+        raise ConfigError(f"export: {str(out)!r} exists and holds no export: pass a new or empty directory")
+    base = next(p for p in (out, *out.absolute().parents) if p.exists())  # the part of the path that exists
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"export: out_dir {str(out)!r} cannot be written: {str(base)!r} is "
+                          f"{'a file' if not base.is_dir() else 'not writable'}: pass a new or empty directory "
+                          "elsewhere")
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """Export the checkpoint ``tag`` (default: ``latest``) of a training run directory."""
-    from bmc_fast.eval.checkpoint import load_run
+    from bmc_fast.eval.checkpoint import check_run, load_run
 
-    model, tokenizer, cfg = load_run(run_dir, tag=tag)
+    check_run(run_dir, tag, flag="run_dir")  # both arguments before the weights are consolidated
+    check_out_dir(Path(out_dir))
+    model, tokenizer, cfg = load_run(run_dir, tag=tag, flag="run_dir")
     return export(model, tokenizer, cfg, out_dir)
 
 

@@ -54,6 +54,10 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
 
+# ModernBertConfig's defaults, which a text config without token ids gets (ModernBERT's tokenizer's ids).
+MODERNBERT_DEFAULT_IDS = {"pad_token_id": 50283, "cls_token_id": 50281, "sep_token_id": 50282}
+
+
 @dataclass
 class TextConfig:
     """Hugging Face ``ModernBertModel`` hyper-parameters (names as in ``ModernBertConfig``)."""
@@ -80,12 +84,30 @@ class TextConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"text.hidden_size {self.hidden_size} is not a multiple of "
                               f"text.num_attention_heads {self.num_attention_heads}")
+        self._check_special_token_ids(set_only=True)  # unset ones may still come from a tokenizer
+
+    def _check_special_token_ids(self, set_only: bool) -> None:
+        if self.vocab_size is None:
+            return
+        for name, token_id in self.special_token_ids().items():
+            unset = getattr(self, name) is None
+            if not 0 <= token_id < self.vocab_size and not (set_only and unset):
+                value = f"{token_id} (unset: ModernBERT default {token_id})" if unset else str(token_id)
+                raise ConfigError(f"text.{name} {value} is not below text.vocab_size {self.vocab_size}: set the "
+                                  "special-token ids with the vocabulary, or resolve the config with its tokenizer "
+                                  "(ModelConfig.with_tokenizer)")
+
+    def special_token_ids(self) -> dict[str, int]:
+        """[PAD], [CLS] and [SEP] ids, ModernBERT's defaults (``ModernBertConfig``) where unset."""
+        return {name: default if getattr(self, name) is None else getattr(self, name)
+                for name, default in MODERNBERT_DEFAULT_IDS.items()}
 
     def to_hf_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``transformers.ModernBertConfig``."""
         if self.vocab_size is None:
             raise ConfigError("text.vocab_size is unset: resolve the config with a tokenizer first "
                               "(ModelConfig.with_tokenizer)")
+        self._check_special_token_ids(set_only=False)
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "grad_checkpointing"}
         ids = {k: kwargs.pop(k) for k in ("pad_token_id", "cls_token_id", "sep_token_id")}
         kwargs.update({k: v for k, v in ids.items() if v is not None})

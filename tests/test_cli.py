@@ -1,39 +1,72 @@
-"""Every command line: a bad flag is one line on stderr naming the flag, exit status 2, no traceback."""
+"""Every command line: a bad flag is one line on stderr naming the flag, exit status 2, no traceback; and
+``--help`` prints the usage, exits 0 and writes nothing."""
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from bmc_fast.cli import one_line, run_main
 from bmc_fast.errors import ConfigError, DataError
 from helpers import REPO
 
-# (command after `python`, the flag the message must name). The first case of each CLI is refused by the
-# parser (type or choice), the second, where there is one, by the CLI's own checks (ConfigError).
+A_FILE = "pyproject.toml"  # a regular file of the repository: a path under it cannot be created
+A_LIST = "bmc_fast/data/synthetic_modalities.json"  # valid JSON, but a list
+NO_GPU = not torch.cuda.is_available()
+
+# (command after `python`, run from the repository root; the text the message must hold: the flag, or the
+# flag and its point). The first case of each CLI is refused by the parser (type or choice), the others by
+# the CLI's own checks (ConfigError), each before anything is loaded, trained or written.
 BAD_FLAGS = [
     (["bmc_fast/train.py", "--loader", "bogus"], "--loader"),
     (["bmc_fast/train.py", "--max-steps", "0"], "--max-steps"),
+    (["bmc_fast/train.py", "--context-length", "0"], "--context-length must be >= 3"),  # [CLS], [SEP], a token
     (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "runs/x", "--data", "x.tar", "--batch-size", "0"],
      "--batch-size"),
-    (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "/nowhere", "--data", "x.tar"], "--checkpoint"),
-    (["-m", "bmc_fast.export", "/nowhere", "/tmp/bmc-export"], "/nowhere"),
+    (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "/nowhere", "--data", "x.tar"], "--checkpoint '/nowhere'"),
+    (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "runs/x", "--data", "x.tar", "--workers", "-1"], "--workers"),
+    (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "runs/x", "--data", "x.tar", "--json", "/nowhere/eval.json"],
+     "--json"),
+    (["-m", "bmc_fast.export", "/nowhere", "/tmp/bmc-export"], "run_dir '/nowhere'"),  # the positional, by name
     (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=b", "--choices", "0"], "--choices"),
+    (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=b", "--labels", "/nowhere.json"],
+     "--labels"),
+    (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=b", "--labels", "README.md"], "--labels"),
+    (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=b", "--labels", A_LIST], "--labels"),
     (["-m", "bmc_fast.data.index", "/nowhere/shard-{000000..000003}.tar", "--bogus"], "--bogus"),
     (["-m", "bmc_fast.data.index", "/nowhere/shard-{000000..000003}.tar"], "shards"),
+    (["-m", "bmc_fast.data.index", "x.tar", "--report", "/nowhere/report.json"], "--report"),
     (["-m", "bmc_fast.data.token_stats", "--tokenizer", "t", "--data", "d.jsonl", "--cutoffs", "x"], "--cutoffs"),
     (["-m", "bmc_fast.data.token_stats", "--tokenizer", "t", "--data", "d.jsonl", "--cutoffs", "0"], "--cutoffs"),
     (["-m", "bmc_fast.data.synthetic", "--out", "x", "--train-samples", "0"], "--train-samples"),
     (["-m", "bmc_fast.data.synthetic", "--out", "x", "--eval-samples", "1"], "--eval-samples"),
+    (["-m", "bmc_fast.data.synthetic", "--out", f"{A_FILE}/x"], f"--out '{A_FILE}/x'"),
+    (["-m", "bmc_fast.data.token_stats", "--tokenizer", "t", "--data", "d.jsonl", "--json", "/nowhere/s.json"],
+     "--json"),
     (["-m", "bmc_fast.trainer.demo", "--seed", "one"], "--seed"),
     (["-m", "bmc_fast.trainer.demo", "--ranks", "0"], "--ranks"),
     (["-m", "bmc_fast.trainer.demo", "--ds_config", "/nowhere.json"], "--ds_config"),
+    (["-m", "bmc_fast.trainer.demo", "--out", f"{A_FILE}/demo"], "--out"),
     (["bmc_fast/train.py", "--resume", "sometimes"], "--resume"),
     (["benchmarks/bench_accumulation.py", "--micro", "0"], "--micro"),
     (["benchmarks/bench_context.py", "--seeds", "x"], "--seeds"),
+    (["benchmarks/bench_context.py", "--max-steps", "0"], "--max-steps"),
+    (["benchmarks/bench_context.py", "--from-json", "--out", "/nowhere/ablation"], "--from-json"),
     (["benchmarks/bench_data.py", "--batch", "0"], "--batch"),
     (["benchmarks/bench_loss.py", "--impls", "bogus"], "--impls"),
+    (["benchmarks/bench_loss.py", "--rerender", "/nowhere.json"], "--rerender"),
+    (["benchmarks/bench_loss.py", "--rerender", "README.md"], "--rerender"),
+    (["benchmarks/bench_loss.py", "--memory-fraction", "0"], "--memory-fraction"),
     (["benchmarks/bench_text.py", "--repeats", "0"], "--repeats"),
-]
+    (["benchmarks/bench_text.py", "--device", "gpu"], "--device"),
+    (["benchmarks/bench_tokens.py", "--tokenizer", "/nowhere"], "--tokenizer"),
+    (["benchmarks/bench_tokens.py", "--out", "/nowhere/token_waste"], "--out"),
+    (["benchmarks/bench_train.py", "--ds_config", "/nowhere.json"], "--ds_config"),
+    (["benchmarks/bench_train.py", "--timeout", "0"], "--timeout"),
+    (["benchmarks/bench_train.py", "--suite", "quick", "--rerender", "--out", "/nowhere/train"], "--rerender"),
+] + [([script, "--device", "cuda"], "--device cuda") for script in  # a GPU asked for where there is none
+     ("benchmarks/bench_data.py", "benchmarks/bench_loss.py", "benchmarks/bench_text.py") if NO_GPU]
 
 
 @pytest.mark.slow
@@ -44,6 +77,33 @@ def test_a_bad_flag_is_one_line_naming_it_and_exit_2(command, flag):
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert flag in lines[0] and "error" in lines[0], lines[0]
+
+
+# Every command line, as run from anywhere: an installed module, or a script by its path.
+CLIS = [[str(REPO / "bmc_fast" / "train.py")]] + [
+    ["-m", f"bmc_fast.{module}"] for module in ("eval.retrieval", "eval.zeroshot", "export", "plan", "data.index",
+                                                 "data.token_stats", "data.synthetic", "trainer.demo")] + [
+    [str(REPO / "benchmarks" / name)] for name in ("bench_accumulation.py", "bench_context.py", "bench_data.py",
+                                                   "bench_loss.py", "bench_plan.py", "bench_text.py",
+                                                   "bench_tokens.py", "bench_train.py", "paper_gpus.py",
+                                                   "run_all.py")]
+HELP_ELSEWHERE = {"readme_tables.py"}  # its --help is tested with its own fixes
+
+
+def test_every_benchmark_script_is_in_the_help_table():
+    scripts = {path.name for path in (REPO / "benchmarks").glob("*.py") if '__name__ == "__main__"' in path.read_text()}
+    assert scripts - HELP_ELSEWHERE == {command[0].rpartition("/")[2] for command in CLIS if "benchmarks" in command[0]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", CLIS, ids=[command[-1].rpartition("/")[2] for command in CLIS])
+def test_help_prints_usage_exits_0_and_writes_nothing(command, tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # the installed package
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_main_exit_codes_bad_input_2_bad_data_1(capsys):

@@ -58,3 +58,16 @@ def test_with_tokenizer_fills_vocab_and_special_ids(small_data):
     small_vocab = load_model_config("tiny", text={"vocab_size": 10})
     with pytest.raises(ConfigError, match=f"tokenizer has {len(tokenizer)} ids but text.vocab_size is 10"):
         small_vocab.with_tokenizer(tokenizer)
+
+
+def test_special_token_ids_outside_the_vocabulary_are_named():
+    """Unset ids are ModernBERT's (50283 ...), which a small vocabulary cannot hold: torch's own error would be an
+    assertion deep inside nn.Embedding."""
+    unresolved = load_model_config("tiny", text={"vocab_size": 1024})  # ids may still come from a tokenizer
+    with pytest.raises(ConfigError, match=r"text.pad_token_id 50283 \(unset: ModernBERT default 50283\) is not "
+                                          r"below text.vocab_size 1024"):
+        unresolved.text.to_hf_kwargs()  # what building the model asks for
+    with pytest.raises(ConfigError, match="text.sep_token_id 1024 is not below"):
+        load_model_config("tiny", text={"vocab_size": 1024, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 1024})
+    ids = {"pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
+    assert load_model_config("tiny", text={"vocab_size": 1024, **ids}).text.special_token_ids() == ids

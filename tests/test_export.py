@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from bmc_fast.errors import ConfigError
-from bmc_fast.export import CONFIG_NAME, WEIGHTS_NAME, export
+from bmc_fast.export import CONFIG_NAME, WEIGHTS_NAME, export, export_run
 from bmc_fast.model import BMCLongCLIP
 from bmc_fast.model_config import load_model_config
 from helpers import RunsCode
@@ -88,6 +88,24 @@ def test_export_refuses_what_open_clip_cannot_hold(modernbert_tokenizer, tmp_pat
     narrow = load_model_config("tiny", embed_dim=64).with_tokenizer(modernbert_tokenizer)
     with pytest.raises(ConfigError, match="text.hidden_size 128 != embed_dim 64"):
         export(BMCLongCLIP(narrow), modernbert_tokenizer, narrow, tmp_path / "narrow")
+
+
+@pytest.mark.parametrize("run_dir,out_dir,tag,message", [
+    ("nowhere", "out", None, "^run_dir '.*nowhere' is not a finished run directory"),
+    ("run", "out", "bogus", r"^--tag 'bogus': run_dir '.*run' has no such checkpoint; its tags are \['step0000002'\]"),
+    ("run", "file", None, "out_dir '.*file' is a file"),
+    ("run", "file/out", None, "out_dir '.*file/out' cannot be written: '.*file' is a file"),
+])
+def test_export_names_its_own_arguments_before_reading_weights(tmp_path, run_dir, out_dir, tag, message):
+    """The positional ``run_dir`` by name (not retrieval's --checkpoint), --tag, and an ``out_dir`` that is a
+    file or lies under one: each refused before a checkpoint is read (this run directory has none)."""
+    (tmp_path / "run" / "checkpoints" / "step0000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step0000002")
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=message):
+        export_run(tmp_path / run_dir, tmp_path / out_dir, tag)
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_model_reads_an_export_back_exactly(modernbert_tokenizer, tmp_path):

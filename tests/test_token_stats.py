@@ -147,6 +147,14 @@ def test_missing_data_names_the_flag(tmp_path):
         read_texts(str(tmp_path / "absent.jsonl"))
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_an_output_in_a_missing_directory_is_refused_before_reading(tmp_path, flag):
+    with pytest.raises(ConfigError, match=f"^{flag} .*: the directory .*absent' does not exist"):
+        main(["--tokenizer", "t", "--data", "d.jsonl", flag, str(tmp_path / "absent" / "out")])
+    with pytest.raises(ConfigError, match=f"^{flag} .* is a directory"):
+        main(["--tokenizer", "t", "--data", "d.jsonl", flag, str(tmp_path)])
+
+
 def test_waste_stats_by_hand():
     stats = waste_stats([10, 100, 600], [77, 600])
     assert stats["n_texts"] == 3 and stats["n_tokens"] == 710

@@ -1,6 +1,7 @@
 """Zero-shot classification: both protocols against brute-force loops, the multiple choice's draw, bad
 input, and the CLI on the real COVID X-rays with a bmc-fast export and the same export through open_clip."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,6 +87,31 @@ def test_bad_input_is_one_message_naming_the_dataset(tmp_path):
         zeroshot.evaluate(encoder, data, k=2)
     (tmp_path / "list.csv").write_text("path,label\none/cat/a.png,cat\none/dog/b.png,dog\n")
     assert load_labelled_images("csv", str(tmp_path / "list.csv")).labels == ["cat", "dog"]
+
+
+def test_labels_file_is_checked_where_it_is_read(tmp_path):
+    path = tmp_path / "labels.json"
+    for content, message in ((None, "is not a file"), ("{covid", "is not a readable JSON file"),
+                             ('["covid"]', "holds a JSON list, not an object"),
+                             ('{"covid": 1}', "the text of label 'covid' is 1, not a string")):
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(ConfigError, match=f"^--labels {re.escape(repr(str(path)))}.*{re.escape(message)}"):
+            zeroshot.read_labels(str(path))
+    path.write_text('{"covid": "COVID-19 pneumonia"}')
+    assert zeroshot.read_labels(str(path)) == {"covid": "COVID-19 pneumonia"}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("/nowhere", " is not a directory: pass a run directory"),
+    ("open_clip:ViT-B/32", "open_clip has no model 'ViT-B/32'"),
+    ("open_clip:ViT-B-32@bogus", "'bogus' is neither a file nor a pretrained tag of 'ViT-B-32'"),
+    ("open_clip:local-dir:/nowhere", "'/nowhere' is not a directory"),
+])
+def test_a_model_that_cannot_load_is_named_before_anything_loads(spec, message):
+    with pytest.raises(ConfigError, match=f"^--model {re.escape(repr(spec))}.*{re.escape(message)}"):
+        zeroshot.check_model(spec)
+    zeroshot.check_model("open_clip:ViT-B-32@openai")  # a built-in model and tag: nothing is fetched to check
 
 
 @pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data)")

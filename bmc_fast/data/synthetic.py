@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.eval_samples < 2:
         raise ConfigError(f"--eval-samples must be >= 2 (retrieval needs two pairs), got {args.eval_samples}")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file at --out or in its path (File exists, Not a directory), or no permission
+        raise ConfigError(f"--out {args.out!r} cannot be created as a directory ({error.strerror}): pass a new or "
+                          "existing directory with no file in its path") from error
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = generate(args.out, args.seed, args.train_samples, args.eval_samples, args.samples_per_shard)
     _logger.info("train: %s\neval:  %s", manifest["train"], manifest["eval"])

@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _check_cutoffs(args.cutoffs, "--cutoffs")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before the texts are read
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{flag} {path!r} is a directory: pass a file path")
+        if path is not None and not Path(path).parent.is_dir():
+            raise ConfigError(f"{flag} {path!r}: the directory {str(Path(path).parent)!r} does not exist: create it "
+                              "or pass a path in an existing directory")
     from bmc_fast.data.text_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")

@@ -68,16 +68,24 @@ def extract_features(model, loader, device: torch.device, dtype: torch.dtype = t
     return torch.cat(images), torch.cat(texts)
 
 
-def evaluate_shards(model, tokenizer, model_cfg, data: str, batch_size: int = 64, workers: int = 1,
-                    flag: str = "--data", loader: str = "auto") -> dict:
-    """Retrieval metrics of ``model`` on every (good) pair of the shards named by ``data``."""
-    from bmc_fast.data.select_loader import build_loader, resolve_loader
+def eval_shards(data: str, flag: str = "--data") -> list[str]:
+    """The shards named by ``data``, checked: they exist and hold at least 2 samples between them."""
     from bmc_fast.data.shards import count_samples, expand_shards
 
     urls = expand_shards(data, flag)
     n = sum(count_samples(u, flag) for u in urls)
     if n < 2:
         raise ConfigError(f"{flag} {data!r} holds {n} sample(s); retrieval needs at least 2")
+    return urls
+
+
+def evaluate_shards(model, tokenizer, model_cfg, data: str | list[str], batch_size: int = 64, workers: int = 1,
+                    flag: str = "--data", loader: str = "auto") -> dict:
+    """Retrieval metrics of ``model`` on every (good) pair of the shards named by ``data`` (a pattern, or the
+    list ``eval_shards`` made of one)."""
+    from bmc_fast.data.select_loader import build_loader, resolve_loader
+
+    urls = eval_shards(data, flag) if isinstance(data, str) else data
     batches = build_loader(urls, kind=resolve_loader(loader, urls), tokenizer=tokenizer, train=False,
                            context_length=model_cfg.context_length, image_size=model_cfg.vision.image_size,
                            batch_size=batch_size, workers=workers)
@@ -97,7 +105,7 @@ def format_table(rows: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bmc_fast.eval.checkpoint import load_run
+    from bmc_fast.eval.checkpoint import check_run, load_run
 
     parser = ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run.")
     parser.add_argument("--checkpoint", required=True, help="run directory written by bmc_fast/train.py")
@@ -109,11 +117,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loader", default="auto", choices=LOADERS,
                         help="image decoding: DALI (auto, when installed) or webdataset + PIL, as in training")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag)
-    metrics = evaluate_shards(model, tokenizer, model_cfg, args.data, args.batch_size, args.workers,
-                              loader=args.loader)
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: load in this process), got {args.workers}")
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json!r} is a directory: pass a file path, e.g. "
+                          f"{str(Path(args.json) / 'eval.json')!r}")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise ConfigError(f"--json {args.json!r}: the directory {str(Path(args.json).parent)!r} does not exist: "
+                          "create it or pass a path in an existing directory")
     out = Path(args.json) if args.json else RunDir(args.checkpoint).eval
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_run(args.checkpoint, args.tag, flag="--checkpoint")  # the cheap checks first: the run, then the data
+    urls = eval_shards(args.data)
+    model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag, flag="--checkpoint")
+    metrics = evaluate_shards(model, tokenizer, model_cfg, urls, args.batch_size, args.workers, loader=args.loader)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **metrics}, indent=2))
     sys.stdout.write(format_table({Path(args.checkpoint).name: metrics}) + f"\n\nwrote {out}\n")
     return metrics

@@ -121,8 +121,9 @@ class Encoder:
                                       normalize=True).float().cpu()
 
 
-def load_encoder(spec: str) -> Encoder:
+def load_encoder(spec: str, flag: str = "--model") -> Encoder:
     """``--model``: a run directory, an export, or ``open_clip:NAME[@PRETRAINED]``."""
+    check_model(spec, flag)
     if spec.startswith("open_clip:"):
         import open_clip
 
@@ -136,6 +137,32 @@ def load_encoder(spec: str) -> Encoder:
 
     model, tokenizer, transform = load_model(spec)
     return bmc_fast_encoder(model, tokenizer, transform)
+
+
+def check_model(spec: str, flag: str = "--model") -> None:
+    """What can be checked of ``--model`` before anything loads: a directory, or for ``open_clip:NAME[@PRETRAINED]``
+    a built-in NAME (or an existing ``local-dir:``) and a PRETRAINED that is a file or one of NAME's tags
+    (``hf-hub:`` names are left to open_clip)."""
+    if not spec.startswith("open_clip:"):
+        if not Path(spec).is_dir():
+            raise ConfigError(f"{flag} {spec!r} is not a directory: pass a run directory (bmc_fast/train.py), an "
+                              "export (python -m bmc_fast.export) or open_clip:NAME[@PRETRAINED]")
+        return
+    import open_clip
+
+    name, _, pretrained = spec[len("open_clip:"):].partition("@")
+    if name.startswith("local-dir:") and not Path(name[len("local-dir:"):]).is_dir():
+        raise ConfigError(f"{flag} {spec!r}: {name[len('local-dir:'):]!r} is not a directory: pass an open_clip "
+                          "model directory (python -m bmc_fast.export writes one)")
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return
+    if name not in open_clip.list_models():
+        raise ConfigError(f"{flag} {spec!r}: open_clip has no model {name!r}: pass one of open_clip.list_models(), "
+                          "e.g. open_clip:ViT-B-32@openai, or open_clip:local-dir:DIR")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained and not Path(pretrained).is_file() and pretrained not in tags:
+        raise ConfigError(f"{flag} {spec!r}: {pretrained!r} is neither a file nor a pretrained tag of {name!r} "
+                          f"({', '.join(tags) or 'none'})")
 
 
 def bmc_fast_encoder(model, tokenizer, transform, device: torch.device = CPU,
@@ -176,6 +203,27 @@ def check_choices(data: LabelledImages, k: int, flag: str = "--choices") -> None
     if k > n - 1:
         raise ConfigError(f"zero-shot dataset {data.name!r}: {flag} {k} distractors, but only {n - 1} other "
                           f"class(es) ({n} in all): pass {flag} {n - 1} or fewer")
+
+
+def read_labels(path: str, flag: str = "--labels") -> dict[str, str]:
+    """The JSON object of ``path``: label -> the text shown to the model in its place."""
+    example = '{"covid": "COVID-19 pneumonia", "normal": "no finding"}'
+    if not Path(path).is_file():
+        raise ConfigError(f"{flag} {path!r} is not a file: pass a JSON file holding an object label -> text, e.g. "
+                          f"{example}")
+    try:
+        labels = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"{flag} {path!r} is not a readable JSON file ({error}): write an object label -> text, "
+                          f"e.g. {example}") from error
+    if not isinstance(labels, dict):
+        raise ConfigError(f"{flag} {path!r} holds a JSON {type(labels).__name__}, not an object label -> text: write "
+                          f"e.g. {example}")
+    for label, text in labels.items():
+        if not isinstance(text, str):
+            raise ConfigError(f"{flag} {path!r}: the text of label {label!r} is {json.dumps(text)}, not a string: "
+                              f"write e.g. {example}")
+    return labels
 
 
 def read_templates(path: str, flag: str = "--templates") -> tuple[str, ...]:
@@ -266,15 +314,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="zeroshot", help="output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    label_texts = read_labels(args.labels) if args.labels else None
+    templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
     datasets = load_named_sets(args.data, args.label_key)
     for data in datasets:
         if args.protocol != "all":
             check_choices(data, args.choices)
-    label_texts = json.loads(Path(args.labels).read_text()) if args.labels else None
-    templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
-    encoder = load_encoder(args.model)
+    check_model(args.model)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file at --out or in its path (File exists, Not a directory), or no permission
+        raise ConfigError(f"--out {args.out!r} cannot be created as a directory ({error.strerror}): pass a new or "
+                          "existing directory with no file in its path") from error
+    encoder = load_encoder(args.model)
     results = {}
     for data in datasets:
         results[data.name] = evaluate(encoder, data, args.protocol, args.choices, args.seed, label_texts, templates)

@@ -79,10 +79,11 @@ class TrainConfig:
         for name in ("zeroshot_label_key", "zeroshot_templates"):
             if getattr(self, name) and not self.zeroshot_data:
                 raise ConfigError(f"--{name.replace('_', '-')} was given without --zeroshot-data NAME=SOURCE")
-        for name in ("max_steps", "context_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.context_length is not None and self.context_length < 3:  # as ModelConfig requires
+            raise ConfigError(f"--context-length must be >= 3 ([CLS], [SEP] and at least one text token), got "
+                              f"{self.context_length}; e.g. 77, 154 or 512")
         for name in ("eval_every", "save_every", "workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

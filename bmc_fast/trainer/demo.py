@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     from bmc_fast.eval.zeroshot import bmc_fast_encoder
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file at --out or in its path (File exists, Not a directory), or no permission
+        raise ConfigError(f"--out {args.out!r} cannot be created as a directory ({error.strerror}): pass a new or "
+                          "existing directory with no file in its path") from error
     data = ensure_default_data(seed=args.seed)
     summary, started = {}, time.perf_counter()
     zeroshot_sets = [load_labelled_images(name, data.eval, key) for name, key in ZEROSHOT_TASKS.items()]
