@@ -21,25 +21,40 @@ Per GPU, in the DeepSpeed JSON's precision:
 Then the largest micro batch that fits under ``--gpu-memory`` less ``--reserve`` (CUDA context, allocator
 slack), and the contrastive accumulation K that reaches ``--global-batch``. Every number is computed, not
 measured on a GPU; ``benchmarks/bench_plan.py`` compares the planner with measured peaks on CPU.
+
+``preflight`` is the same plan as a check for the trainer (``bmc_fast/trainer/prepare.py``, on CUDA): pass when
+the plan fits the device less the reserve, warn when it is over by no more than the planner's error
+(``PLANNER_ERROR``), else ``ConfigError`` naming the numbers and a fix the planner says fits.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import re
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bmc_fast.errors import ConfigError
+from bmc_fast.model_config import ModelConfig, load_model_config
 
 _logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
 # ModernBERT's tokenizer (BioClinical ModernBERT shares it): the probe's vocabulary unless a preset sets one.
 MODERNBERT_TOKENS = {"vocab_size": 50368, "pad_token_id": 50283, "cls_token_id": 50281, "sep_token_id": 50282}
+DEFAULT_RESERVE = "4GB"  # --reserve: left aside from a GPU's memory for the CUDA context and allocator slack
+MEAN_TOKENS = 127.0  # --mean-tokens: real tokens a caption in BIOMEDICA (unpadded presets)
+# The planner's error, as a fraction of the plan: on CPU it predicts 1.05-1.13x the measured peaks
+# (benchmarks/results/plan_cpu.md) and tests/test_plan.py holds that committed validation to +-20%. The
+# preflight warns about a plan over the budget by no more than this, and refuses one over by more.
+PLANNER_ERROR = 0.20
+RECIPES = Path(__file__).resolve().parent.parent / "ds_configs"  # paper_*.json (a checkout has them, a wheel not)
 
 
 @dataclass
@@ -76,8 +91,12 @@ class Plan:
         return "\n".join(f"  {name:<14} {value / GiB:8.2f} GiB  {note}" for name, value, note in rows)
 
 
-def probe(model_cfg, dtype: torch.dtype, tokens: float, device: str = "cpu") -> Probe:
-    """Run one image and two captions through the real towers (random init) and count saved bytes."""
+def probe(model_cfg, dtype: torch.dtype, tokens: float, device: str = "cpu",
+          unchecked: Probe | None = None) -> Probe:
+    """Run one image and two captions through the real towers (random init) and count saved bytes.
+
+    With activation checkpointing on, one block's saved bytes come from the same probe without it: ``unchecked``
+    when the caller has it (same dtype and tokens), else probed here (the model is built twice)."""
     from bmc_fast.model import BMCLongCLIP
 
     model = BMCLongCLIP(model_cfg).to(device=device, dtype=dtype).train()
@@ -92,7 +111,9 @@ def probe(model_cfg, dtype: torch.dtype, tokens: float, device: str = "cpu") -> 
     blocks = model_cfg.vision.layers + model_cfg.text.num_hidden_layers
     plain = image + per_caption + per_token * tokens
     if model_cfg.vision.grad_checkpointing:  # a checkpointed block is recomputed, whole, during the backward
-        block = _block_estimate(model_cfg, dtype, tokens, device)
+        if unchecked is None:
+            unchecked = probe(with_checkpointing(model_cfg, False), dtype, tokens, device)
+        block = unchecked.largest_block_bytes_per_pair  # the same sum over blocks, probed without checkpointing
         # torch's non-reentrant checkpoint keeps each block's input by reference, not as a saved tensor
         esize = torch.empty((), dtype=dtype).element_size()
         image += model_cfg.vision.layers * (model_cfg.vision.grid_size ** 2 + 1) * model_cfg.vision.width * esize
@@ -102,15 +123,11 @@ def probe(model_cfg, dtype: torch.dtype, tokens: float, device: str = "cpu") -> 
     return Probe(image, per_caption, per_token, block, params, largest)
 
 
-def _block_estimate(model_cfg, dtype, tokens, device) -> float:
-    """With checkpointing on: one block's saved bytes, from the same probe without it."""
-    import dataclasses
-
-    vision = dataclasses.replace(model_cfg.vision, grad_checkpointing=False)
-    text = dataclasses.replace(model_cfg.text, grad_checkpointing=False)
-    full = probe(dataclasses.replace(model_cfg, vision=vision, text=text), dtype, tokens, device)
-    return (full.image_bytes + full.text_bytes_per_caption + full.text_bytes_per_token * tokens) / (
-        model_cfg.vision.layers + model_cfg.text.num_hidden_layers)
+def with_checkpointing(model_cfg: ModelConfig, on: bool) -> ModelConfig:
+    """``model_cfg`` with activation checkpointing on or off in both towers (``--grad-checkpointing``)."""
+    vision = dataclasses.replace(model_cfg.vision, grad_checkpointing=on)
+    text = dataclasses.replace(model_cfg.text, grad_checkpointing=on)
+    return dataclasses.replace(model_cfg, vision=vision, text=text)
 
 
 def _saved_bytes(forward, model) -> float:
@@ -214,9 +231,166 @@ def _read_json(path: str, flag: str) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What the planner reads from a DeepSpeed JSON, for a run on ``gpus`` GPUs."""
+    stage: int  # zero_optimization.stage
+    offload: bool  # zero_optimization.offload_optimizer.device is "cpu"
+    dtype: torch.dtype  # bf16 (or bfloat16) / fp16 enabled, else float32
+    micro_batch: int | None  # pairs a GPU a forward: train_micro_batch_size_per_gpu, else derived; None: unset
+    accumulation: int  # gradient_accumulation_steps K
+    global_batch: int | None  # pairs a step, all GPUs: train_batch_size, else micro x K x gpus; None: unset
+
+
+def deepspeed_settings(ds_config: dict[str, Any], gpus: int) -> DeepSpeedSettings:
+    """Stage, offload, dtype and batch sizes of a DeepSpeed JSON (the trainer's ``batch_plan`` validates them;
+    the library reads them itself, as it never imports the trainer)."""
+    zero = ds_config.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
+    enabled = {section for section in ("bf16", "bfloat16", "fp16") if (ds_config.get(section) or {}).get("enabled")}
+    dtype = torch.bfloat16 if enabled & {"bf16", "bfloat16"} else torch.float16 if enabled else torch.float32
+    accumulation = int(ds_config.get("gradient_accumulation_steps") or 1)
+    total = ds_config.get("train_batch_size")
+    micro = ds_config.get("train_micro_batch_size_per_gpu") or (total // (gpus * accumulation) if total else 0) or None
+    return DeepSpeedSettings(int(zero.get("stage", 0)), offload, dtype, micro, accumulation,
+                             total or (micro * accumulation * gpus if micro else None))
+
+
+def planned_tokens(model_cfg: ModelConfig, mean_tokens: float) -> float:
+    """Tokens a caption costs: ``mean_tokens`` when the text tower packs real tokens, else the whole context."""
+    return mean_tokens if model_cfg.text_unpad else float(model_cfg.context_length)
+
+
+def plan_arguments(settings: DeepSpeedSettings, gpus: int, gpus_per_node: int, tokens: float,
+                   preset: str) -> dict[str, Any]:
+    """The keyword arguments of ``plan`` and ``largest_micro_batch`` (all but the micro batch) for a run."""
+    return dict(gpus=gpus, gpus_per_node=min(gpus_per_node, gpus), stage=settings.stage, dtype=settings.dtype,
+                offload=settings.offload, tokens=tokens, preset=preset)
+
+
+@dataclass
+class Verdict:
+    """The preflight's outcome for a run that may launch (a refusal raises ``ConfigError`` instead)."""
+    outcome: str  # "pass": the plan fits the budget; "warn": over it by no more than PLANNER_ERROR
+    plan: Plan  # the run's micro batch, planned
+    device_bytes: float  # one GPU's memory
+    budget_bytes: float  # device_bytes less the reserve
+    largest_micro_batch: int  # the largest that fits the budget with the run's settings (0: not one pair)
+    probe_seconds: float  # building the towers on CPU and counting their saved bytes
+    message: str
+
+
+def preflight(model_cfg: ModelConfig, ds_config: dict[str, Any], gpus: int, device_memory_bytes: float, *,
+              gpus_per_node: int = 8, reserve_bytes: float | None = None, mean_tokens: float = MEAN_TOKENS,
+              preset: str = "the model", source: str = "--ds_config", announce: bool = True) -> Verdict:
+    """Will the run's micro batch fit one GPU of ``device_memory_bytes``? The plan of ``python -m bmc_fast.plan``
+    (probe on CPU, model states, activations, fused loss) against the device less ``reserve_bytes`` (default
+    the planner's ``--reserve``). Returns a pass or warn ``Verdict``, logged when ``announce`` (the trainer:
+    rank 0); raises ``ConfigError`` when the plan is over the budget by more than ``PLANNER_ERROR``, naming
+    planned vs device GiB and a fix the planner says fits. ``model_cfg`` carries the run's tokenizer vocabulary
+    (else ModernBERT's) and its activation checkpointing; ``source`` names the JSON in messages."""
+    reserve = parse_bytes(DEFAULT_RESERVE, "--reserve") if reserve_bytes is None else reserve_bytes
+    if model_cfg.text.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, **MODERNBERT_TOKENS))
+    settings = deepspeed_settings(ds_config, gpus)
+    if settings.micro_batch is None:
+        raise ConfigError(f"{source}: set train_batch_size or train_micro_batch_size_per_gpu in the DeepSpeed JSON")
+    common = plan_arguments(settings, gpus, gpus_per_node, planned_tokens(model_cfg, mean_tokens), preset)
+    budget = device_memory_bytes - reserve
+    start = time.perf_counter()
+    measured = probe(model_cfg, settings.dtype, common["tokens"])
+    seconds = time.perf_counter() - start
+    chosen = plan(model_cfg, measured, settings.micro_batch, **common)
+    head = f"{source}: {_describe(chosen, model_cfg, device_memory_bytes, reserve)}"
+    if chosen.total_bytes > budget * (1 + PLANNER_ERROR):
+        _logger.info("memory preflight: the probe took %.1f s; finding a fix", seconds)
+        over = f"{chosen.total_bytes / budget - 1:.0%} over" if budget > 0 else "nothing left"
+        raise ConfigError(f"{head} ({over}, beyond the planner's {PLANNER_ERROR:.0%} error); "
+                          + _fixes(model_cfg, measured, settings, common, budget))
+    fits = largest_micro_batch(model_cfg, measured, budget, **common)
+    if chosen.total_bytes <= budget:
+        verdict = Verdict("pass", chosen, device_memory_bytes, budget, fits, seconds,
+                          f"{head}; largest micro batch that fits: {fits}")
+    else:
+        verdict = Verdict("warn", chosen, device_memory_bytes, budget, fits, seconds, (
+            f"{head}, {chosen.total_bytes / budget - 1:.0%} over but within the planner's {PLANNER_ERROR:.0%} "
+            f"error: launching; if it runs out of memory, "
+            f"{'' if model_cfg.vision.grad_checkpointing else 'pass --grad-checkpointing or '}take a micro batch "
+            f"of at most {fits} (python -m bmc_fast.plan shows what fits)"))
+    if announce:
+        _logger.log(logging.INFO if verdict.outcome == "pass" else logging.WARNING,
+                    "memory preflight (%s; probe %.1f s): %s", verdict.outcome, seconds, verdict.message)
+    return verdict
+
+
+def _describe(chosen: Plan, model_cfg: ModelConfig, device_bytes: float, reserve: float) -> str:
+    """The plan against the device, in GiB, for the preflight's messages."""
+    budget = max(device_bytes - reserve, 0)
+    return (f"the memory planner puts {chosen.preset} at {_gib(chosen.total_bytes)} GiB a GPU (micro batch "
+            f"{chosen.micro_batch}, ZeRO-{chosen.zero_stage}, {chosen.dtype}, activation checkpointing "
+            f"{'on' if model_cfg.vision.grad_checkpointing else 'off'}) against {_gib(budget)} GiB: a "
+            f"{_gib(device_bytes)} GiB GPU less {_gib(reserve)} GiB reserved")
+
+
+def _gib(size: float) -> str:
+    """Bytes as GiB, with two decimals under 10 GiB (a small preset's plan) and one above."""
+    return f"{size / GiB:.{2 if size < 10 * GiB else 1}f}"
+
+
+def _fixes(model_cfg: ModelConfig, measured: Probe, settings: DeepSpeedSettings, common: dict[str, Any],
+           budget: float) -> str:
+    """The refusal's fix: what the planner says fits ``budget`` with the same pairs a step. Without activation
+    checkpointing, first the run with it (one more probe, reusing ``measured`` for its block estimate)."""
+    pairs = settings.micro_batch * settings.accumulation  # a GPU's pairs a step, kept by every fix
+    checkpointing = model_cfg.vision.grad_checkpointing
+    options = []
+    if not checkpointing:
+        checked_cfg = with_checkpointing(model_cfg, True)
+        checked = probe(checked_cfg, settings.dtype, common["tokens"], unchecked=measured)
+        same = plan(checked_cfg, checked, settings.micro_batch, **common).total_bytes
+        if same <= budget:
+            options.append(f"pass --grad-checkpointing (planned {_gib(same)} GiB)")
+        else:
+            options += _accumulation_fix(checked_cfg, checked, settings, common, budget, pairs,
+                                         "pass --grad-checkpointing and ")
+    options += _accumulation_fix(model_cfg, measured, settings, common, budget, pairs,
+                                 "without activation checkpointing, " if options else "")
+    return "; or ".join(options) or (
+        f"not even 1 pair a GPU fits{'' if checkpointing else ', even with --grad-checkpointing'}: shard the model "
+        "states further (ZeRO-3, offload_optimizer) or use more or larger GPUs")
+
+
+def _accumulation_fix(model_cfg: ModelConfig, measured: Probe, settings: DeepSpeedSettings, common: dict[str, Any],
+                      budget: float, pairs: int, prefix: str) -> list[str]:
+    """``[fix]``: the largest micro batch that fits and divides ``pairs``, with the contrastive accumulation K
+    that keeps micro x K = ``pairs`` (train_batch_size unchanged), and the shipped recipe that runs it; ``[]``
+    when not one pair fits."""
+    fits = largest_micro_batch(model_cfg, measured, budget, **common)
+    if fits < 1:
+        return []
+    k = next(k for k in range(math.ceil(pairs / fits), pairs + 1) if pairs % k == 0)
+    micro, gpus = pairs // k, common["gpus"]
+    planned = plan(model_cfg, measured, micro, **common).total_bytes
+    recipe = _recipe(dataclasses.replace(settings, micro_batch=micro, accumulation=k), gpus)
+    return [f'{prefix}set "train_micro_batch_size_per_gpu": {micro} and "gradient_accumulation_steps": {k} '
+            f"(planned {_gib(planned)} GiB; contrastive accumulation keeps train_batch_size {micro * k * gpus} "
+            f"= {micro} x {k} x {gpus} GPUs in one loss)" + (f", as ds_configs/{recipe} does" if recipe else "")]
+
+
+def _recipe(wanted: DeepSpeedSettings, gpus: int) -> str | None:
+    """The name of the shipped ``ds_configs/paper_*.json`` that runs ``wanted`` (batch sizes, ZeRO stage, dtype,
+    offload) on ``gpus`` GPUs, or None."""
+    for path in sorted(RECIPES.glob("paper_*.json")):
+        recipe = deepspeed_settings(_read_json(str(path), "recipe"), gpus)
+        same = (recipe.micro_batch, recipe.accumulation, recipe.stage, recipe.dtype, recipe.offload) == (
+            wanted.micro_batch, wanted.accumulation, wanted.stage, wanted.dtype, wanted.offload)
+        if same and recipe.global_batch == wanted.micro_batch * wanted.accumulation * gpus:  # world size: gpus
+            return path.name
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     from bmc_fast.cli import ArgumentParser, positive_int
-    from bmc_fast.model_config import load_model_config
 
     parser = ArgumentParser(prog="python -m bmc_fast.plan", description="Per-GPU memory of a contrastive batch.")
     parser.add_argument("--preset", default="bmc-longclip-l14-512")
@@ -224,12 +398,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpus", type=positive_int, required=True, help="GPUs in the run (all nodes)")
     parser.add_argument("--gpus-per-node", type=positive_int, default=8)
     parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
-    parser.add_argument("--reserve", default="4GB", help="left aside for the CUDA context and allocator slack")
+    parser.add_argument("--reserve", default=DEFAULT_RESERVE,
+                        help="left aside for the CUDA context and allocator slack")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--te-precision", default=None, choices=("none", "bf16", "fp8"),
                         help="noted in the plan: the probe runs the torch layers (TE is CUDA only); "
                         "an upper bound for fp8")
-    parser.add_argument("--mean-tokens", type=float, default=127.0,
+    parser.add_argument("--mean-tokens", type=float, default=MEAN_TOKENS,
                         help="real tokens a caption (BIOMEDICA: ~127); padded presets use the context")
     parser.add_argument("--global-batch", type=positive_int, default=None, help="pairs a contrastive loss should span")
     parser.add_argument("--micro-batch", type=positive_int, default=None, help="plan this micro batch instead")
@@ -239,25 +414,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpointing = {"grad_checkpointing": True} if args.grad_checkpointing else {}
     model_cfg = load_model_config(args.preset, vision=checkpointing, text={**MODERNBERT_TOKENS, **checkpointing})
-    ds_config = _read_json(args.ds_config, "--ds_config")
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else \
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
-    tokens = args.mean_tokens if model_cfg.text_unpad else float(model_cfg.context_length)
+    settings = deepspeed_settings(_read_json(args.ds_config, "--ds_config"), args.gpus)
+    tokens = planned_tokens(model_cfg, args.mean_tokens)
     budget = parse_bytes(args.gpu_memory, "--gpu-memory") - parse_bytes(args.reserve, "--reserve")
-    measured = probe(model_cfg, dtype, tokens)
-    common = dict(gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus), stage=stage, dtype=dtype,
-                  offload=offload, tokens=tokens, preset=args.preset)
+    measured = probe(model_cfg, settings.dtype, tokens)
+    common = plan_arguments(settings, args.gpus, args.gpus_per_node, tokens, args.preset)
     fits = largest_micro_batch(model_cfg, measured, budget, **common)
-    accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
-    micro = args.micro_batch or ds_config.get("train_micro_batch_size_per_gpu") or (
-        ds_config["train_batch_size"] // (args.gpus * accumulation) if "train_batch_size" in ds_config else 0) or \
-        max(fits, 1)
+    micro = args.micro_batch or settings.micro_batch or max(fits, 1)
     chosen = plan(model_cfg, measured, micro, **common)
     out = {"plan": asdict(chosen), "probe": asdict(measured), "largest_micro_batch": fits, "budget_bytes": budget,
            "grad_checkpointing": args.grad_checkpointing, "te_precision": args.te_precision}
-    lines = [f"{args.preset}, ZeRO-{stage}, {chosen.dtype}, {args.gpus} GPU(s) of {args.gpu_memory} "
+    lines = [f"{args.preset}, ZeRO-{settings.stage}, {chosen.dtype}, {args.gpus} GPU(s) of {args.gpu_memory} "
              f"({args.reserve} reserved), activation checkpointing {'on' if args.grad_checkpointing else 'off'}:",
              chosen.table(),
              f"  fits: {'yes' if chosen.total_bytes <= budget else 'NO'}; largest micro batch that fits: {fits}"]

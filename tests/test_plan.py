@@ -1,5 +1,6 @@
 """The memory planner: its probe's byte count against a hand count, its model states against DeepSpeed's own
-estimators, the largest micro batch at the budget's edge, the CLI, and the committed CPU validation."""
+estimators, the largest micro batch at the budget's edge, what it reads from a DeepSpeed JSON, the CLI, and the
+committed CPU validation (the preflight built on it: tests/test_preflight.py)."""
 import json
 
 import pytest
@@ -62,8 +63,30 @@ def test_cli_prints_the_plan_and_the_accumulation_for_a_global_batch(tmp_path, c
                    "--gpu-memory", "80 gigs"])
 
 
-def test_committed_cpu_validation_is_within_20_percent():
+def test_a_checkpointed_probe_reuses_an_unchecked_one_exactly():
+    from bmc_fast.model_config import load_model_config
+
+    cfg = load_model_config("tiny", text=plan.MODERNBERT_TOKENS)
+    checked = plan.with_checkpointing(cfg, True)
+    unchecked = plan.probe(cfg, torch.float32, 127.0)
+    assert plan.probe(checked, torch.float32, 127.0, unchecked=unchecked) == plan.probe(checked, torch.float32, 127.0)
+
+
+def test_deepspeed_settings_read_stage_offload_dtype_and_batch_sizes():
+    def read(name, gpus):
+        return plan.deepspeed_settings(json.loads((REPO / "ds_configs" / name).read_text()), gpus)
+
+    assert read("zero2.json", 2) == plan.DeepSpeedSettings(2, False, torch.float32, 32, 1, 64)  # 64 pairs / 2 GPUs
+    assert read("zero1_bf16_cpu_offload.json", 4) == plan.DeepSpeedSettings(1, True, torch.bfloat16, 16, 1, 64)
+    assert read("paper_16k_8gpu_accum2.json", 8) == plan.DeepSpeedSettings(2, False, torch.bfloat16, 1024, 2, 16384)
+    assert plan.deepspeed_settings({"fp16": {"enabled": True}}, 8) == plan.DeepSpeedSettings(
+        0, False, torch.float16, None, 1, None)
+
+
+def test_committed_cpu_validation_is_within_the_planners_error():
+    """The CPU validation behind ``plan.PLANNER_ERROR``, the margin the trainer's memory preflight warns within."""
     rows = json.loads((REPO / "benchmarks" / "results" / "plan_cpu.json").read_text())["rows"]
     assert {r["shape"] for r in rows} == {"tiny", "mid"} and len(rows) >= 4
+    assert plan.PLANNER_ERROR == 0.20
     for r in rows:
-        assert 0.8 <= r["predicted_bytes"] / r["measured_bytes"] <= 1.2, r
+        assert 1 - plan.PLANNER_ERROR <= r["predicted_bytes"] / r["measured_bytes"] <= 1 + plan.PLANNER_ERROR, r

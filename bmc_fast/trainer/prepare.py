@@ -1,9 +1,11 @@
 """Check every input of a run before anything is built: flags, shards, tokenizer, the DeepSpeed JSON
-against the world size, the run directory. The first problem raises ``ConfigError`` naming the flag."""
+against the world size, the run directory and, on CUDA, the planned memory against the GPU's. The first
+problem raises ``ConfigError`` naming the flag."""
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,8 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
     plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
     check_skips_non_finite_steps(ds_config)
-    check_precision_supported(ds_config, *_accelerator_dtypes())
+    device, dtypes = _accelerator_dtypes()
+    check_precision_supported(ds_config, device, dtypes)
     _check_weights(cfg)
     checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
     model_cfg = load_model_config(  # validates the preset and the overrides early
@@ -93,6 +96,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
         check_resumable(run, model_cfg, ds_config, plan, max_steps)
     else:
         _check_new_run_dir(run, cfg.overwrite)
+    _check_memory(cfg, env, device, model_cfg, ds_config)  # last: its probe takes seconds
     cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, zeroshot, templates, tokenizer,
@@ -129,6 +133,39 @@ def _check_packages(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     if model_cfg.te_precision != "none" and not transformer_engine_installed():
         raise ConfigError(f"--te-precision {model_cfg.te_precision} needs NVIDIA Transformer Engine on a CUDA machine "
                           "(pip install 'transformer-engine[pytorch]'): pass --te-precision none")
+
+
+def _device_memory(local_rank: int) -> int:
+    """Bytes of memory of this rank's CUDA device."""
+    import torch
+
+    return torch.cuda.get_device_properties(local_rank).total_memory
+
+
+def _check_memory(cfg: TrainConfig, env: DistEnv, device: str, model_cfg: ModelConfig,
+                  ds_config: dict[str, Any]) -> None:
+    """On CUDA, the memory planner's preflight (``bmc_fast.plan.preflight``) on every rank, before any model is
+    built: a micro batch that cannot fit this GPU stops here with the planner's fix instead of running out of
+    memory after the engine is built; rank 0 logs the verdict, a warning when over within the planner's error."""
+    if device != "cuda":
+        _logger.debug("memory preflight: skipped on %s (it plans CUDA memory)", device)
+        return
+    if cfg.skip_memory_check:
+        _logger.info("memory preflight: skipped (--skip-memory-check)")
+        return
+    import torch
+
+    from bmc_fast.plan import preflight
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_size))  # the node's ranks all probe at once
+    try:  # logs the verdict (a warning when over within the planner's error) on rank 0
+        preflight(model_cfg, ds_config, env.world_size, _device_memory(env.local_rank), gpus_per_node=env.local_size,
+                  preset=cfg.preset, source=f"--ds_config {cfg.ds_config}", announce=env.rank == 0)
+    except ConfigError as error:
+        raise ConfigError(f"{error}; or pass --skip-memory-check to launch anyway") from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _eval_shards(pattern: str | None) -> list[str]:
