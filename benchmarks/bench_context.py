@@ -8,7 +8,6 @@ per-seed Recall@k of context 77 and 512, the T2I R@1 ratio, and the machine, and
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -17,8 +16,7 @@ from pathlib import Path
 import report
 from report import write_report
 
-from bmc_fast.cli import ArgumentParser, positive_int, run_main
-from bmc_fast.errors import ConfigError
+from bmc_fast.cli import ArgumentParser, positive_int, read_json_object, run_main
 from bmc_fast.trainer import demo
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,11 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.from_json:
-        try:
-            result = json.loads(out.with_suffix(".json").read_text())
-        except (OSError, ValueError) as error:  # missing, unreadable or not JSON
-            raise ConfigError(f"--from-json: {str(out.with_suffix('.json'))!r} (--out {args.out!r} + .json) is not a "
-                              f"readable JSON file ({error}): run without --from-json first, or fix --out") from error
+        result = read_json_object(out.with_suffix(".json"), f"--from-json: {str(out.with_suffix('.json'))!r} (--out "
+                                  f"{args.out!r} + .json)", "run without --from-json first, or fix --out")
         write(result, out)
         return result
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import report
 
-from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.cli import ArgumentParser, positive_int, read_json_object, run_main
 from bmc_fast.errors import ConfigError
 from bmc_fast.optional import installed
 
@@ -195,11 +195,8 @@ def plot(results: list[dict], path: Path, info: dict) -> None:
 
 def rerender(json_path: Path) -> None:
     """Rewrite a result's .md/.png from its .json (skip estimates recomputed; measurements untouched)."""
-    try:
-        summary = json.loads(json_path.read_text())
-    except (OSError, ValueError) as error:  # missing, unreadable or not JSON
-        raise ConfigError(f"--rerender {str(json_path)!r} is not a readable JSON file ({error}): pass a result of "
-                          "this benchmark, e.g. benchmarks/results/loss_cpu.json") from error
+    summary = read_json_object(json_path, f"--rerender {str(json_path)!r}",
+                               "pass a result of this benchmark, e.g. benchmarks/results/loss_cpu.json")
     for r in summary["results"]:
         if r["status"].startswith("skipped"):
             r["status"] = f"skipped: needs ~{estimated_bytes(r['impl'], r['n'], r['d']) / 2**30:.0f} GiB"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from report import machine, write_report
 
-from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.cli import ArgumentParser, check_output_file, run_main
 from bmc_fast.data import token_stats
 from bmc_fast.errors import ConfigError
 
@@ -43,10 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"--tokenizer {args.tokenizer!r} is not a directory: pass a Hugging Face tokenizer "
                           "directory, or leave --tokenizer out for ../shared/data's ModernBERT")
     tokenizer = args.tokenizer or str(SHARED / "tokenizers" / "modernbert")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {args.out!r}: the directory {str(out.parent)!r} does not exist: create it or pass "
-                          "a path in an existing directory")
+    out = check_output_file(args.out, "--out")
     sets, started = {}, time.perf_counter()
     for name, (data, what) in TEXT_SETS.items():
         if not _present(data) or not Path(tokenizer).is_dir():

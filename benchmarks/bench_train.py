@@ -53,8 +53,9 @@ from pathlib import Path
 import torch
 from report import machine, write_report
 
-from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.cli import ArgumentParser, positive_int, read_json_object, run_main
 from bmc_fast.errors import ConfigError
+from bmc_fast.model_config import load_model_config
 from bmc_fast.trainer.ds_config import load_ds_config
 from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
 
@@ -663,6 +664,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"--timeout must be > 0 (seconds per case), got {args.timeout}")
     if not args.rerender:
         load_ds_config(ds_config_path(args.ds_config))  # a missing or malformed JSON stops here, not in each case
+    if not args.rerender and not args.suite:  # a suite's cases name their presets
+        load_model_config(args.preset)  # a missing or malformed preset too, before the case writes its data
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.suite:
         extra = [x for name in SUITE_OPTIONS for x in (name, str(getattr(args, name.lstrip("-").replace("-", "_"))))
@@ -671,11 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out = Path(args.out) if args.out else RESULTS / f"train_{device}"
         if args.rerender:
-            try:
-                saved = json.loads(out.with_suffix(".json").read_text())
-            except (OSError, ValueError) as error:  # missing, unreadable or not JSON
-                raise ConfigError(f"--rerender: {str(out.with_suffix('.json'))!r} is not a readable JSON file "
-                                  f"({error}): run the suite without --rerender first, or fix --out") from error
+            saved = read_json_object(out.with_suffix(".json"), f"--rerender: {str(out.with_suffix('.json'))!r}",
+                                     "run the suite without --rerender first, or fix --out")
             write_suite(saved["rows"], saved["suite"], saved["machine"], saved["extra_args"], out)
             return saved
         rows = [_spawn(case, "open_clip", False, extra, args.timeout) for case in SUITES[args.suite]]

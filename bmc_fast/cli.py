@@ -5,6 +5,9 @@
 - ``run_main(main)`` runs a CLI's ``main`` under ``if __name__ == "__main__"``: a ``ConfigError`` (bad
   input) becomes ``error: <message>`` and exit status 2, a ``DataError`` (bad data) or ``TrainingError``
   (a diverged run) the same with exit status 1; none prints a traceback.
+- ``read_json_object`` reads a JSON file the user named (a preset, a DeepSpeed config, labels, a result),
+  and ``check_output_file`` and ``check_output_dir`` refuse an output path that cannot be written (a directory
+  where a file goes, a missing directory, a file in the path) before any work, naming the flag.
 - ``option(...)`` declares a typed config field with its CLI help and choices, and
   ``add_config_arguments`` turns such a dataclass into flags, so an option is written once: in its config.
 """
@@ -12,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from bmc_fast.errors import ConfigError, DataError, TrainingError
@@ -64,6 +70,65 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def read_json_object(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``; otherwise ``ConfigError`` that starts with ``what`` (the flag and
+    its value) and ends with ``fix``: the file cannot be read or is not JSON, or its JSON is not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # missing, unreadable, not UTF-8, not JSON
+        raise ConfigError(f"{what} is not a readable JSON file ({error}): {fix}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} holds a JSON {type(data).__name__}, not an object: {fix}")
+    return data
+
+
+def check_output_file(path: str | Path, flag: str, example_name: str | None = None) -> Path:
+    """``path`` as a ``Path`` if a file can be written there (not a directory; its directory exists and is
+    writable); otherwise ``ConfigError`` naming ``flag``. ``example_name``: the file name the message
+    suggests inside ``path`` when ``path`` is a directory."""
+    out = Path(path)
+    if out.is_dir():
+        example = f", e.g. {str(out / example_name)!r}" if example_name else ""
+        raise ConfigError(f"{flag} {str(path)!r} is a directory: pass a file path{example}")
+    if not out.parent.is_dir():
+        base = _existing_part(out.parent)
+        if base.is_dir():
+            raise ConfigError(f"{flag} {str(path)!r}: the directory {str(out.parent)!r} does not exist: create it or "
+                              "pass a path in an existing directory")
+        raise ConfigError(f"{flag} {str(path)!r}: {str(base)!r} is a file, not a directory: pass a path in an "
+                          "existing directory")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r}: the directory {str(out.parent)!r} is not writable: pass a path in "
+                          "a directory you can write")
+    return out
+
+
+def check_output_dir(path: str | Path, flag: str, create: bool = True) -> Path:
+    """``path`` as a ``Path`` once it is a directory (``create``, made with its parents) or can become one
+    (``create=False``: nothing is made, e.g. on every rank or before a long step); otherwise ``ConfigError``
+    naming ``flag``: ``path`` is a file, a file stands in its path, or it cannot be written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file: pass a new or existing directory")
+    base = _existing_part(out)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r} cannot be written: {str(base)!r} is "
+                          f"{'a file' if not base.is_dir() else 'not writable'}: pass a new or existing directory with "
+                          "no file in its path")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # what the checks above cannot see, e.g. a dangling link
+            raise ConfigError(f"{flag} {str(path)!r} cannot be created as a directory ({error.strerror}): pass a new "
+                              "or existing directory with no file in its path") from error
+    return out
+
+
+def _existing_part(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a relative path ends at the working directory)."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
 
 
 def option(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,

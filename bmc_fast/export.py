@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bmc_fast.cli import check_output_dir
 from bmc_fast.errors import ConfigError
 from bmc_fast.model_config import ModelConfig
 
@@ -100,15 +100,9 @@ def export(model, tokenizer, cfg: ModelConfig, out_dir: str | Path) -> Path:
 def check_out_dir(out: Path) -> None:
     """``ConfigError`` unless ``out`` can take an export: a new directory that can be created, an empty one,
     or an earlier export."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"export: out_dir {str(out)!r} is a file: pass a new or empty directory")
+    check_output_dir(out, "out_dir", create=False)
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-        raise ConfigError(f"export: {str(out)!r} exists and holds no export: pass a new or empty directory")
-    base = next(p for p in (out, *out.absolute().parents) if p.exists())  # the part of the path that exists
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise ConfigError(f"export: out_dir {str(out)!r} cannot be written: {str(base)!r} is "
-                          f"{'a file' if not base.is_dir() else 'not writable'}: pass a new or empty directory "
-                          "elsewhere")
+        raise ConfigError(f"out_dir {str(out)!r} exists and holds no export: pass a new or empty directory")
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:

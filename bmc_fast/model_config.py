@@ -7,7 +7,6 @@ and wrong types, naming the field and the file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bmc_fast.cli import read_json_object
 from bmc_fast.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "model_configs"
@@ -187,10 +187,12 @@ def load_model_config(preset_or_json: str, **overrides: Any) -> ModelConfig:
     path = Path(preset_or_json)
     if path.suffix != ".json":
         path = PRESET_DIR / f"{preset_or_json}.json"
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
     if not path.is_file():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
         raise ConfigError(f"--preset {preset_or_json!r}: no such preset or JSON file; presets: {names}")
-    data = json.loads(path.read_text())
+    where = f"--preset {preset_or_json!r}" + (f" ({str(path)!r})" if str(path) != preset_or_json else "")
+    data = read_json_object(path, where, f"write a JSON object of ModelConfig fields, as the presets in "
+                                         f"{str(PRESET_DIR)!r} are, or pass a preset: {names}")
     for key, value in overrides.items():
         if value is None:
             continue

@@ -224,13 +224,9 @@ def parse_bytes(text: str, flag: str) -> float:
 
 def _read_json(path: str, flag: str) -> dict:
     """A JSON object from ``path`` (the library reads the DeepSpeed JSON itself: it never imports the trainer)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{flag} {path!r}: cannot read it as JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{flag} {path!r}: expected a JSON object")
-    return data
+    from bmc_fast.cli import read_json_object
+
+    return read_json_object(path, f"{flag} {path!r}", "pass a DeepSpeed JSON object such as ds_configs/zero2.json")
 
 
 @dataclass(frozen=True)

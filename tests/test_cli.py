@@ -1,13 +1,14 @@
 """Every command line: a bad flag is one line on stderr naming the flag, exit status 2, no traceback; and
 ``--help`` prints the usage, exits 0 and writes nothing."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from bmc_fast.cli import one_line, run_main
+from bmc_fast.cli import check_output_dir, check_output_file, one_line, run_main
 from bmc_fast.errors import ConfigError, DataError
 from helpers import REPO
 
@@ -49,6 +50,17 @@ BAD_FLAGS = [
     (["-m", "bmc_fast.trainer.demo", "--ds_config", "/nowhere.json"], "--ds_config"),
     (["-m", "bmc_fast.trainer.demo", "--out", f"{A_FILE}/demo"], "--out"),
     (["bmc_fast/train.py", "--resume", "sometimes"], "--resume"),
+    (["bmc_fast/train.py", "--preset", A_LIST], f"--preset '{A_LIST}' holds a JSON list"),
+    (["bmc_fast/train.py", "--ds_config", "ds_configs"], "--ds_config 'ds_configs' is a directory"),
+    (["-m", "bmc_fast.plan", "--preset", A_LIST, "--ds_config", "ds_configs/zero2.json", "--gpus", "1"],
+     f"--preset '{A_LIST}' holds a JSON list"),
+    (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=/nowhere"],
+     "--data (zero-shot dataset 'a') '/nowhere' does not exist"),
+    (["-m", "bmc_fast.eval.zeroshot", "--model", "runs/x", "--data", "a=/nowhere/shard-{000000..000001}.tar"],
+     "--data (zero-shot dataset 'a') '/nowhere/shard-{000000..000001}.tar' matches no file"),
+    (["-m", "bmc_fast.eval.retrieval", "--checkpoint", "runs/x", "--data", "x.tar", "--json", f"{A_FILE}/eval.json"],
+     f"--json '{A_FILE}/eval.json': '{A_FILE}' is a file"),
+    (["-m", "bmc_fast.trainer.demo", "--ds_config", "ds_configs"], "--ds_config 'ds_configs' is a directory"),
     (["benchmarks/bench_accumulation.py", "--micro", "0"], "--micro"),
     (["benchmarks/bench_context.py", "--seeds", "x"], "--seeds"),
     (["benchmarks/bench_context.py", "--max-steps", "0"], "--max-steps"),
@@ -64,6 +76,7 @@ BAD_FLAGS = [
     (["benchmarks/bench_tokens.py", "--out", "/nowhere/token_waste"], "--out"),
     (["benchmarks/bench_train.py", "--ds_config", "/nowhere.json"], "--ds_config"),
     (["benchmarks/bench_train.py", "--timeout", "0"], "--timeout"),
+    (["benchmarks/bench_train.py", "--preset", A_LIST], f"--preset '{A_LIST}' holds a JSON list"),
     (["benchmarks/bench_train.py", "--suite", "quick", "--rerender", "--out", "/nowhere/train"], "--rerender"),
 ] + [([script, "--device", "cuda"], "--device cuda") for script in  # a GPU asked for where there is none
      ("benchmarks/bench_data.py", "benchmarks/bench_loss.py", "benchmarks/bench_text.py") if NO_GPU]
@@ -72,11 +85,68 @@ BAD_FLAGS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("command,flag", BAD_FLAGS, ids=[" ".join(c[:2] + c[-2:]) for c, _ in BAD_FLAGS])
 def test_a_bad_flag_is_one_line_naming_it_and_exit_2(command, flag):
+    line = error_line(command)
+    assert flag in line, line
+
+
+def error_line(command: list[str]) -> str:
+    """The one line on stderr of ``python *command`` run from the repository root, which must exit 2 without a
+    traceback."""
     proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert flag in lines[0] and "error" in lines[0], lines[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert "error" in lines[0], lines[0]
+    return lines[0]
+
+
+# As BAD_FLAGS, for a bad file the case writes: (command with {file} for its path, the file's text, the text the
+# message must hold, with {file} for the path).
+BAD_FILES = [
+    ([*script, "--preset", "{file}", *extra], "{", "--preset '{file}' is not a readable JSON file")
+    for script, extra in ((["bmc_fast/train.py"], []), (["benchmarks/bench_train.py"], []),
+                          (["-m", "bmc_fast.plan"], ["--ds_config", "ds_configs/zero2.json", "--gpus", "1"]))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,text,flag", BAD_FILES, ids=[" ".join(c[:2]) for c, _, _ in BAD_FILES])
+def test_a_bad_file_is_one_line_naming_its_flag_and_exit_2(command, text, flag, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    line = error_line([part.replace("{file}", str(path)) for part in command])
+    assert line.startswith("error: ") and flag.replace("{file}", str(path)) in line, line
+
+
+
+
+@pytest.mark.slow
+def test_train_output_dir_under_a_file_is_one_error_line(tmp_path):
+    """The run directory is checked first (on every rank, creating nothing), not when rank 0 makes it after the
+    model is built."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    line = error_line(["bmc_fast/train.py", "--output-dir", str(out)])
+    assert line == (f"error: --output-dir {str(out)!r} cannot be written: {str(tmp_path / 'file')!r} is a file: pass "
+                    "a new or existing directory with no file in its path"), line
+
+
+def test_output_path_checks_name_the_flag_and_the_reason(tmp_path):
+    (tmp_path / "file").write_text("")
+    checks = [
+        (check_output_file, tmp_path, "is a directory: pass a file path, e.g. '.*out.json'"),
+        (check_output_file, tmp_path / "absent" / "out.json", "the directory '.*absent' does not exist: create it"),
+        (check_output_file, tmp_path / "file" / "out.json", "'.*file' is a file, not a directory"),
+        (check_output_dir, tmp_path / "file", "is a file: pass a new or existing directory"),
+        (check_output_dir, tmp_path / "file" / "a" / "b", "cannot be written: '.*file' is a file"),
+    ]
+    for check, path, message in checks:
+        kwargs = {"example_name": "out.json"} if check is check_output_file else {}
+        with pytest.raises(ConfigError, match=f"^--out {re.escape(repr(str(path)))}:? .*{message}"):
+            check(path, "--out", **kwargs)
+    assert check_output_file(tmp_path / "out.json", "--out") == tmp_path / "out.json"
+    assert check_output_dir(tmp_path / "new" / "dir", "--out", create=False) == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists()  # create=False only checks
+    assert check_output_dir(tmp_path / "new" / "dir", "--out").is_dir()
 
 
 # Every command line, as run from anywhere: an installed module, or a script by its path.

@@ -153,6 +153,9 @@ def test_an_output_in_a_missing_directory_is_refused_before_reading(tmp_path, fl
         main(["--tokenizer", "t", "--data", "d.jsonl", flag, str(tmp_path / "absent" / "out")])
     with pytest.raises(ConfigError, match=f"^{flag} .* is a directory"):
         main(["--tokenizer", "t", "--data", "d.jsonl", flag, str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"^{flag} .*: '.*file' is a file, not a directory"):
+        main(["--tokenizer", "t", "--data", "d.jsonl", flag, str(tmp_path / "file" / "out")])
 
 
 def test_waste_stats_by_hand():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bmc_fast.errors import ConfigError
 from bmc_fast.eval import zeroshot
-from bmc_fast.eval.labelled_images import load_labelled_images
+from bmc_fast.eval.labelled_images import load_labelled_images, load_named_sets
 from helpers import SHARED_DATA, encode_image
 
 COVID = SHARED_DATA / "covid_cxr"
@@ -87,6 +87,19 @@ def test_bad_input_is_one_message_naming_the_dataset(tmp_path):
         zeroshot.evaluate(encoder, data, k=2)
     (tmp_path / "list.csv").write_text("path,label\none/cat/a.png,cat\none/dog/b.png,dog\n")
     assert load_labelled_images("csv", str(tmp_path / "list.csv")).labels == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("source,message", [
+    ("{tmp}/nowhere", "'{tmp}/nowhere' does not exist: pass a folder"),
+    ("{tmp}/nowhere.csv", "'{tmp}/nowhere.csv' does not exist: pass a folder"),
+    ("{tmp}/shard-{{000000..000001}}.tar", "'{tmp}/shard-{{000000..000001}}.tar' matches no file"),
+])
+def test_a_source_that_is_not_there_names_the_flag_and_dataset_before_the_label_key(tmp_path, source, message):
+    source, message = source.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    with pytest.raises(ConfigError, match=f"^--zeroshot-data \\(zero-shot dataset 'pets'\\) {re.escape(message)}"):
+        load_named_sets([f"pets={source}"], flag="--zeroshot-data")
+    with pytest.raises(ConfigError, match="shards need --label-key"):  # a remote source is left to its reader
+        load_labelled_images("pets", "pipe:cat /nowhere.tar")
 
 
 def test_labels_file_is_checked_where_it_is_read(tmp_path):

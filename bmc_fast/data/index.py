@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.cli import ArgumentParser, check_output_file, run_main
 from bmc_fast.data.samples import IMAGE_EXTENSIONS, SKIP_KINDS, SampleError, check_sample
 from bmc_fast.data.shards import expand_shards
 from bmc_fast.data.tar_samples import member_key, read_tar_samples, tar_members
@@ -201,12 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("shards", help="WebDataset shard pattern (brace notation, glob, '::'-joined)")
     parser.add_argument("--report", help="summary JSON (default: index_report.json beside the first shard)")
     args = parser.parse_args(argv)
-    if args.report is not None and Path(args.report).is_dir():
-        raise ConfigError(f"--report {args.report!r} is a directory: pass a file path, e.g. "
-                          f"{str(Path(args.report) / 'index_report.json')!r}")
-    if args.report is not None and not Path(args.report).parent.is_dir():
-        raise ConfigError(f"--report {args.report!r}: the directory {str(Path(args.report).parent)!r} does not "
-                          "exist: create it or pass a path in an existing directory")
+    if args.report is not None:
+        check_output_file(args.report, "--report", example_name="index_report.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     urls = expand_shards(args.shards, "shards")
     report = args.report or Path(urls[0]).parent / "index_report.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.cli import ArgumentParser, check_output_dir, positive_int, run_main
 from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.eval_samples < 2:
         raise ConfigError(f"--eval-samples must be >= 2 (retrieval needs two pairs), got {args.eval_samples}")
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file at --out or in its path (File exists, Not a directory), or no permission
-        raise ConfigError(f"--out {args.out!r} cannot be created as a directory ({error.strerror}): pass a new or "
-                          "existing directory with no file in its path") from error
+    check_output_dir(args.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = generate(args.out, args.seed, args.train_samples, args.eval_samples, args.samples_per_shard)
     _logger.info("train: %s\neval:  %s", manifest["train"], manifest["eval"])

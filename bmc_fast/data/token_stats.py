@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.cli import ArgumentParser, check_output_file, run_main
 from bmc_fast.data.samples import CAPTION_EXTENSION
 from bmc_fast.data.shards import REMOTE_PREFIXES, expand_shards
 from bmc_fast.data.tar_samples import read_tar_samples
@@ -188,11 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _check_cutoffs(args.cutoffs, "--cutoffs")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before the texts are read
-        if path is not None and Path(path).is_dir():
-            raise ConfigError(f"{flag} {path!r} is a directory: pass a file path")
-        if path is not None and not Path(path).parent.is_dir():
-            raise ConfigError(f"{flag} {path!r}: the directory {str(Path(path).parent)!r} does not exist: create it "
-                              "or pass a path in an existing directory")
+        if path is not None:
+            check_output_file(path, flag)
     from bmc_fast.data.text_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")

@@ -6,8 +6,8 @@
   member under ``label_key`` (``finding`` or ``view`` in ``../shared/data/covid_cxr``; a dotted key walks
   nested fields: ``lesions.0.colour`` in the embedded synthetic data).
 
-Every problem is one ``ConfigError`` naming the dataset: a missing label key, fewer than 2 classes, a
-folder with no images.
+Every problem is one ``ConfigError`` naming the dataset: a source that does not exist, a missing label key,
+fewer than 2 classes, a folder with no images.
 """
 from __future__ import annotations
 
@@ -32,14 +32,20 @@ class LabelledImages:
 
 
 def load_labelled_images(name: str, source: str, label_key: str | None = None,
-                         key_flag: str = "--label-key") -> LabelledImages:
+                         key_flag: str = "--label-key", flag: str = "--data") -> LabelledImages:
+    """The dataset ``name`` from ``source`` (a folder, a CSV or shards); ``flag`` and ``key_flag``: how the
+    caller's command line names the source and the label key in its errors."""
     path = Path(source)
+    where = f"{flag} (zero-shot dataset {name!r})"
+    if _is_missing_path(source):
+        raise ConfigError(f"{where} {source!r} does not exist: pass a folder of class sub-folders (ROOT/CLASS/IMAGE), "
+                          "a CSV with a 'path,label' header, or shards like 'DIR/shard-{000000..000009}.tar'")
     if path.is_dir():
         images, labels = _from_folder(name, path)
     elif path.suffix == ".csv":
         images, labels = _from_csv(name, path)
     else:
-        images, labels = _from_shards(name, source, label_key, key_flag)
+        images, labels = _from_shards(name, source, label_key, key_flag, where)
     data = LabelledImages(name, images, labels)
     if len(data.classes) < 2:
         raise ConfigError(f"zero-shot dataset {name!r}: {len(data.classes)} class(es) {data.classes} in {source!r}; "
@@ -62,8 +68,17 @@ def load_named_sets(items: tuple[str, ...] | list[str], label_keys: tuple[str, .
         if name in names:
             raise ConfigError(f"{flag}: the name {name!r} is given twice; each dataset needs its own name")
         names.add(name)
-        datasets.append(load_labelled_images(name, source, key, key_flag))
+        datasets.append(load_labelled_images(name, source, key, key_flag, flag))
     return datasets
+
+
+def _is_missing_path(source: str) -> bool:
+    """Whether ``source`` names one local path (no shard pattern, not remote) that does not exist; a pattern
+    that matches nothing is left to ``expand_shards``."""
+    from bmc_fast.data.shards import REMOTE_PREFIXES
+
+    pattern = any(ch in source for ch in "{*?[") or "::" in source or source.startswith(REMOTE_PREFIXES)
+    return not pattern and not Path(source).exists()
 
 
 def _from_folder(name: str, root: Path) -> tuple[list, list[str]]:
@@ -80,8 +95,6 @@ def _from_folder(name: str, root: Path) -> tuple[list, list[str]]:
 
 
 def _from_csv(name: str, path: Path) -> tuple[list, list[str]]:
-    if not path.is_file():
-        raise ConfigError(f"zero-shot dataset {name!r}: {str(path)!r} does not exist")
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"path", "label"} <= set(rows[0]):
@@ -93,14 +106,16 @@ def _from_csv(name: str, path: Path) -> tuple[list, list[str]]:
     return [(path.parent / row["path"]).read_bytes() for row in rows], [row["label"] for row in rows]
 
 
-def _from_shards(name: str, pattern: str, label_key: str | None, key_flag: str) -> tuple[list, list[str]]:
+def _from_shards(name: str, pattern: str, label_key: str | None, key_flag: str,
+                 where: str) -> tuple[list, list[str]]:
     from bmc_fast.data.shards import expand_shards
     from bmc_fast.data.tar_samples import read_tar_samples
 
+    urls = expand_shards(pattern, where)  # shards that are not there are named before a missing label key
     if label_key is None:
         raise ConfigError(f"zero-shot dataset {name!r}: shards need {key_flag}, the .json field holding the label")
     images, labels = [], []
-    for url in expand_shards(pattern, f"zero-shot dataset {name!r}"):
+    for url in urls:
         for sample in read_tar_samples(url):
             image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
             if image is None:

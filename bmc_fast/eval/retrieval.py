@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bmc_fast.cli import ArgumentParser, positive_int, run_main
+from bmc_fast.cli import ArgumentParser, check_output_file, positive_int, run_main
 from bmc_fast.data.select_loader import LOADERS
 from bmc_fast.errors import ConfigError
 from bmc_fast.run_dir import RunDir
@@ -119,13 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0: load in this process), got {args.workers}")
-    if args.json and Path(args.json).is_dir():
-        raise ConfigError(f"--json {args.json!r} is a directory: pass a file path, e.g. "
-                          f"{str(Path(args.json) / 'eval.json')!r}")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise ConfigError(f"--json {args.json!r}: the directory {str(Path(args.json).parent)!r} does not exist: "
-                          "create it or pass a path in an existing directory")
-    out = Path(args.json) if args.json else RunDir(args.checkpoint).eval
+    out = (check_output_file(args.json, "--json", example_name="eval.json") if args.json
+           else RunDir(args.checkpoint).eval)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_run(args.checkpoint, args.tag, flag="--checkpoint")  # the cheap checks first: the run, then the data
     urls = eval_shards(args.data)

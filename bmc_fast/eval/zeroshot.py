@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bmc_fast.cli import ArgumentParser, check_output_dir, positive_int, read_json_object
 from bmc_fast.errors import ConfigError
 from bmc_fast.eval.labelled_images import LabelledImages, load_named_sets
 
@@ -211,14 +212,7 @@ def read_labels(path: str, flag: str = "--labels") -> dict[str, str]:
     if not Path(path).is_file():
         raise ConfigError(f"{flag} {path!r} is not a file: pass a JSON file holding an object label -> text, e.g. "
                           f"{example}")
-    try:
-        labels = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        raise ConfigError(f"{flag} {path!r} is not a readable JSON file ({error}): write an object label -> text, "
-                          f"e.g. {example}") from error
-    if not isinstance(labels, dict):
-        raise ConfigError(f"{flag} {path!r} holds a JSON {type(labels).__name__}, not an object label -> text: write "
-                          f"e.g. {example}")
+    labels = read_json_object(path, f"{flag} {path!r}", f"write an object label -> text, e.g. {example}")
     for label, text in labels.items():
         if not isinstance(text, str):
             raise ConfigError(f"{flag} {path!r}: the text of label {label!r} is {json.dumps(text)}, not a string: "
@@ -298,8 +292,6 @@ def plot_confusion(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bmc_fast.cli import ArgumentParser, positive_int
-
     parser = ArgumentParser(prog="python -m bmc_fast.eval.zeroshot", description="Zero-shot classification.")
     parser.add_argument("--model", required=True, help="run directory, export, or open_clip:NAME[@PRETRAINED]")
     parser.add_argument("--data", action="append", required=True, metavar="NAME=SOURCE",
@@ -321,12 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.protocol != "all":
             check_choices(data, args.choices)
     check_model(args.model)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file at --out or in its path (File exists, Not a directory), or no permission
-        raise ConfigError(f"--out {args.out!r} cannot be created as a directory ({error.strerror}): pass a new or "
-                          "existing directory with no file in its path") from error
+    out = check_output_dir(args.out, "--out")
     encoder = load_encoder(args.model)
     results = {}
     for data in datasets:

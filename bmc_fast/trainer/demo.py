@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bmc_fast.cli import ArgumentParser, run_main
+from bmc_fast.cli import ArgumentParser, check_output_dir, run_main
 from bmc_fast.errors import ConfigError, TrainingError
 from bmc_fast.trainer.distributed import free_port
 from bmc_fast.trainer.ds_config import load_ds_config
@@ -81,12 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bmc_fast.eval.retrieval import evaluate_shards, format_table
     from bmc_fast.eval.zeroshot import bmc_fast_encoder
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file at --out or in its path (File exists, Not a directory), or no permission
-        raise ConfigError(f"--out {args.out!r} cannot be created as a directory ({error.strerror}): pass a new or "
-                          "existing directory with no file in its path") from error
+    out = check_output_dir(args.out, "--out")
     data = ensure_default_data(seed=args.seed)
     summary, started = {}, time.perf_counter()
     zeroshot_sets = [load_labelled_images(name, data.eval, key) for name, key in ZEROSHOT_TASKS.items()]

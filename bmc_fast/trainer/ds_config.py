@@ -6,12 +6,12 @@ is built; it changes one thing: the scheduler's ``total_num_steps`` follows ``--
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmc_fast.cli import read_json_object
 from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
@@ -29,16 +29,14 @@ class BatchPlan:
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{FLAG} {str(path)!r} is a directory, not a DeepSpeed JSON file: pass one of "
+                          "ds_configs/zero1.json, zero2.json, zero3.json or your own DeepSpeed JSON")
     if not path.is_file():
         raise ConfigError(f"{FLAG} {str(path)!r} does not exist: pass one of ds_configs/zero1.json, zero2.json, "
                           "zero3.json or your own DeepSpeed JSON")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{FLAG} {str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ConfigError(f"{FLAG} {str(path)!r} must hold a JSON object")
-    return config
+    return read_json_object(path, f"{FLAG} {str(path)!r}", "write the DeepSpeed config as one JSON object, as "
+                                                           "ds_configs/zero2.json does")
 
 
 def batch_plan(config: dict[str, Any], world_size: int, source: str = FLAG) -> BatchPlan:

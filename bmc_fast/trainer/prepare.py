@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmc_fast.cli import check_output_dir
 from bmc_fast.data.select_loader import resolve_loader
 from bmc_fast.data.shards import count_samples, expand_shards
 from bmc_fast.errors import ConfigError
@@ -63,6 +64,8 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     """Check every input and resolve defaults; raises ``ConfigError`` naming the flag at the first problem."""
     from bmc_fast.data.text_tokenizer import load_tokenizer
 
+    if cfg.output_dir is not None:  # before any work: the default directory is checked once it is known
+        check_output_dir(cfg.output_dir, "--output-dir", create=False)
     ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
     plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
     check_skips_non_finite_steps(ds_config)
@@ -197,7 +200,9 @@ def _zeroshot_sets(cfg: TrainConfig) -> tuple[list, tuple[str, ...]]:
 
 
 def _check_new_run_dir(run: RunDir, overwrite: bool) -> None:
-    """A new run never lands on another run (unless ``overwrite``) nor replaces a folder that holds no run."""
+    """A new run never lands on another run (unless ``overwrite``) nor replaces a folder that holds no run; its
+    directory can be created (checked on every rank, made by rank 0 in ``write_run_dir``)."""
+    check_output_dir(run.path, "--output-dir", create=False)
     if run.is_run() and not overwrite:
         raise ConfigError(f"--output-dir {str(run.path)!r} already holds a run: choose another directory, pass "
                           "--resume to continue it or --overwrite to replace it")
