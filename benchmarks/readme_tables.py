@@ -1,10 +1,12 @@
-"""The README's result tables are copies of tables in ``benchmarks/results/*.md``, so they cannot drift.
+"""The result tables of the README and docs/ are copies of tables in ``benchmarks/results/*.md``, so they
+cannot drift.
 
-    python benchmarks/readme_tables.py           # rewrite every marked README table from its results file
-    python benchmarks/readme_tables.py --check   # exit 1 naming each table that differs
+    python benchmarks/readme_tables.py           # rewrite every marked table from its results file
+    python benchmarks/readme_tables.py --check   # exit 1 naming each table that differs; changes nothing
 
 A table is marked by the comment line just above it, ``<!-- results: benchmarks/results/NAME.md -->``, or
-``...NAME.md#2`` for the file's second table. ``tests/test_readme_tables.py`` runs the check.
+``...NAME.md#2`` for the file's second table (paths from the repository root, in every document).
+``tests/test_readme_tables.py`` runs the check.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"^(?P<indent> *)<!-- results: (?P<path>\S+?\.md)(?:#(?P<index>\d+))? -->$")
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """The README and every page of docs/."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 def tables(text: str) -> list[list[str]]:
@@ -30,9 +37,9 @@ def tables(text: str) -> list[list[str]]:
     return found
 
 
-def render(readme: str, root: Path = ROOT) -> tuple[str, list[str]]:
-    """(the README with every marked table replaced by its source, the markers whose table changed)."""
-    lines, out, changed, i = readme.splitlines(), [], [], 0
+def render(document: str, root: Path = ROOT) -> tuple[str, list[str]]:
+    """(``document`` with every marked table replaced by its source, the markers whose table changed)."""
+    lines, out, changed, i = document.splitlines(), [], [], 0
     while i < len(lines):
         out.append(lines[i])
         match = MARKER.match(lines[i])
@@ -41,11 +48,11 @@ def render(readme: str, root: Path = ROOT) -> tuple[str, list[str]]:
             continue
         source = root / match["path"]
         if not source.is_file():
-            raise FileNotFoundError(f"README marker {lines[i - 1]!r}: {source} does not exist")
+            raise FileNotFoundError(f"marker {lines[i - 1]!r}: {source} does not exist")
         index = int(match["index"] or 1)
         found = tables(source.read_text())
         if index > len(found):
-            raise ValueError(f"README marker {lines[i - 1]!r}: {source} has {len(found)} table(s)")
+            raise ValueError(f"marker {lines[i - 1]!r}: {source} has {len(found)} table(s)")
         indent, old = match["indent"], []  # a table inside a list item keeps the item's indent
         while i < len(lines) and lines[i].startswith(indent + "|"):
             old.append(lines[i])
@@ -58,17 +65,24 @@ def render(readme: str, root: Path = ROOT) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    check = "--check" in (argv if argv is not None else sys.argv[1:])
-    path = ROOT / "README.md"
-    text, changed = render(path.read_text())
-    if check:
-        for marker in changed:
-            sys.stderr.write(f"README table under {marker} differs from its results file: run "
-                             "python benchmarks/readme_tables.py\n")
-        return 1 if changed else 0
-    path.write_text(text)
-    sys.stderr.write(f"README: {len(changed)} table(s) rewritten\n")
-    return 0
+    from bmc_fast.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python benchmarks/readme_tables.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare: exit 1 naming each table that differs")
+    args = parser.parse_args(argv)
+    stale = 0
+    for path in documents():
+        text, changed = render(path.read_text())
+        name = path.relative_to(ROOT)
+        if args.check:
+            for marker in changed:
+                sys.stderr.write(f"{name}: the table under {marker} differs from its results file: run "
+                                 "python benchmarks/readme_tables.py\n")
+            stale += len(changed)
+        elif changed:
+            path.write_text(text)
+            sys.stderr.write(f"{name}: {len(changed)} table(s) rewritten\n")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def test_output_path_checks_name_the_flag_and_the_reason(tmp_path):
 # Every command line, as run from anywhere: an installed module, or a script by its path.
 CLIS = [[str(REPO / "bmc_fast" / "train.py")]] + [
     ["-m", f"bmc_fast.{module}"] for module in ("eval.retrieval", "eval.zeroshot", "export", "plan", "data.index",
-                                                 "data.token_stats", "data.synthetic", "trainer.demo")] + [
+                                                 "data.token_stats", "data.synthetic", "trainer.demo",
+                                                 "kernels.compile_report")] + [
     [str(REPO / "benchmarks" / name)] for name in ("bench_accumulation.py", "bench_context.py", "bench_data.py",
                                                    "bench_loss.py", "bench_plan.py", "bench_text.py",
                                                    "bench_tokens.py", "bench_train.py", "paper_gpus.py",
@@ -174,6 +175,17 @@ def test_help_prints_usage_exits_0_and_writes_nothing(command, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [c[1] for c in CLIS if c[0] == "-m"])
+def test_help_from_the_repository_root(module):
+    """``python -m`` from the root puts the root first on sys.path, beside kernels/ and dali_pipelines/."""
+    before = sorted(p.name for p in REPO.iterdir())
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stdout + proc.stderr
+    assert sorted(p.name for p in REPO.iterdir()) == before
 
 
 def test_run_main_exit_codes_bad_input_2_bad_data_1(capsys):

@@ -1,4 +1,4 @@
-"""Every result table in the README is a copy of its results file's table (benchmarks/readme_tables.py)."""
+"""Every result table in the README and docs/ is a copy of its results file's table (benchmarks/readme_tables.py)."""
 import importlib.util
 import json
 
@@ -10,19 +10,56 @@ _spec = importlib.util.spec_from_file_location("readme_tables", REPO / "benchmar
 readme_tables = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(readme_tables)
 
-# The README's measured and computed tables, each under its marker.
-MARKED = {"context_ablation.md", "paper_gpus.md", "loss_cpu.md#2", "data_cpu.md", "data_cpu.md#2", "text_cpu.md",
-          "train_cpu.md", "train_malloc_cpu.md", "accumulation_cpu.md", "token_waste.md", "context_ablation.md#2"}
+# The measured and computed tables of the README and docs/, each under its marker.
+MARKED = {
+    "README.md": {"context_ablation.md", "loss_cpu.md#2"},
+    "docs/cluster.md": {"paper_gpus.md"},
+    "docs/data.md": {"token_waste.md", "data_cpu.md", "data_cpu.md#2"},
+    "docs/evaluation.md": {"context_ablation.md#2"},
+    "docs/kernels.md": {"loss_cpu.md#2"},
+    "docs/models.md": {"text_cpu.md"},
+    "docs/performance.md": {"train_cpu.md", "train_malloc_cpu.md"},
+    "docs/training.md": {"plan_paper.md", "accumulation_cpu.md"},
+}
 
 
-def test_every_readme_table_equals_its_results_file():
-    readme = (REPO / "README.md").read_text()
-    markers = {m["path"].removeprefix("benchmarks/results/") + (f"#{m['index']}" if m["index"] else "")
-               for line in readme.splitlines() if (m := readme_tables.MARKER.match(line))}
-    assert markers == MARKED
-    _, changed = readme_tables.render(readme)
-    assert changed == [], f"README tables differ from their results files: {changed}; run " \
-                          "python benchmarks/readme_tables.py"
+def _markers(text: str) -> set[str]:
+    return {m["path"].removeprefix("benchmarks/results/") + (f"#{m['index']}" if m["index"] else "")
+            for line in text.splitlines() if (m := readme_tables.MARKER.match(line))}
+
+
+def test_every_table_of_the_readme_and_docs_equals_its_results_file():
+    found = {}
+    for path in readme_tables.documents():
+        text = path.read_text()
+        if markers := _markers(text):
+            found[str(path.relative_to(REPO))] = markers
+        _, changed = readme_tables.render(text)
+        assert changed == [], f"{path.name}: tables differ from their results files: {changed}; run " \
+                              "python benchmarks/readme_tables.py"
+    assert found == MARKED
+
+
+def test_no_results_table_is_copied_without_its_marker():
+    """A table pasted by hand (no marker) would drift: every table whose header row is a results file's is marked."""
+    headers = {table[0] for path in (REPO / "benchmarks" / "results").glob("*.md")
+               for table in readme_tables.tables(path.read_text())}
+    for path in readme_tables.documents():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() in headers and (i == 0 or not lines[i - 1].lstrip().startswith("| ")):
+                assert readme_tables.MARKER.match(lines[i - 1]), f"{path.name}:{i + 1}: {line[:60]} has no marker"
+
+
+def test_readme_tables_help_only_prints(tmp_path):
+    import subprocess
+    import sys
+
+    before = {p: p.stat().st_mtime_ns for p in readme_tables.documents()}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_tables.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout and "--check" in proc.stdout, proc.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in readme_tables.documents()}
 
 
 def test_a_changed_cell_or_row_is_caught(tmp_path):
