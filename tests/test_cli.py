@@ -1,5 +1,6 @@
 """Every command line: a bad flag is one line on stderr naming the flag, exit status 2, no traceback; and
 ``--help`` prints the usage, exits 0 and writes nothing."""
+import json
 import os
 import re
 import subprocess
@@ -82,21 +83,20 @@ BAD_FLAGS = [
      ("benchmarks/bench_data.py", "benchmarks/bench_loss.py", "benchmarks/bench_text.py") if NO_GPU]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command,flag", BAD_FLAGS, ids=[" ".join(c[:2] + c[-2:]) for c, _ in BAD_FLAGS])
-def test_a_bad_flag_is_one_line_naming_it_and_exit_2(command, flag):
-    line = error_line(command)
-    assert flag in line, line
+def run_clis(commands: list[list[str]], cwd=REPO, env=None) -> list[dict]:
+    """``python *command`` for each command, from ``cwd``, in one interpreter (tests/cli_driver.py):
+    ``{"code", "stdout", "stderr"}`` of each."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_driver.py")], input=json.dumps(commands),
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
-def error_line(command: list[str]) -> str:
-    """The one line on stderr of ``python *command`` run from the repository root, which must exit 2 without a
-    traceback."""
-    proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    assert "error" in lines[0], lines[0]
-    return lines[0]
+def one_error_line(result: dict) -> str | None:
+    """The run's one stderr line when it exited 2 with one line holding "error" and no traceback, else None."""
+    lines = result["stderr"].strip().splitlines()
+    ok = result["code"] == 2 and "Traceback" not in result["stderr"] and len(lines) == 1 and "error" in lines[0]
+    return lines[0] if ok else None
 
 
 # As BAD_FLAGS, for a bad file the case writes: (command with {file} for its path, the file's text, the text the
@@ -109,25 +109,31 @@ BAD_FILES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command,text,flag", BAD_FILES, ids=[" ".join(c[:2]) for c, _, _ in BAD_FILES])
-def test_a_bad_file_is_one_line_naming_its_flag_and_exit_2(command, text, flag, tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    line = error_line([part.replace("{file}", str(path)) for part in command])
-    assert line.startswith("error: ") and flag.replace("{file}", str(path)) in line, line
-
-
-
-
-@pytest.mark.slow
-def test_train_output_dir_under_a_file_is_one_error_line(tmp_path):
-    """The run directory is checked first (on every rank, creating nothing), not when rank 0 makes it after the
-    model is built."""
+def test_a_bad_flag_or_file_is_one_line_naming_it_and_exit_2(tmp_path):
+    """Every case of BAD_FLAGS and BAD_FILES, and --output-dir under a file (checked first, on every rank,
+    creating nothing, not when rank 0 makes it after the model is built)."""
+    (tmp_path / "bad.json").write_text("{")
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "run"
-    line = error_line(["bmc_fast/train.py", "--output-dir", str(out)])
-    assert line == (f"error: --output-dir {str(out)!r} cannot be written: {str(tmp_path / 'file')!r} is a file: pass "
-                    "a new or existing directory with no file in its path"), line
+    cases = BAD_FLAGS + [([part.replace("{file}", str(tmp_path / "bad.json")) for part in command],
+                          flag.replace("{file}", str(tmp_path / "bad.json"))) for command, _, flag in BAD_FILES] + [
+        (["bmc_fast/train.py", "--output-dir", str(out)],
+         f"error: --output-dir {str(out)!r} cannot be written: {str(tmp_path / 'file')!r} is a file: pass a new or "
+         "existing directory with no file in its path")]
+    failures = [f"python {' '.join(command)}: expected one line naming {flag!r}, exit 2; got exit {r['code']}:\n"
+                f"{r['stderr'][-2000:]}" for (command, flag), r in zip(cases, run_clis([c for c, _ in cases]))
+                if (line := one_error_line(r)) is None or flag not in line]
+    assert not failures, "\n\n".join(failures)
+
+
+def test_the_driver_runs_a_command_as_python_does(tmp_path):
+    """tests/cli_driver.py against real interpreters, on a bad flag of a script and --help of a module."""
+    commands = [["bmc_fast/train.py", "--max-steps", "0"], ["-m", "bmc_fast.data.synthetic", "--help"]]
+    driven = run_clis(commands)
+    for command, result in zip(commands, driven):
+        proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert (result["code"], result["stdout"], result["stderr"]) == (proc.returncode, proc.stdout, proc.stderr)
+    assert driven[0]["code"] == 2 and driven[1]["code"] == 0
 
 
 def test_output_path_checks_name_the_flag_and_the_reason(tmp_path):
@@ -167,25 +173,20 @@ def test_every_benchmark_script_is_in_the_help_table():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", CLIS, ids=[command[-1].rpartition("/")[2] for command in CLIS])
-def test_help_prints_usage_exits_0_and_writes_nothing(command, tmp_path):
-    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # the installed package
-    proc = subprocess.run([sys.executable, *command, "--help"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("module", [c[1] for c in CLIS if c[0] == "-m"])
-def test_help_from_the_repository_root(module):
-    """``python -m`` from the root puts the root first on sys.path, beside kernels/ and dali_pipelines/."""
+def test_help_prints_usage_exits_0_and_writes_nothing(tmp_path):
+    """From an empty directory (the installed package) and, for ``python -m``, from the repository root, which
+    puts the root first on sys.path beside kernels/ and dali_pipelines/."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    modules = [command for command in CLIS if command[0] == "-m"]
     before = sorted(p.name for p in REPO.iterdir())
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stdout + proc.stderr
-    assert sorted(p.name for p in REPO.iterdir()) == before
+    runs = [(command, "elsewhere", r) for command, r in zip(CLIS, run_clis([[*c, "--help"] for c in CLIS], tmp_path,
+                                                                             env))]
+    runs += [(command, "the root", r) for command, r in zip(modules, run_clis([[*c, "--help"] for c in modules]))]
+    failures = [f"{' '.join(command)} --help from {where}: exit {r['code']}\n{r['stdout'][:200]}{r['stderr'][-2000:]}"
+                for command, where, r in runs
+                if r["code"] != 0 or not r["stdout"].startswith("usage:") or "Traceback" in r["stderr"]]
+    assert not failures, "\n\n".join(failures)
+    assert list(tmp_path.iterdir()) == [] and sorted(p.name for p in REPO.iterdir()) == before
 
 
 def test_run_main_exit_codes_bad_input_2_bad_data_1(capsys):
