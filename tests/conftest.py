@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two xdist workers share the cores, and each launch starts 2-3 processes of its own: one OpenMP thread a
+# process keeps them from oversubscribing the cores (spinning threads of one process stall the others').
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
 import sys
