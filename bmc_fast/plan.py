@@ -290,6 +290,9 @@ def preflight(model_cfg: ModelConfig, ds_config: dict[str, Any], gpus: int, devi
     reserve = parse_bytes(DEFAULT_RESERVE, "--reserve") if reserve_bytes is None else reserve_bytes
     if model_cfg.text.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, **MODERNBERT_TOKENS))
+    # The probe runs the torch layers on the CPU, as python -m bmc_fast.plan does (TE and flash-attn are CUDA
+    # only): for --te-precision fp8 the plan is an upper bound.
+    model_cfg = dataclasses.replace(model_cfg, te_precision="none", attn_backend="auto")
     settings = deepspeed_settings(ds_config, gpus)
     if settings.micro_batch is None:
         raise ConfigError(f"{source}: set train_batch_size or train_micro_batch_size_per_gpu in the DeepSpeed JSON")

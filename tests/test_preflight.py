@@ -3,6 +3,7 @@ error) or refuses with a fix the planner says fits; the trainer runs it on CUDA 
 
 Budgets come from the plan itself (the tiny preset, ``ds_configs/zero2.json`` on 2 GPUs: micro batch 32, fp32),
 so no outcome can hold by accident of a hard-coded size."""
+import dataclasses
 import json
 import logging
 import re
@@ -184,3 +185,12 @@ def test_prepare_on_cuda_passes_a_gpu_that_fits_or_skips_when_asked(launch, monk
     _no_preflight(monkeypatch)
     _, reached = launch("--skip-memory-check", "--overwrite")
     assert len(reached) == 2
+
+
+def test_the_probe_runs_the_torch_layers_whatever_the_run_asks_for(tiny, ds_config):
+    """A run with Transformer Engine FP8 and flash attention (CUDA only) is planned on the torch layers (an
+    upper bound for FP8), as python -m bmc_fast.plan plans it, instead of failing to build on the CPU."""
+    cuda_only = dataclasses.replace(tiny, te_precision="fp8", attn_backend="flash")
+    verdict = _preflight(cuda_only, ds_config, 1e12, announce=False)
+    assert verdict.outcome == "pass"
+    assert verdict.plan.total_bytes == _preflight(tiny, ds_config, 1e12, announce=False).plan.total_bytes
