@@ -129,6 +129,10 @@ def _env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{root / '.venv' / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}"
     env["BMC_FAST_CACHE"] = str(root.parent / "bmc_fast_cache")  # the embedded data, small (_small_embedded_data)
+    # DeepSpeed's JIT ops of its own: here python runs as .venv/bin/python of the scratch root (a link), so
+    # DeepSpeed's sources have other paths than in the other tests' processes, and sharing their extension
+    # folder would rebuild its ops (~1 min of g++ on both cores) whenever either side loads them after the other.
+    env["TORCH_EXTENSIONS_DIR"] = str(root.parent / "torch_extensions")
     env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"  # nothing may come from the hub
     return env
 
