@@ -43,6 +43,11 @@ NOT_HERE = {
 # `make demo` runs this recipe (checked against the Makefile); here with 50 steps a context.
 DEMO_RECIPE = "python -m bmc_fast.trainer.demo --out runs/demo"
 SMALL = {"make demo": DEMO_RECIPE + " --max-steps 50"}  # the JSON warms up for 40
+# The environment the examples' `.venv/` means, by its own path: a python run through the scratch root's link
+# would see DeepSpeed's sources under another path than every other test's processes, and the JIT ops they
+# share (TORCH_EXTENSIONS_DIR) would be rebuilt by g++ (~1 min of both cores) each time either side loads them.
+VENV = Path(sys.prefix)
+VENV_PATH = re.compile(r"(?<![\w./-])\.venv/")
 FENCE = re.compile(r"^```(?P<lang>\w+)\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -102,8 +107,7 @@ def workdir(tmp_path_factory):
         if entry.name not in (".git", ".venv", ".cache", "runs", ".pytest_cache") and not entry.name.endswith(
                 ".egg-info"):
             (root / entry.name).symlink_to(entry)
-    (root / ".venv").symlink_to(Path(sys.executable).resolve().parent.parent if not (REPO / ".venv").is_dir()
-                                else REPO / ".venv")
+    (root / ".venv").symlink_to(VENV)
     if (REPO.parent / "shared").is_dir():
         (top / "shared").symlink_to(REPO.parent / "shared")
     _small_embedded_data(top / "bmc_fast_cache")
@@ -127,12 +131,8 @@ def _small_embedded_data(cache: Path) -> None:
 
 def _env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{root / '.venv' / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}"
+    env["PATH"] = f"{VENV / 'bin'}:{env['PATH']}"
     env["BMC_FAST_CACHE"] = str(root.parent / "bmc_fast_cache")  # the embedded data, small (_small_embedded_data)
-    # DeepSpeed's JIT ops of its own: here python runs as .venv/bin/python of the scratch root (a link), so
-    # DeepSpeed's sources have other paths than in the other tests' processes, and sharing their extension
-    # folder would rebuild its ops (~1 min of g++ on both cores) whenever either side loads them after the other.
-    env["TORCH_EXTENSIONS_DIR"] = str(root.parent / "torch_extensions")
     env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"  # nothing may come from the hub
     return env
 
@@ -186,7 +186,7 @@ def test_every_example_runs_in_order(workdir):
                 _check_flags_exist(words, workdir, where)
                 not_here.append(f"{where} {words[:60]}")
             else:
-                runnable.append(SMALL.get(words, line))
+                runnable.append(VENV_PATH.sub(f"{VENV}/", SMALL.get(words, line)))
         if runnable:
             _run("\n".join(runnable), "bash", workdir, where)
             ran.append(where)
