@@ -13,9 +13,10 @@ $(VENV)/.installed: setup.py requirements/cpu-pins.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements/cpu-pins.txt -e '.[train,eval,test,bench]'
 	touch $@
 
-# Build DeepSpeed's CPU ops (shared-memory comm, fused Adam) once, so no run waits ~75 s for g++.
+# Build DeepSpeed's CPU ops (shared-memory comm, fused Adam) once, so no run waits ~75 s for g++; with the venv's
+# ninja, as the tests and an activated venv use it (another ninja version would rebuild them: tests/conftest.py).
 $(TORCH_EXTENSIONS_DIR)/.built: $(VENV)/.installed
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as acc; \
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c "from deepspeed.accelerator import get_accelerator as acc; \
 	[acc().create_op_builder(n).load() for n in ('ShareMemCommBuilder', 'FusedAdamBuilder')]"
 	touch $@
 

@@ -10,6 +10,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random
 import sys
+
+# The environment's own scripts first on PATH, as an activated venv has them: torch builds DeepSpeed's JIT ops
+# with whichever `ninja` PATH finds, and two ninja versions (the venv's pip `ninja`, the system's) read each
+# other's build logs as stale, so every process of the other kind rebuilt the ops (~1 min of g++ on both
+# cores) in the folder they share.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 from pathlib import Path
 
 # `python -m pytest` puts the working directory (the repo root) on sys.path, where the kernels/ folder

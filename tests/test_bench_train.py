@@ -1,6 +1,7 @@
 """The step profile (exclusive parts that add up to the step) and ``benchmarks/bench_train.py``: the real
 trainer beside open_clip 3.3 on the same batches, run as a user runs it (a separate process)."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -80,9 +81,8 @@ def test_tower_hooks_and_collectives_are_charged_and_removed(tmp_path):
 
 
 def _bench(tmp_path, *args: str) -> dict:
-    env = {"PATH": "/usr/bin:/bin", "MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    import os
+    env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "MASTER_PORT": str(free_port()),
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
     env.update({k: v for k, v in os.environ.items() if k in ("HOME", "TORCH_EXTENSIONS_DIR", "TMPDIR")})
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--json",
