@@ -20,7 +20,7 @@ from bmc_fast.errors import ConfigError
 PRESET_DIR = Path(__file__).parent / "model_configs"
 
 # The legal values of the model's switches; the trainer's flags take their choices from here.
-ATTN_BACKENDS = ("auto", "flash", "sdpa", "eager")  # image tower and padded text path
+ATTN_BACKENDS = ("auto", "fa4", "torch_flash", "flash", "sdpa", "eager")  # both towers: bmc_fast.attn_backend
 TE_PRECISIONS = ("none", "bf16", "fp8")  # Transformer Engine layers (CUDA only)
 IMAGE_PROJECTIONS = ("pretrained", "linear")  # with image weights: keep their projection, or a fresh one
 
@@ -130,7 +130,7 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init
     max_logit_scale: float = math.log(100)  # clamp: exp(logit_scale) <= 100
     text_unpad: bool = True  # pack the batch's real tokens (no compute on padding); False: padded SDPA
-    attn_backend: str = "auto"  # image tower and padded text path: "auto", "flash", "sdpa", "eager"
+    attn_backend: str = "auto"  # both towers: one of ATTN_BACKENDS (bmc_fast.attn_backend)
     te_precision: str = "none"  # Transformer Engine layers: "none", "bf16", "fp8" (CUDA only)
     image_proj: str = "pretrained"  # with image weights: keep their projection, or "linear" (fresh init)
 

@@ -7,6 +7,7 @@ own triton check, because it imports nothing but torch and triton (it drops into
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 
@@ -18,14 +19,29 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def distribution_installed(name: str) -> bool:
+    """Whether the distribution ``name`` (as pip names it) is installed, read from its metadata alone."""
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def dali_installed() -> bool:
     """NVIDIA DALI (``nvidia-dali-cuda*``): the DALI loader and the index scan's DALI decode check."""
     return installed("nvidia.dali")
 
 
 def flash_attn_installed() -> bool:
-    """flash-attn: ``flash_attn_func`` in the image tower, HF's ``flash_attention_2`` in the text tower."""
-    return installed("flash_attn")
+    """flash-attn 2: ``flash_attn_func`` in the image tower, HF's ``flash_attention_2`` in the text tower.
+    Asked by its distribution: flash-attn-4 alone also makes ``flash_attn`` importable (a namespace package)."""
+    return distribution_installed("flash-attn")
+
+
+def fa4_installed() -> bool:
+    """flash-attn-4 (``flash_attn.cute``): the kernels torch switches to with activate_flash_attention_impl."""
+    return distribution_installed("flash-attn-4")
 
 
 def transformer_engine_installed() -> bool:

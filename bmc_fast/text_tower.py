@@ -8,12 +8,14 @@ Two paths compute the same embedding:
 - **unpadded** (``text_unpad=True``, default): the batch's real tokens are packed into one sequence
   (1, T) with ``cu_seqlens``; embeddings, norms and MLPs see real tokens only, RoPE positions restart
   per caption, and attention stays inside each caption (and inside ModernBERT's sliding window on
-  local layers). It goes through transformers' attention-function interface: on CUDA with flash-attn,
-  HF's own ``flash_attention_2`` (``flash_attn_varlen_func`` on the packed sequence); elsewhere
-  ``bmc_varlen_sdpa``, registered here, which runs SDPA over groups of similar-length captions with a
-  per-caption key mask and the same window.
-- **padded**: HF's own forward on (B, L) with the attention mask, through the implementation that
-  ``attn_backend`` names: ``sdpa`` (and ``auto``), ``eager``, or ``flash`` (HF's flash_attention_2).
+  local layers). It goes through transformers' attention-function interface, by the backend that
+  ``bmc_fast.attn_backend`` chooses: ``bmc_varlen_torch``, registered here (torch's ``varlen_attn``:
+  FlashAttention-2 built into torch, or FA4 once activated; ``torch_flash`` / ``fa4``), HF's own
+  ``flash_attention_2`` (flash-attn 2's ``flash_attn_varlen_func``; ``flash``), or ``bmc_varlen_sdpa``,
+  registered here, which runs SDPA over groups of similar-length captions with a per-caption key mask
+  and the same window (``sdpa`` / ``eager``, and every device but CUDA).
+- **padded**: HF's own forward on (B, L) with the attention mask: ``eager``, HF's ``flash_attention_2``
+  for ``flash``, SDPA otherwise (a padding mask rules out the flash kernels of torch and FA4).
 """
 from __future__ import annotations
 
@@ -25,14 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmc_fast.attn_backend import attention_support, why_not
+from bmc_fast.attn_backend import resolve as resolve_attention
 from bmc_fast.errors import ConfigError
 from bmc_fast.model_config import TextConfig
-from bmc_fast.optional import flash_attn_installed
 
 _logger = logging.getLogger(__name__)
 
 VARLEN_SDPA = "bmc_varlen_sdpa"
-_PADDED_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+VARLEN_TORCH = "bmc_varlen_torch"
+HALF = (torch.float16, torch.bfloat16)
+_PADDED_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2",
+                     "torch_flash": "sdpa", "fa4": "sdpa"}
+# The packed path's HF attention function for each backend bmc_fast.attn_backend may choose.
+_VARLEN_ATTENTION = {"fa4": VARLEN_TORCH, "torch_flash": VARLEN_TORCH, "flash": "flash_attention_2",
+                     "sdpa": VARLEN_SDPA, "eager": VARLEN_SDPA}
 # ModernBertConfig attributes that fix the network a checkpoint was trained as: the run's config.json
 # records the preset, and evaluation rebuilds from it, so every one must agree with the preset's.
 _ARCH_ATTRIBUTES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "local_attention",
@@ -106,6 +115,30 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None  # (1, T, heads, d)
 
 
+def varlen_torch_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                           sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None,
+                           max_length_q: int | None = None, **kwargs):
+    """torch's ``varlen_attn`` on the packed captions: q, k, v (1, heads, T, d) -> ((1, T, heads, d), None).
+
+    ModernBERT's ``sliding_window`` (half window + 1) becomes ``window_size=(w - 1, w - 1)``, as HF passes it
+    to flash-attn: key j is visible from query i when |i − j| ≤ w − 1, the keys of ``bmc_varlen_sdpa``.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    if cu_seq_lens_q is None or max_length_q is None:
+        raise ValueError(f"{VARLEN_TORCH} attention needs cu_seq_lens_q and max_length_q (the packed captions): "
+                         "call the model through bmc_fast's TextTower")
+    if dropout:
+        raise ValueError(f"varlen_attn has no attention dropout (got {dropout}): set the text config's "
+                         "attention_dropout to 0, or use attn_backend='sdpa'")
+    window = -1 if sliding_window is None else sliding_window - 1
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d), last dim contiguous
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                      window_size=(window, window))  # (T, heads, d)
+    return out.unsqueeze(0), None
+
+
 class _Group:
     """One SDPA call of ``varlen_sdpa_attention``: captions padded to the longest of them."""
 
@@ -162,6 +195,7 @@ def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    AttentionInterface.register(VARLEN_TORCH, varlen_torch_attention)
 
 
 class TextTower(nn.Module):
@@ -174,6 +208,7 @@ class TextTower(nn.Module):
 
         _register_attention()
         self.cfg, self.unpad = cfg, unpad
+        self.attn_backend = attn_backend
         self.padded_attention = _PADDED_ATTENTION[attn_backend]
         if weights is None:
             self.transformer = ModernBertModel(ModernBertConfig(**cfg.to_hf_kwargs(), attn_implementation="sdpa"))
@@ -241,18 +276,18 @@ class TextTower(nn.Module):
         return sums / lengths[:, None].to(hidden.dtype)
 
     def _varlen_attention(self, device: torch.device) -> str:
-        # flash-attn's varlen kernel takes fp16/bf16 only; HF casts to the layers' weight dtype, so decide on it.
+        """The packed path's HF attention function, chosen for the activations' dtype: the weights', or
+        autocast's where it is on (HF casts q, k, v to it before attention)."""
         dtype = self.transformer.get_input_embeddings().weight.dtype
-        if self._attention is None or self._attention[:2] != (device.type, dtype):
-            half = dtype in (torch.float16, torch.bfloat16)
-            installed = device.type == "cuda" and flash_attn_installed()
-            name = "flash_attention_2" if installed and half else VARLEN_SDPA
-            if device.type == "cuda" and not installed:
-                _logger.warning("text tower: flash-attn is not installed, so the unpadded path runs SDPA over "
-                                "length buckets on CUDA (correct, slower): pip install flash-attn")
-            _logger.info("text tower: unpadded attention via %s on %s %s%s", name, device.type, dtype,
-                         " (flash-attn takes fp16/bf16 only)" if installed and not half else "")
-            self._attention = (device.type, dtype, name)
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        if self._attention is None or self._attention[:2] != (device, dtype):
+            backend = resolve_attention(self.attn_backend, device, dtype, "text tower (packed captions)")
+            if self.attn_backend == "auto" and device.type == "cuda" and backend == "sdpa" and dtype in HALF:
+                support = attention_support(device)
+                _logger.warning("text tower: no flash kernel for the packed captions (%s), so SDPA over length "
+                                "buckets runs (correct, slower)", why_not("torch_flash", dtype, support))
+            self._attention = (device, dtype, _VARLEN_ATTENTION[backend])
         return self._attention[2]
 
     def _use_attention(self, name: str) -> None:

@@ -3,9 +3,9 @@
 Parameter names follow open_clip's ``VisionTransformer`` (``conv1``, ``class_embedding``,
 ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.{ln_1,attn,ln_2,mlp}``, ``ln_post``,
 ``proj``) so that ViT-L/14 checkpoints map onto it key for key (``bmc_fast.weights`` imports open_clip
-and timm state dicts). Attention has three interchangeable backends (``attn_backend``): flash-attn's
-``flash_attn_func`` (CUDA, bf16/fp16), torch SDPA, and an eager softmax(QKᵀ/√d)V; ``auto`` picks flash
-where it can run and SDPA elsewhere, and the choice is logged once per backend.
+and timm state dicts). Attention runs the backend ``bmc_fast.attn_backend`` chooses (``attn_backend``):
+SDPA restricted to its flash kernel (``torch_flash``, and ``fa4`` once FA4 is activated in torch), flash-attn 2's
+``flash_attn_func`` (``flash``), plain SDPA, or an eager softmax(QKᵀ/√d)V; the choice is logged once.
 """
 from __future__ import annotations
 
@@ -15,36 +15,21 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from bmc_fast.attn_backend import resolve as resolve_attention
 from bmc_fast.model_config import VisionConfig
-from bmc_fast.optional import flash_attn_installed
 
 _logger = logging.getLogger(__name__)
-_logged: set[tuple[str, str]] = set()
-
-
-def resolve_attn_backend(requested: str, x: torch.Tensor) -> str:
-    """The attention backend that runs for ``requested`` on ``x``'s device and dtype; logged once."""
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    chosen = requested
-    if requested == "auto":
-        chosen = "flash" if x.is_cuda and half and flash_attn_installed() else "sdpa"
-    elif requested == "flash" and not (x.is_cuda and half):
-        raise ValueError(f"attn_backend='flash' needs CUDA bf16/fp16 activations, got {x.dtype} on {x.device}; "
-                         "use 'auto' or 'sdpa'")
-    if (requested, chosen) not in _logged:
-        _logged.add((requested, chosen))
-        _logger.info("image tower attention: %s (requested %s)", chosen, requested)
-    return chosen
 
 
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func
     except ImportError as error:
-        raise ImportError("attn_backend='flash' needs flash-attn: pip install flash-attn --no-build-isolation "
-                          "(CUDA, Ampere or newer)") from error
+        raise ImportError("attn_backend='flash' needs flash-attn 2: pip install flash-attn --no-build-isolation "
+                          "(a source build; CUDA, Ampere or newer), or use 'torch_flash'") from error
     return flash_attn_func
 
 
@@ -78,12 +63,15 @@ def attention_core(qkv: torch.Tensor, heads: int, backend: str) -> torch.Tensor:
     b, n, three_d = qkv.shape
     d = three_d // 3
     qkv = qkv.view(b, n, 3, heads, d // heads)
-    backend = resolve_attn_backend(backend, qkv)
+    backend = resolve_attention(backend, qkv.device, qkv.dtype, "image tower")
     if backend == "flash":
         out = _flash_attn_func()(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (b, n, h, d/h)
     else:
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, d/h)
-        if backend == "sdpa":
+        if backend in ("torch_flash", "fa4"):  # the flash kernel or an error, never a silent other kernel
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v)
+        elif backend == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:  # eager
             weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)

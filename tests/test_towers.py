@@ -176,18 +176,28 @@ def test_attention_backends_agree():
     with torch.no_grad():
         torch.testing.assert_close(eager.encode_image(images), sdpa.encode_image(images), rtol=1e-5, atol=1e-6)
     flash = create_model("tiny", attn_backend="flash", text=TINY_TEXT)
-    with pytest.raises(ValueError, match="attn_backend='flash' needs CUDA bf16/fp16"):
+    with pytest.raises(ValueError, match="attn_backend='flash' cannot run here: it runs on CUDA only"):
         flash.encode_image(images)
 
 
-@pytest.mark.parametrize("dtype, expected", [(torch.float32, "bmc_varlen_sdpa"), (torch.bfloat16, "flash_attention_2")])
-def test_unpadded_path_picks_flash_attn_only_for_half_weights(monkeypatch, dtype, expected):
-    """flash-attn's varlen kernel takes fp16/bf16 only: an fp32 model on CUDA keeps the SDPA path."""
-    from bmc_fast import text_tower
+@pytest.mark.parametrize("dtype, autocast, installed, expected", [
+    (torch.float32, False, {"flash_attn": True}, "bmc_varlen_sdpa"),  # flash kernels take fp16/bf16 only
+    (torch.bfloat16, False, {"flash_attn": True}, "flash_attention_2"),
+    (torch.float32, True, {"flash_attn": True}, "flash_attention_2"),  # autocast's dtype is what attention sees
+    (torch.bfloat16, False, {}, "bmc_varlen_torch"),  # torch's built-in FlashAttention-2
+    (torch.bfloat16, False, {"fa4": True, "flash_attn": True}, "bmc_varlen_torch"),  # FA4 inside varlen_attn
+])
+def test_unpadded_path_picks_its_attention_function_by_dtype_and_installed_set(monkeypatch, dtype, autocast,
+                                                                               installed, expected):
+    from bmc_fast import attn_backend
 
     tower = create_model("tiny", text=TINY_TEXT).text.to(dtype)
-    monkeypatch.setattr(text_tower, "flash_attn_installed", lambda: True)
-    assert tower._varlen_attention(torch.device("cuda")) == expected  # only the device type is read
+    support = attn_backend.AttentionSupport("cuda", (9, 0), torch_varlen=True, **installed)
+    monkeypatch.setattr(attn_backend, "attention_support", lambda device: support)
+    monkeypatch.setattr(attn_backend, "activate_fa4", lambda: None)  # no FA4 here to switch to
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: autocast)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    assert tower._varlen_attention(torch.device("cuda")) == expected  # only the device is read, no CUDA call
 
 
 def test_unpadded_and_padded_tiny_towers_agree_with_windows():
