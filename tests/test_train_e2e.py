@@ -189,14 +189,16 @@ def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, a
     the same command twice (the second one's rank 1 killed by SIGKILL as step 7 begins) gives bit-identical
     weights at step 6; relaunched with --resume from step 6 (where DeepSpeed's CPU FusedAdam would drift),
     the killed run ends with the uninterrupted run's weights too, loss for loss. PIL loader plain, DALI with
-    contrastive accumulation (2 micro batches)."""
+    contrastive accumulation (2 micro batches); the PIL runs under --deterministic (torch's deterministic
+    algorithms), which must change none of this."""
     from bmc_fast.model import BMCLongCLIP
 
     ds_config = deepspeed_config(tmp_path, 2, steps=7, batch=32, accumulation=accumulation)
+    deterministic = ("--deterministic",) if loader == "pil" else ()
 
     def args(run_dir, *extra):
         return _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "7",
-                           "--eval-every", "0", "--save-every", "3", *extra)
+                           "--eval-every", "0", "--save-every", "3", *deterministic, *extra)
 
     launch_deepspeed(args(tmp_path / "first"), tmp_path, log="first.log")
     first, model_cfg = _weights(tmp_path / "first")
@@ -222,6 +224,7 @@ def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, a
     assert "resumed from step0000006 at step 6" in log
     assert "resumed the data stream, RNG states and skip counts of step0000006" in log
     assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in log
+    assert ("deterministic algorithms on" in log) == bool(deterministic)
     assert json.loads((killed / "config.json").read_text()) == config  # the original set-up is kept
     assert json.loads((killed / "config.resume-1.json").read_text())["train"]["resume"] == "latest"
     steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())

@@ -72,6 +72,8 @@ class TrainConfig:
     accumulation: str = option("contrastive", "with gradient_accumulation_steps K > 1: 'contrastive' contrasts all K "
                                "micro batches in one loss (one extra forward each), 'independent' is DeepSpeed's "
                                "plain accumulation (K losses of micro batch x ranks pairs)", choices=ACCUMULATIONS)
+    deterministic: bool = option(False, "torch's deterministic settings (torch.use_deterministic_algorithms, "
+                                 "CUBLAS_WORKSPACE_CONFIG): a rerun of the same seed repeats the run bit for bit")
     skip_memory_check: bool = option(False, "on CUDA, launch without the memory preflight (bmc_fast.plan): the "
                                      "planner's estimate is computed, not measured; pass this to launch anyway")
 

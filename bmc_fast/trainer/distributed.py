@@ -50,6 +50,16 @@ def configure_device(accelerator, env: DistEnv) -> torch.device:
     return device
 
 
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic settings (``--deterministic``): deterministic kernels where torch has them (a warning
+    names each op that has none), no cuDNN autotuning, and cuBLAS's fixed workspace, which cuBLAS reads when
+    its handle is created: call before the first CUDA matrix product."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    _logger.info("deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)", os.environ["CUBLAS_WORKSPACE_CONFIG"])
+
+
 def release_shm_buffer(env: DistEnv) -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce segment, which DeepSpeed leaves in /dev/shm (~66 MiB a rank,
     a run). After the last barrier no rank opens it again; mappings outlive the name."""
@@ -59,7 +69,6 @@ def release_shm_buffer(env: DistEnv) -> None:
     if segment.exists():
         segment.unlink()
         _logger.debug("removed %s", segment)
-
 
 
 def log_rank_layout(env: DistEnv, device: torch.device, data: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from bmc_fast.errors import TrainingError
 from bmc_fast.run_dir import checkpoint_tag
 from bmc_fast.trainer import rank_state
-from bmc_fast.trainer.distributed import configure_device, release_shm_buffer
+from bmc_fast.trainer.distributed import configure_device, release_shm_buffer, use_deterministic_algorithms
 from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.grad_norm import set_grad_norm_dtype
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
@@ -100,6 +100,8 @@ def start(p: Prepared) -> Session:
     from bmc_fast.kernels import FusedClipLoss
 
     cfg, env = p.cfg, p.env
+    if cfg.deterministic:
+        use_deterministic_algorithms()
     accelerator = get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     device = configure_device(accelerator, env)
