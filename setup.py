@@ -9,6 +9,7 @@ repository root puts the root first on ``sys.path``): ``bmc_fast/_kernels/__init
     pip install .                  # the library: fused losses, model, load_model of an export
     pip install '.[train]'         # + the trainer (DeepSpeed, webdataset, torchdata, DALI)
     pip install '.[train,eval]'    # + evaluation's plots
+    pip install '.[gpu]'           # a GPU node: the trainer + FlashAttention-4, from wheels
 """
 from pathlib import Path
 
@@ -29,17 +30,25 @@ INSTALL_REQUIRES = [
     "packaging",
 ]
 
+# The trainer and what reads its runs (export and evaluation of a run read DeepSpeed checkpoints).
+# DALI: the wheel for CUDA 13; take nvidia-dali-cuda120 instead for CUDA 12 (its CPU pipelines run on either).
+TRAIN = ["deepspeed>=0.19", "webdataset>=1.0", "torchdata>=0.11", "braceexpand", "tqdm", "tensorboard", "filelock",
+         "nvidia-dali-cuda130>=2.4"]
+
 EXTRAS_REQUIRE = {
-    # The trainer and what reads its runs (export and evaluation of a run read DeepSpeed checkpoints).
-    # DALI: the wheel for CUDA 13; take nvidia-dali-cuda120 instead for CUDA 12 (its CPU pipelines run on either).
-    "train": ["deepspeed>=0.19", "webdataset>=1.0", "torchdata>=0.11", "braceexpand", "tqdm", "tensorboard",
-              "filelock", "nvidia-dali-cuda130>=2.4"],
+    "train": TRAIN,
     "eval": ["matplotlib", "open-clip-torch>=3.3"],  # confusion plots; open_clip models in zero-shot
     "test": ["pytest>=8", "pytest-xdist>=3", "open-clip-torch>=3.3", "ruff"],
     "bench": ["matplotlib", "open-clip-torch>=3.3"],
-    # GPU-only accelerators, not installable on the CPU machines this project is developed on.
-    # NVIDIA apex is never listed: the PyPI `apex` is an unrelated package (build NVIDIA apex from source).
-    "gpu": ["transformer-engine[pytorch]", "flash-attn>=2.6", "triton"],
+    # A GPU node, from wheels alone (deepspeed's pure-Python source archive, built with DS_BUILD_OPS=0, is the
+    # one exception): the trainer's stack and FlashAttention-4, which torch switches to on compute capability
+    # 9.x / 10.x (attn_backend=fa4). torch's own FlashAttention-2 needs no package (attn_backend=torch_flash).
+    "gpu": [*TRAIN, "flash-attn-4[cu13]>=4.0.0b40"],
+    # Transformer Engine compiles transformer_engine_torch against the installed torch and CUDA (toolkit and
+    # cuDNN headers, tens of minutes): pip install --no-build-isolation '.[te]', or use the NGC PyTorch
+    # container, which ships it prebuilt (Dockerfile). flash-attn 2 (attn_backend=flash) is a source build too
+    # and stays out of every extra. NVIDIA apex is never listed: the PyPI `apex` is an unrelated package.
+    "te": ["transformer-engine[pytorch]>=2.0"],
 }
 
 

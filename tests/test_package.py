@@ -1,6 +1,7 @@
 """Packaging rules: install names, no shadowed top-level packages, the script entry point."""
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -145,3 +146,43 @@ def test_train_script_runs_as_a_script():
 def test_setup_never_lists_pypi_apex():
     text = (REPO / "setup.py").read_text()
     assert '"apex' not in text and "'apex" not in text
+
+
+@pytest.mark.slow
+def test_the_gpu_extra_installs_from_wheels_but_deepspeed():
+    """pip's own resolution of ``.[gpu]`` for this Python (torch as the pins cap it): every distribution it would
+    install is a wheel, but deepspeed's pure-Python source archive (built with DS_BUILD_OPS=0)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", "-", f"{REPO}[gpu]"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PIP_NO_INPUT": "1", "DS_BUILD_OPS": "0"})
+    if proc.returncode != 0 and ("NewConnectionError" in proc.stderr or "No matching distribution" in proc.stderr):
+        pytest.skip(f"the package index is not reachable from here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    install = json.loads(proc.stdout)["install"]
+    names = {item["metadata"]["name"].lower().replace("_", "-") for item in install}
+    assert {"flash-attn-4", "nvidia-dali-cuda130", "deepspeed", "torch", "bmc-fast"} <= names, names
+    sources = {item["metadata"]["name"] for item in install
+               if not item["download_info"]["url"].endswith(".whl") and item["metadata"]["name"] != "bmc-fast"}
+    assert sources == {"deepspeed"}, sources
+
+
+def test_the_dockerfile_installs_what_the_extras_hold_beside_the_containers_builds():
+    """The Dockerfile's package list (NGC PyTorch holds torch, torchvision, DALI and Transformer Engine) is the
+    core install's and the train and eval extras' requirements, less what the container ships."""
+    import re
+
+    from packaging.requirements import Requirement
+
+    text = (REPO / "Dockerfile").read_text()
+    command = text.split("PIP_CONSTRAINT=/tmp/container-constraints.txt pip install --no-cache-dir", 1)[1]
+    command = command.split("&&", 1)[0].replace("\\\n", " ")
+    listed = {Requirement(word.strip('"')).name for word in command.split()}
+    setup = {}
+    exec(compile((REPO / "setup.py").read_text().split("class BuildPyWithKernels", 1)[0], "setup.py", "exec"), setup)
+    wanted = {Requirement(r).name for r in [*setup["INSTALL_REQUIRES"], *setup["EXTRAS_REQUIRE"]["train"],
+                                            *setup["EXTRAS_REQUIRE"]["eval"]]}
+    shipped = {"torch", "torchvision", "pillow", "numpy", "packaging"}
+    shipped |= {name for name in wanted if re.match("nvidia-dali", name)}
+    assert listed == wanted - shipped, (listed ^ (wanted - shipped))
