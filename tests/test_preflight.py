@@ -81,7 +81,7 @@ def test_a_plan_over_within_the_planners_error_warns(tiny, ds_config, planned, c
     assert f"take a micro batch of at most {verdict.largest_micro_batch}" in warning.getMessage()
     caplog.clear()
     assert _preflight(tiny, ds_config, RESERVE + total / 1.1, announce=False).outcome == "warn"
-    assert not caplog.records  # the trainer's ranks other than 0
+    assert not [r for r in caplog.records if r.name == "bmc_fast.plan"]  # the trainer's ranks other than 0
 
 
 def test_a_plan_that_fits_with_checkpointing_is_refused_naming_the_flag(tiny, ds_config, planned):
