@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-quick lint clean
+.PHONY: venv demo test test-quick lint clean gpu-check gpu-wheelhouse
 
 $(VENV)/.installed: setup.py requirements/cpu-pins.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,16 @@ test-quick: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The GPU path on one CUDA GPU, ~5 minutes (benchmarks/gpu_check.py; ARGS=--dry-run lists its steps). It runs on
+# whatever python holds a CUDA torch: make's venv where there is one, else $(PYTHON) (a lent GPU machine, a
+# cluster node's environment); missing packages come from .wheelhouse, never from an index.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
+
+# Wheels of what gpu-check needs beyond a CUDA torch, for a machine without a package index (<= 50 MiB).
+gpu-wheelhouse: venv
+	$(PY) benchmarks/gpu_wheelhouse.py --out .wheelhouse
+
 clean:
-	rm -rf $(VENV) .cache runs *.egg-info
+	rm -rf $(VENV) .cache runs *.egg-info .wheelhouse

@@ -5,7 +5,9 @@ cannot drift.
     python benchmarks/readme_tables.py --check   # exit 1 naming each table that differs; changes nothing
 
 A table is marked by the comment line just above it, ``<!-- results: benchmarks/results/NAME.md -->``, or
-``...NAME.md#2`` for the file's second table (paths from the repository root, in every document).
+``...NAME.md#2`` for the file's second table (paths from the repository root, in every document). A ``*`` in
+the name takes the newest matching file (``gpu_*.md``: the latest ``make gpu-check``), and ``NO_RESULT``'s
+table while none exists.
 ``tests/test_readme_tables.py`` runs the check.
 """
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"^(?P<indent> *)<!-- results: (?P<path>\S+?\.md)(?:#(?P<index>\d+))? -->$")
+NO_RESULT = ["| result | |", "|---|---|",
+             "| none yet | no results file matches this marker: the run that writes it has not happened (for "
+             "gpu_*.md: no GPU lent since `make gpu-check` exists) |"]
 
 
 def documents(root: Path = ROOT) -> list[Path]:
@@ -46,11 +51,16 @@ def render(document: str, root: Path = ROOT) -> tuple[str, list[str]]:
         i += 1
         if not match:
             continue
-        source = root / match["path"]
-        if not source.is_file():
-            raise FileNotFoundError(f"marker {lines[i - 1]!r}: {source} does not exist")
         index = int(match["index"] or 1)
-        found = tables(source.read_text())
+        if "*" in match["path"]:  # the newest match, or NO_RESULT
+            matches = sorted(root.glob(match["path"]), key=lambda path: path.stat().st_mtime)
+            found = tables(matches[-1].read_text()) if matches else [NO_RESULT]
+            source = matches[-1] if matches else match["path"]
+        else:
+            source = root / match["path"]
+            if not source.is_file():
+                raise FileNotFoundError(f"marker {lines[i - 1]!r}: {source} does not exist")
+            found = tables(source.read_text())
         if index > len(found):
             raise ValueError(f"marker {lines[i - 1]!r}: {source} has {len(found)} table(s)")
         indent, old = match["indent"], []  # a table inside a list item keeps the item's indent

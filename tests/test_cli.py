@@ -163,7 +163,7 @@ CLIS = [[str(REPO / "bmc_fast" / "train.py")]] + [
     [str(REPO / "benchmarks" / name)] for name in ("bench_accumulation.py", "bench_context.py", "bench_data.py",
                                                    "bench_loss.py", "bench_plan.py", "bench_text.py",
                                                    "bench_tokens.py", "bench_train.py", "paper_gpus.py",
-                                                   "run_all.py")]
+                                                   "run_all.py", "gpu_check.py", "gpu_steps.py", "gpu_wheelhouse.py")]
 HELP_ELSEWHERE = {"readme_tables.py"}  # its --help is tested with its own fixes
 
 

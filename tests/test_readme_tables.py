@@ -16,6 +16,7 @@ MARKED = {
     "docs/cluster.md": {"paper_gpus.md"},
     "docs/data.md": {"token_waste.md", "data_cpu.md", "data_cpu.md#2"},
     "docs/evaluation.md": {"context_ablation.md#2"},
+    "docs/gpu.md": {"gpu_*.md"},  # the latest make gpu-check, or none yet
     "docs/kernels.md": {"loss_cpu.md#2"},
     "docs/models.md": {"text_cpu.md"},
     "docs/performance.md": {"train_cpu.md", "train_malloc_cpu.md"},
@@ -76,6 +77,22 @@ def test_a_changed_cell_or_row_is_caught(tmp_path):
         readme_tables.render(readme.replace("x.md#2", "x.md#3"), tmp_path)
     with pytest.raises(FileNotFoundError, match="y.md does not exist"):
         readme_tables.render(readme.replace("x.md", "y.md"), tmp_path)
+
+
+def test_a_starred_marker_takes_the_newest_match_or_says_none_yet(tmp_path):
+    """``gpu_*.md``: the latest make gpu-check's table, and a 'none yet' row while no GPU has run it."""
+    import os
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    doc = "<!-- results: benchmarks/results/gpu_*.md -->\n| old |\n"
+    text, changed = readme_tables.render(doc, tmp_path)
+    assert changed and text.splitlines()[1:] == readme_tables.NO_RESULT
+    for name, row, mtime in (("gpu_a100.md", "| a100 |", 1), ("gpu_h200.md", "| h200 |", 2)):
+        (results / name).write_text(f"Header.\n\n| gpu |\n|---|\n{row}\n")
+        os.utime(results / name, (mtime, mtime))
+    text, _ = readme_tables.render(doc, tmp_path)
+    assert text.splitlines()[1:] == ["| gpu |", "|---|", "| h200 |"]
 
 
 def test_every_results_file_records_the_machine_and_package_versions():

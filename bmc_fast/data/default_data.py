@@ -31,8 +31,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("BMC_FAST_CACHE", Path.home() / ".cache" / "bmc_fast"))
 
 
-def ensure_default_data(seed: int = 0, root: str | Path | None = None) -> DefaultData:
-    """Return the embedded dataset for ``seed``, generating it first if the cache lacks it."""
+def ensure_default_data(seed: int = 0, root: str | Path | None = None, **sizes: int) -> DefaultData:
+    """Return the embedded dataset for ``seed``, generating it first if the cache lacks it. ``sizes``
+    (``n_train``, ``n_eval``: ``synthetic.generate``'s) make a smaller one, for tests and ``make gpu-check``:
+    the cache keeps whichever was generated first."""
     from filelock import FileLock
 
     root = Path(root) if root is not None else cache_root()
@@ -43,7 +45,7 @@ def ensure_default_data(seed: int = 0, root: str | Path | None = None) -> Defaul
         if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)  # a half-written cache from a killed run
             _logger.info("generating the embedded synthetic dataset into %s (once)", out)
-            manifest = synthetic.generate(out, seed=seed)
+            manifest = synthetic.generate(out, seed=seed, **sizes)
             train_tokenizer(shard_captions(out / "train"), out / "tokenizer")
             done.write_text(json.dumps(manifest, indent=2))
         manifest = json.loads(done.read_text())
