@@ -162,3 +162,15 @@ def assert_same_tensors(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))
     different = [k for k, v in expected.items() if not torch.equal(got[k], v)]
     assert not different, different
+
+
+def caption_batch(lengths: list[int], vocab: int = 300):
+    """(ids, mask) of captions of ``lengths`` tokens, random ids in [3, vocab), right-padded with id 0."""
+    import torch
+
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, vocab, (n,))
+        mask[i, :n] = 1
+    return ids, mask

@@ -13,6 +13,7 @@ import varlen_cpu
 from bmc_fast import attn_backend, create_model, text_tower
 from bmc_fast.attn_backend import AttentionSupport, choose_attention
 from bmc_fast.errors import ConfigError
+from helpers import caption_batch
 
 BF16, FP32 = torch.bfloat16, torch.float32
 CPU = AttentionSupport("cpu")
@@ -113,15 +114,6 @@ def test_varlen_torch_attention_refuses_dropout_and_missing_boundaries():
 TEXT = {"vocab_size": 300, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2, "local_attention": 16}
 
 
-def _captions(lengths):
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(3, 300, (n,))
-        mask[i, :n] = 1
-    return ids, mask
-
-
 def test_packed_text_tower_on_torch_varlen_equals_padded_sdpa(monkeypatch):
     """The whole tower on the torch_flash path (varlen_attn with windows of 16 on local layers) against HF's
     padded SDPA forward: embeddings and every parameter's gradient, captions of 1 to 512 tokens."""
@@ -133,7 +125,7 @@ def test_packed_text_tower_on_torch_varlen_equals_padded_sdpa(monkeypatch):
     packed = create_model("tiny", attn_backend="torch_flash", text=TEXT).text
     padded = create_model("tiny", text_unpad=False, text=TEXT).text
     padded.load_state_dict(packed.state_dict())
-    ids, mask = _captions([512, 1, 40, 17, 200])
+    ids, mask = caption_batch([512, 1, 40, 17, 200])
     results = []
     for tower in (packed, padded):
         out = tower(ids, mask)

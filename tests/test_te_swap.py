@@ -17,18 +17,10 @@ from bmc_fast.te_swap import (
     torch_state_from_layernorm_mlp,
     torch_state_from_te,
 )
+from helpers import caption_batch
 
 TEXT = {"vocab_size": 300, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
 EXACT = {"vision": {"act": "quick_gelu"}, "text": {**TEXT, "hidden_activation": "gelu_pytorch_tanh"}}
-
-
-def _batch(lengths):
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(3, 300, (n,))
-        mask[i, :n] = 1
-    return ids, mask
 
 
 def test_missing_transformer_engine_is_one_clear_error():
@@ -85,7 +77,7 @@ def test_swapped_towers_compute_what_the_originals_did(precision):
     assert isinstance(layer1.attn_norm, torch.nn.Identity) and isinstance(layer1.mlp_norm, torch.nn.Identity)
 
     images = torch.randn(16, 3, 64, 64)  # 16 × 17 tokens: a multiple of FP8's 16 rows
-    ids, mask = _batch([40, 7, 23])
+    ids, mask = caption_batch([40, 7, 23])
     reference_te.autocast_calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(swapped.encode_image(images), original.encode_image(images), rtol=1e-5, atol=1e-5)
@@ -107,7 +99,7 @@ def test_exact_gelu_towers_change_only_by_the_tanh_approximation():
     swapped = create_model("tiny", text=TEXT).eval()
     swapped.load_state_dict(original.state_dict())
     swap_to_transformer_engine(swapped, "bf16", te=reference_te.te, te_recipe=reference_te.recipe, device="cpu")
-    ids, mask = _batch([30, 12])
+    ids, mask = caption_batch([30, 12])
     with torch.no_grad():
         a, b = original.encode_text(ids, mask), swapped.encode_text(ids, mask)
     assert 0 < (a - b).abs().max() < 1e-2 * a.abs().max()
