@@ -21,6 +21,7 @@ NOT_MEASURED = {
     "25%": "the unpadded text path's padding bound, a setting",
     "33.3%": "chance with 3 choices",
     "0.5%": "chance with 200 pairs",
+    "50 MiB": "the GPU wheelhouse's size limit, a setting (gpu_wheelhouse.LIMIT_BYTES; tests/test_gpu_check.py)",
 }
 
 
