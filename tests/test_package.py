@@ -157,7 +157,7 @@ def test_the_gpu_extra_installs_from_wheels_but_deepspeed():
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                            "--report", "-", f"{REPO}[gpu]"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PIP_NO_INPUT": "1", "DS_BUILD_OPS": "0"})
-    if proc.returncode != 0 and ("NewConnectionError" in proc.stderr or "No matching distribution" in proc.stderr):
+    if proc.returncode != 0 and "NewConnectionError" in proc.stderr:  # no index at all; a missing version fails
         pytest.skip(f"the package index is not reachable from here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     install = json.loads(proc.stdout)["install"]
