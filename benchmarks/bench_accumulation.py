@@ -3,7 +3,7 @@
     python benchmarks/bench_accumulation.py [--micro 16] [--ks 1 2 4 8]
 
 The same contrastive loss over K × micro pairs, taken two ways on the same model and data: K micro
-batches with ``bmc_fast.contrastive_accumulation`` (activations of one micro batch live at a time), and
+batches with ``bmc_fast.trainer.contrastive_accumulation`` (activations of one micro batch live at a time), and
 one batch of K × micro pairs (all activations live at once). Model: the ``tiny`` preset widened to a
 mid-size shape (ViT 96 px / patch 8, width 256, 6 layers; ModernBERT hidden 256, 6 layers), fp32 on the
 CPU, captions of 32–128 tokens (the same lengths in every micro batch), unpadded text path. Every case
@@ -38,11 +38,11 @@ def run_case(mode: str, micro: int, k: int) -> dict:
     """One case in this process: ``mode`` 'accumulated' (K micro batches) or 'big' (one batch of K·micro)."""
     import torch
 
-    from bmc_fast.contrastive_accumulation import contrastive_accumulation_step
     from bmc_fast.data.text_tokenizer import train_tokenizer
     from bmc_fast.kernels import FusedClipLoss
-    from bmc_fast.model import BMCLongCLIP
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.config import load_model_config
+    from bmc_fast.trainer.contrastive_accumulation import contrastive_accumulation_step
 
     torch.manual_seed(0)
     tokenizer = train_tokenizer(["an axial ct image of the chest with a nodule"] * 20, Path("/tmp") / "bench_tok",

@@ -40,8 +40,8 @@ def run_case(shape: str, micro: int) -> dict:
     import torch
 
     from bmc_fast.kernels import FusedClipLoss
-    from bmc_fast.model import BMCLongCLIP
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.config import load_model_config
     from bmc_fast.plan import MODERNBERT_TOKENS, plan, probe
 
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -94,7 +94,7 @@ def paper_recipes(gpu_memory: str = "80GB", reserve: str = "4GB") -> dict:
     batch's plan and the largest micro batch that fits (bf16, BIOMEDICA's 127 tokens a caption). Computed."""
     import torch
 
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
     from bmc_fast.plan import MODERNBERT_TOKENS, largest_micro_batch, parse_bytes, plan, probe
 
     budget = parse_bytes(gpu_memory, "--gpu-memory") - parse_bytes(reserve, "--reserve")

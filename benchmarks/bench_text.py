@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("--device cuda: torch sees no CUDA GPU here: pass --device cpu, or leave --device out")
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    from bmc_fast.model_config import load_model_config
-    from bmc_fast.text_tower import TextTower
+    from bmc_fast.model.config import load_model_config
+    from bmc_fast.model.text_tower import TextTower
 
     text_cfg = load_model_config("bmc-longclip-l14-512").text
     text_cfg.pad_token_id, text_cfg.cls_token_id, text_cfg.sep_token_id = 50283, 50281, 50282

@@ -21,7 +21,7 @@ COVID-19 notes; the case is skipped with a reason when absent); ``biomedica`` dr
 of mean 127 tokens (σ 0.6), as BIOMEDICA's captions average, and cuts real (or synthetic) text to them.
 
 Reported per stack: step seconds (median of the timed steps), the parts, their coverage of the step, samples/s,
-real tokens/s, TFLOP/s of the model's useful work (``bmc_fast.flops`` on the real lengths; open_clip's executed
+real tokens/s, TFLOP/s of the model's useful work (``bmc_fast.model.flops`` on the real lengths; open_clip's executed
 padded FLOPs too), MFU against a peak whose source is printed (a GPU's data-sheet dense bf16 peak, or on CPU a
 matmul in the run's dtype measured here), and peak memory (CUDA: max allocated; CPU: resident-set high-water above the
 step's start, sampled every 5 ms). Suites write benchmarks/results/train_<device>.{json,md,png}.
@@ -54,9 +54,9 @@ import torch
 from report import machine, write_report
 
 from bmc_fast.cli import ArgumentParser, positive_int, read_json_object, run_main
+from bmc_fast.ds_json import load_ds_config
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import load_model_config
-from bmc_fast.trainer.ds_config import load_ds_config
+from bmc_fast.model.config import load_model_config
 from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,12 +228,12 @@ def _timed(fn) -> float:
 
 def peak_and_source(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
     if device.type == "cuda":
-        from bmc_fast.flops import PEAK_BF16_FLOPS, peak_flops
+        from bmc_fast.model.flops import PEAK_BF16_FLOPS, peak_flops
 
         name = torch.cuda.get_device_name(device)
         peak = peak_flops(name)
         if peak is None:
-            return None, f"{name}: not in bmc_fast.flops.PEAK_BF16_FLOPS ({', '.join(PEAK_BF16_FLOPS)}), no MFU"
+            return None, f"{name}: not in bmc_fast.model.flops.PEAK_BF16_FLOPS ({', '.join(PEAK_BF16_FLOPS)}), no MFU"
         return peak, f"data sheet: {name} dense bf16 {peak / 1e12:.0f} TFLOP/s"
     return cpu_matmul_peak(torch.get_num_threads(), dtype)
 
@@ -412,7 +412,7 @@ def _trace(out: str, device: torch.device):
 def summarize(args, p, dtype: torch.dtype, meters: dict, peak: float | None, peak_source: str,
               real_tokenizer: bool) -> dict:
     """The case's results: per stack the median step, mean parts, throughput, FLOP/s, MFU, memory, losses."""
-    from bmc_fast.flops import train_step_flops
+    from bmc_fast.model.flops import train_step_flops
     from bmc_fast.trainer.step_profile import OTHER, PARTS
 
     world, context = p.env.world_size, p.model_cfg.context_length
@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerender", action="store_true", help="--suite: rewrite the .md/.png from the .json")
     parser.add_argument("--suite", choices=sorted(SUITES), default=None,
                         help="every case of a suite, each in a fresh process; writes benchmarks/results/train_*")
-    parser.add_argument("--preset", default="tiny", help="model preset (bmc_fast/model_configs) or JSON")
+    parser.add_argument("--preset", default="tiny", help="model preset (bmc_fast/model/presets) or JSON")
     parser.add_argument("--context", type=positive_int, default=512, help="text context length")
     parser.add_argument("--lengths", choices=LENGTHS, default="biomedica", help="caption lengths (see above)")
     parser.add_argument("--batch", type=positive_int, default=32, help="micro batch per rank")

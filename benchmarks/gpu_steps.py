@@ -175,10 +175,10 @@ def step_text(args) -> dict:
     """The BMC-LongCLIP text tower (ModernBERT 150M, random init) at context 512, bf16: the packed path on
     torch's varlen_attn (and FA4 where installed) vs the padded SDPA path, outputs and gradients against an
     fp32 padded reference, and time."""
-    from bmc_fast import attn_backend
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model import attn_backend
+    from bmc_fast.model.config import load_model_config
+    from bmc_fast.model.text_tower import TextTower
     from bmc_fast.plan import MODERNBERT_TOKENS
-    from bmc_fast.text_tower import TextTower
 
     device = torch.device(args.device)
     cfg = load_model_config(args.preset, text=MODERNBERT_TOKENS)
@@ -283,7 +283,7 @@ def step_dali(args) -> dict:
 
 def step_te(args) -> dict:
     """Transformer Engine layers (bf16, and FP8 where the GPU has it) against the torch layers, ``tiny``."""
-    import copy
+    import dataclasses
 
     from bmc_fast.optional import transformer_engine_installed
 
@@ -291,7 +291,8 @@ def step_te(args) -> dict:
         return summary([line("d. Transformer Engine", None, "skipped: transformer_engine not installed")],
                        "skipped")
     from bmc_fast import create_model
-    from bmc_fast.te_swap import swap_to_transformer_engine
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.weights import load_torch_state
 
     device = torch.device("cuda")
     ids = {"vocab_size": 1024, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
@@ -302,8 +303,9 @@ def step_te(args) -> dict:
     mask = torch.ones_like(tokens)
     lines = []
     for precision in ["bf16"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else []):
-        swapped = copy.deepcopy(base)
-        swap_to_transformer_engine(swapped, precision, device="cuda")
+        swapped = BMCLongCLIP(dataclasses.replace(base.cfg, te_precision=precision))  # TE layers, on the GPU
+        load_torch_state(swapped, base.state_dict())
+        swapped.eval()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
             want = base.encode_image(images), base.encode_text(tokens, mask)
             with getattr(swapped, "autocast", torch.no_grad)():
@@ -337,8 +339,8 @@ def _losses(run: Path) -> list[float]:
 
 
 def _weights(run: Path) -> dict:
-    from bmc_fast.run_dir import RunDir
-    from bmc_fast.zero_weights import fp32_state_dict
+    from bmc_fast.checkpoint.run_dir import RunDir
+    from bmc_fast.checkpoint.zero_weights import fp32_state_dict
 
     run_dir = RunDir(run)
     return fp32_state_dict(run_dir.checkpoints, run_dir.latest_tag())

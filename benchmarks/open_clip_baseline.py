@@ -32,8 +32,8 @@ class OpenClipStack:
         import open_clip
         from open_clip.loss import ClipLoss
 
-        from bmc_fast.export import export
-        from bmc_fast.open_clip_compat import register_modernbert
+        from bmc_fast.checkpoint.export import export
+        from bmc_fast.checkpoint.open_clip_compat import register_modernbert
 
         if (ds_config.get("fp16") or {}).get("enabled"):
             raise ConfigError("--baseline open_clip: the DeepSpeed JSON trains in fp16; the baseline runs fp32 or "

@@ -2,11 +2,11 @@
 
     python benchmarks/paper_gpus.py
 
-FLOPs per step from ``bmc_fast.flops`` (16,384 images, 16,384 captions of BIOMEDICA-like lengths: log-normal,
+FLOPs per step from ``bmc_fast.model.flops`` (16,384 images, 16,384 captions of BIOMEDICA-like lengths: log-normal,
 mean 127 tokens, σ 0.6, clipped to [8, 512], seed 0), unpadded against padded to 512; with activation
 checkpointing one more forward of both towers (4 instead of 3 forward-equivalents). Memory per GPU: the
 planner's (``benchmarks/results/plan_paper.json``, activation checkpointing on) for the recipe each
-cluster runs. Step time at 40% and 60% MFU of the dense bf16 peak (``bmc_fast.flops.PEAK_BF16_FLOPS``).
+cluster runs. Step time at 40% and 60% MFU of the dense bf16 peak (``bmc_fast.model.flops.PEAK_BF16_FLOPS``).
 
 Writes ``benchmarks/results/paper_gpus.{json,md}``; the README's table is that markdown (a test checks it).
 """
@@ -37,8 +37,8 @@ def caption_lengths(n: int = PAIRS, mean: float = 127.0, sigma: float = 0.6, see
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bmc_fast.flops import PEAK_BF16_FLOPS, train_step_flops
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
+    from bmc_fast.model.flops import PEAK_BF16_FLOPS, train_step_flops
     from bmc_fast.plan import MODERNBERT_TOKENS
 
     ArgumentParser(prog="benchmarks/paper_gpus.py", description=__doc__.split("\n")[0]).parse_args(argv)

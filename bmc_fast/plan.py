@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
+from bmc_fast.ds_json import DeepSpeedSettings, deepspeed_settings, load_ds_config
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import ModelConfig, load_model_config
+from bmc_fast.model.config import ModelConfig, load_model_config
 
 _logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
@@ -97,7 +98,7 @@ def probe(model_cfg, dtype: torch.dtype, tokens: float, device: str = "cpu",
 
     With activation checkpointing on, one block's saved bytes come from the same probe without it: ``unchecked``
     when the caller has it (same dtype and tokens), else probed here (the model is built twice)."""
-    from bmc_fast.model import BMCLongCLIP
+    from bmc_fast.model.clip import BMCLongCLIP
 
     with torch.device("meta"):  # only the sizes of what autograd saves matter, never the values: no init
         model = BMCLongCLIP(model_cfg)
@@ -220,38 +221,6 @@ def parse_bytes(text: str, flag: str) -> float:
         raise ConfigError(f"{flag} {text!r}: write a size such as 80GB or 141GiB")
     scale = {"gb": 1e9, "gib": GiB, "mb": 1e6, "mib": 1024 ** 2}[match.group(2).lower()]
     return float(match.group(1)) * scale
-
-
-def _read_json(path: str, flag: str) -> dict:
-    """A JSON object from ``path`` (the library reads the DeepSpeed JSON itself: it never imports the trainer)."""
-    from bmc_fast.cli import read_json_object
-
-    return read_json_object(path, f"{flag} {path!r}", "pass a DeepSpeed JSON object such as ds_configs/zero2.json")
-
-
-@dataclass(frozen=True)
-class DeepSpeedSettings:
-    """What the planner reads from a DeepSpeed JSON, for a run on ``gpus`` GPUs."""
-    stage: int  # zero_optimization.stage
-    offload: bool  # zero_optimization.offload_optimizer.device is "cpu"
-    dtype: torch.dtype  # bf16 (or bfloat16) / fp16 enabled, else float32
-    micro_batch: int | None  # pairs a GPU a forward: train_micro_batch_size_per_gpu, else derived; None: unset
-    accumulation: int  # gradient_accumulation_steps K
-    global_batch: int | None  # pairs a step, all GPUs: train_batch_size, else micro x K x gpus; None: unset
-
-
-def deepspeed_settings(ds_config: dict[str, Any], gpus: int) -> DeepSpeedSettings:
-    """Stage, offload, dtype and batch sizes of a DeepSpeed JSON (the trainer's ``batch_plan`` validates them;
-    the library reads them itself, as it never imports the trainer)."""
-    zero = ds_config.get("zero_optimization") or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
-    enabled = {section for section in ("bf16", "bfloat16", "fp16") if (ds_config.get(section) or {}).get("enabled")}
-    dtype = torch.bfloat16 if enabled & {"bf16", "bfloat16"} else torch.float16 if enabled else torch.float32
-    accumulation = int(ds_config.get("gradient_accumulation_steps") or 1)
-    total = ds_config.get("train_batch_size")
-    micro = ds_config.get("train_micro_batch_size_per_gpu") or (total // (gpus * accumulation) if total else 0) or None
-    return DeepSpeedSettings(int(zero.get("stage", 0)), offload, dtype, micro, accumulation,
-                             total or (micro * accumulation * gpus if micro else None))
 
 
 def planned_tokens(model_cfg: ModelConfig, mean_tokens: float) -> float:
@@ -382,7 +351,7 @@ def _recipe(wanted: DeepSpeedSettings, gpus: int) -> str | None:
     """The name of the shipped ``ds_configs/paper_*.json`` that runs ``wanted`` (batch sizes, ZeRO stage, dtype,
     offload) on ``gpus`` GPUs, or None."""
     for path in sorted(RECIPES.glob("paper_*.json")):
-        recipe = deepspeed_settings(_read_json(str(path), "recipe"), gpus)
+        recipe = deepspeed_settings(load_ds_config(path), gpus)
         same = (recipe.micro_batch, recipe.accumulation, recipe.stage, recipe.dtype, recipe.offload) == (
             wanted.micro_batch, wanted.accumulation, wanted.stage, wanted.dtype, wanted.offload)
         if same and recipe.global_batch == wanted.micro_batch * wanted.accumulation * gpus:  # world size: gpus
@@ -415,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpointing = {"grad_checkpointing": True} if args.grad_checkpointing else {}
     model_cfg = load_model_config(args.preset, vision=checkpointing, text={**MODERNBERT_TOKENS, **checkpointing})
-    settings = deepspeed_settings(_read_json(args.ds_config, "--ds_config"), args.gpus)
+    settings = deepspeed_settings(load_ds_config(args.ds_config), args.gpus)
     tokens = planned_tokens(model_cfg, args.mean_tokens)
     budget = parse_bytes(args.gpu_memory, "--gpu-memory") - parse_bytes(args.reserve, "--reserve")
     measured = probe(model_cfg, settings.dtype, tokens)

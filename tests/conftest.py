@@ -26,6 +26,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Decorate the kernels now, under the interpreter: @triton.jit reads TRITON_INTERPRET once, when the module is
+# imported, and a test that sets it to 0 (the CUDA-only checks) must not be the first to import them.
+import bmc_fast.kernels.contrastive_triton  # noqa: E402, F401
 from helpers import MODERNBERT_TOKENIZER  # noqa: E402
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import varlen_cpu
-from bmc_fast import attn_backend, create_model, text_tower
-from bmc_fast.attn_backend import AttentionSupport, choose_attention
+from bmc_fast import create_model
 from bmc_fast.errors import ConfigError
+from bmc_fast.model import attn_backend, text_tower
+from bmc_fast.model.attn_backend import AttentionSupport, choose_attention
 from helpers import caption_batch
 
 BF16, FP32 = torch.bfloat16, torch.float32

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import ModelConfig, load_model_config
+from bmc_fast.model.config import ModelConfig, load_model_config
 
 
 def test_tiny_preset_loads_typed():

@@ -7,10 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bmc_fast.contrastive_accumulation import contrastive_accumulation_step
 from bmc_fast.kernels import FusedClipLoss
-from bmc_fast.model import BMCLongCLIP
-from bmc_fast.model_config import load_model_config
+from bmc_fast.model.clip import BMCLongCLIP
+from bmc_fast.model.config import load_model_config
+from bmc_fast.trainer.contrastive_accumulation import contrastive_accumulation_step
 from helpers import free_port
 
 N, K = 8, 4  # global batch; micro batches per rank and step

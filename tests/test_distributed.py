@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bmc_fast.kernels import FusedClipLoss
-from bmc_fast.model import BMCLongCLIP
-from bmc_fast.model_config import load_model_config
+from bmc_fast.model.clip import BMCLongCLIP
+from bmc_fast.model.config import load_model_config
 from helpers import free_port
 
 pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from bmc_fast.checkpoint.export import CONFIG_NAME, WEIGHTS_NAME, export, export_run
 from bmc_fast.errors import ConfigError
-from bmc_fast.export import CONFIG_NAME, WEIGHTS_NAME, export, export_run
-from bmc_fast.model import BMCLongCLIP
-from bmc_fast.model_config import load_model_config
+from bmc_fast.model.clip import BMCLongCLIP
+from bmc_fast.model.config import load_model_config
 from helpers import RunsCode
 
 CAPTIONS = ["Axial CT of the chest: a 2 cm spiculated nodule in the right upper lobe.",
@@ -26,7 +26,7 @@ def offline(monkeypatch):
 def _open_clip(out):
     import open_clip
 
-    from bmc_fast.open_clip_compat import register_modernbert
+    from bmc_fast.checkpoint.open_clip_compat import register_modernbert
 
     register_modernbert()
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
@@ -149,15 +149,14 @@ def test_a_run_trained_on_transformer_engine_layers_exports_its_torch_weights(mo
 
     import reference_te
 
-    import bmc_fast.zero_weights
-    from bmc_fast.export import export_run
-    from bmc_fast.te_swap import swap_to_transformer_engine
+    import bmc_fast.checkpoint.zero_weights
+    from bmc_fast.checkpoint.export import export_run
+    from bmc_fast.model.weights import load_torch_state
 
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
     original = BMCLongCLIP(cfg).eval()
-    swapped = BMCLongCLIP(cfg)
-    swapped.load_state_dict(original.state_dict())
-    swap_to_transformer_engine(swapped, "fp8", te=reference_te.te, te_recipe=reference_te.recipe, device="cpu")
+    swapped = BMCLongCLIP(dataclasses.replace(cfg, te_precision="fp8"), te_layers=reference_te.layers)
+    load_torch_state(swapped, original.state_dict())
     te_state = {k: v.detach().clone() for k, v in swapped.state_dict().items()}
     assert any("layer_norm_weight" in k for k in te_state)  # TE names, not torch's
 
@@ -166,7 +165,7 @@ def test_a_run_trained_on_transformer_engine_layers_exports_its_torch_weights(mo
     (run / "checkpoints" / "latest").write_text("step0000003")
     (run / "config.json").write_text(json.dumps({"model": dataclasses.replace(cfg, te_precision="fp8").to_dict()}))
     modernbert_tokenizer.save_pretrained(run / "tokenizer")
-    monkeypatch.setattr(bmc_fast.zero_weights, "fp32_state_dict", lambda checkpoints, tag: te_state)
+    monkeypatch.setattr(bmc_fast.checkpoint.zero_weights, "fp32_state_dict", lambda checkpoints, tag: te_state)
     out = export_run(run, tmp_path / "export")
     assert json.loads((out / "bmc_fast_config.json").read_text())["te_precision"] == "none"
     _compare(original, modernbert_tokenizer, cfg, out, cfg.vision.image_size)

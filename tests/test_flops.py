@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bmc_fast import create_model
-from bmc_fast.flops import peak_flops, text_forward_flops, train_step_flops, vision_forward_flops, window_pairs
+from bmc_fast.model.flops import peak_flops, text_forward_flops, train_step_flops, vision_forward_flops, window_pairs
 
 TOKENS = {"pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
 
@@ -32,7 +32,7 @@ def test_forward_flops_match_flop_counter(preset, text):
 
 
 def test_l14_magnitudes():
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     cfg = load_model_config("bmc-longclip-l14-512")
     assert vision_forward_flops(cfg.vision, cfg.embed_dim) / 1e9 == pytest.approx(162, rel=0.01)
@@ -48,7 +48,7 @@ def test_window_pairs_by_enumeration(length, half):
 
 
 def test_local_layers_count_windowed_pairs():
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     text = load_model_config("tiny").text  # layers g, l, l with a 128-token window
     h = text.hidden_size
@@ -59,7 +59,7 @@ def test_local_layers_count_windowed_pairs():
 
 
 def test_train_step_is_three_forwards():
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     cfg = load_model_config("tiny")
     forward = (2 * vision_forward_flops(cfg.vision, cfg.embed_dim)

@@ -65,10 +65,10 @@ def test_dry_run_lists_steps_a_to_g_with_commands_that_exist():
 
 def test_compare_runs_wants_a_falling_loss_and_a_bit_identical_rerun(tmp_path, monkeypatch):
     """Step e's verdict on run directories as the trainer writes them (its MetricsWriter's metrics.jsonl); the
-    consolidated weights (``bmc_fast.zero_weights``, tested on real runs elsewhere) stand in as tensors."""
+    consolidated weights (``bmc_fast.checkpoint.zero_weights``, tested on real runs elsewhere) stand in as tensors."""
     import torch
 
-    from bmc_fast.run_dir import RunDir
+    from bmc_fast.checkpoint.run_dir import RunDir
     from bmc_fast.trainer.metrics import MetricsWriter
 
     weights = {}
@@ -201,7 +201,7 @@ def test_step_b_runs_here_on_the_varlen_stand_ins(monkeypatch):
     """Step b's code on this CPU with the `tiny` text tower: the padded line, the packed torch_flash line through
     torch's varlen_attn (its ops' CPU stand-ins, tests/varlen_cpu.py), FA4 skipped with its reason."""
     import varlen_cpu
-    from bmc_fast import attn_backend
+    from bmc_fast.model import attn_backend
 
     varlen_cpu.register()
     monkeypatch.setattr(attn_backend, "attention_support",

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from bmc_fast.model import BMCLongCLIP, param_groups
-from bmc_fast.model_config import load_model_config
-from bmc_fast.text_tower import masked_mean
+from bmc_fast.model.clip import BMCLongCLIP
+from bmc_fast.model.config import load_model_config
+from bmc_fast.model.text_tower import masked_mean
+from bmc_fast.trainer.param_groups import param_groups
 
 
 @pytest.fixture

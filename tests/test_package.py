@@ -101,9 +101,9 @@ for name in ("deepspeed", "webdataset", "torchdata", "nvidia.dali", "nvidia", "o
 def test_fused_loss_and_load_model_run_without_the_extras(tmp_path, modernbert_tokenizer):
     """The drop-in loss (forward, backward against a float64 reference) and ``load_model`` of an export, with
     every package of the extras unimportable."""
-    from bmc_fast.export import export
-    from bmc_fast.model import BMCLongCLIP
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.checkpoint.export import export
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.config import load_model_config
 
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
     out = export(BMCLongCLIP(cfg).eval(), modernbert_tokenizer, cfg, tmp_path / "export")

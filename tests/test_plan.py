@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bmc_fast import plan
+from bmc_fast import ds_json, plan
 from bmc_fast.errors import ConfigError
 from helpers import REPO
 
@@ -33,7 +33,7 @@ def test_model_states_are_deepspeeds_estimates():
 
 
 def test_largest_micro_batch_sits_at_the_budget_edge():
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     cfg = load_model_config("tiny", text=plan.MODERNBERT_TOKENS)
     probe = plan.probe(cfg, torch.float32, 127.0)
@@ -64,7 +64,7 @@ def test_cli_prints_the_plan_and_the_accumulation_for_a_global_batch(tmp_path, c
 
 
 def test_a_checkpointed_probe_reuses_an_unchecked_one_exactly():
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     cfg = load_model_config("tiny", text=plan.MODERNBERT_TOKENS)
     checked = plan.with_checkpointing(cfg, True)
@@ -74,12 +74,12 @@ def test_a_checkpointed_probe_reuses_an_unchecked_one_exactly():
 
 def test_deepspeed_settings_read_stage_offload_dtype_and_batch_sizes():
     def read(name, gpus):
-        return plan.deepspeed_settings(json.loads((REPO / "ds_configs" / name).read_text()), gpus)
+        return ds_json.deepspeed_settings(json.loads((REPO / "ds_configs" / name).read_text()), gpus)
 
-    assert read("zero2.json", 2) == plan.DeepSpeedSettings(2, False, torch.float32, 32, 1, 64)  # 64 pairs / 2 GPUs
-    assert read("zero1_bf16_cpu_offload.json", 4) == plan.DeepSpeedSettings(1, True, torch.bfloat16, 16, 1, 64)
-    assert read("paper_16k_8gpu_accum2.json", 8) == plan.DeepSpeedSettings(2, False, torch.bfloat16, 1024, 2, 16384)
-    assert plan.deepspeed_settings({"fp16": {"enabled": True}}, 8) == plan.DeepSpeedSettings(
+    assert read("zero2.json", 2) == ds_json.DeepSpeedSettings(2, False, torch.float32, 32, 1, 64)  # 64 pairs / 2 GPUs
+    assert read("zero1_bf16_cpu_offload.json", 4) == ds_json.DeepSpeedSettings(1, True, torch.bfloat16, 16, 1, 64)
+    assert read("paper_16k_8gpu_accum2.json", 8) == ds_json.DeepSpeedSettings(2, False, torch.bfloat16, 1024, 2, 16384)
+    assert ds_json.deepspeed_settings({"fp16": {"enabled": True}}, 8) == ds_json.DeepSpeedSettings(
         0, False, torch.float16, None, 1, None)
 
 

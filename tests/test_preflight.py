@@ -14,9 +14,9 @@ import torch
 import bmc_fast.trainer.loop
 import bmc_fast.trainer.metrics
 import bmc_fast.trainer.prepare
-from bmc_fast import plan, train
+from bmc_fast import ds_json, plan, train
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import load_model_config
+from bmc_fast.model.config import load_model_config
 from helpers import REPO
 
 ZERO2 = REPO / "ds_configs" / "zero2.json"
@@ -54,7 +54,7 @@ def planned(tiny, ds_config):
 def _fits(model_cfg, ds_config, micro, budget, checkpointing) -> bool:
     """Whether the planner, run afresh, puts ``micro`` pairs a GPU within ``budget``."""
     model_cfg = plan.with_checkpointing(model_cfg, checkpointing)
-    settings = plan.deepspeed_settings(ds_config, GPUS)
+    settings = ds_json.deepspeed_settings(ds_config, GPUS)
     common = plan.plan_arguments(settings, GPUS, GPUS, plan.planned_tokens(model_cfg, plan.MEAN_TOKENS), "tiny")
     measured = plan.probe(model_cfg, settings.dtype, common["tokens"])
     return plan.plan(model_cfg, measured, micro, **common).total_bytes <= budget
@@ -118,12 +118,12 @@ def test_not_one_pair_fits_after_the_reserve(tiny, ds_config):
 
 
 def test_a_fix_names_the_shipped_recipe_that_runs_it():
-    paper = plan.deepspeed_settings(json.loads((REPO / "ds_configs" / "paper_16k_8gpu.json").read_text()), 8)
+    paper = ds_json.deepspeed_settings(json.loads((REPO / "ds_configs" / "paper_16k_8gpu.json").read_text()), 8)
     assert (paper.micro_batch, paper.accumulation, paper.global_batch) == (2048, 1, 16384)
-    halved = plan.DeepSpeedSettings(paper.stage, paper.offload, paper.dtype, 1024, 2, 16384)
+    halved = ds_json.DeepSpeedSettings(paper.stage, paper.offload, paper.dtype, 1024, 2, 16384)
     assert plan._recipe(halved, 8) == "paper_16k_8gpu_accum2.json"
     assert plan._recipe(halved, 4) is None  # 1024 x 2 x 4 is not 16384 pairs
-    assert plan._recipe(plan.DeepSpeedSettings(3, False, torch.bfloat16, 1024, 2, 16384), 8) is None  # ZeRO-3
+    assert plan._recipe(ds_json.DeepSpeedSettings(3, False, torch.bfloat16, 1024, 2, 16384), 8) is None  # ZeRO-3
 
 
 # --- the trainer: prepare() runs it on CUDA only, before any model is built ------------------------------------

@@ -8,9 +8,8 @@ import torch
 
 from bmc_fast import create_model
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import load_model_config
-from bmc_fast.text_tower import TextTower, caption_buckets, masked_mean, varlen_sdpa_attention
-from bmc_fast.vision_tower import VisionTransformer
+from bmc_fast.model.config import load_model_config
+from bmc_fast.model.text_tower import caption_buckets, masked_mean, varlen_sdpa_attention
 
 PRESET = "bmc-longclip-l14-512"
 ONE_TEXT_LAYER = {"num_hidden_layers": 1}  # the image-weight tests: ModernBERT-base's random init alone takes ~10 s
@@ -50,15 +49,13 @@ def test_open_clip_vit_l14_loads_and_matches(open_clip_vit):
 def test_timm_names_load_and_match(tmp_path):
     import timm
 
-    from bmc_fast.weights import load_image_weights
-
     model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=768).eval()
     state = _perturbed(model.state_dict())
     state["head.bias"] = torch.zeros(768)  # CLIP projections carry no bias
     model.load_state_dict(state)
     torch.save(state, tmp_path / "timm.pt")
-    ours = VisionTransformer(load_model_config(PRESET, vision={"act": "gelu"}).vision, 768).eval()
-    load_image_weights(ours, tmp_path / "timm.pt")
+    ours = create_model(PRESET, image_weights=tmp_path / "timm.pt", vision={"act": "gelu"}, text=ONE_TEXT_LAYER)
+    ours = ours.visual.eval()
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert _relative_error(ours(images), model(images)) < 1e-5
@@ -78,11 +75,8 @@ def test_checkpoint_with_wrong_keys_lists_them(open_clip_vit, tmp_path):
     state["visual.extra.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
-    cfg = load_model_config(PRESET, vision={"act": "gelu"}).vision
-    from bmc_fast.weights import load_image_weights
-
     with pytest.raises(ConfigError, match=r"missing \['ln_pre.bias'\], unexpected \['extra.weight'\]"):
-        load_image_weights(VisionTransformer(cfg, 768), bad)
+        create_model(PRESET, image_weights=bad, vision={"act": "gelu"}, text=ONE_TEXT_LAYER)
 
 
 # --------------------------------------------------------------------------------------------------- text
@@ -100,6 +94,14 @@ def bioclinical_dir(tmp_path_factory):
     return directory
 
 
+SMALL_VISION = {"width": 64, "layers": 1, "heads": 2}  # the text-weight tests: the image tower plays no part
+
+
+def _text_tower(weights, unpad=True, **text):
+    """The text tower of the preset (``text`` overrides), built and then loaded from ``weights``."""
+    return create_model(PRESET, text_weights=weights, text_unpad=unpad, vision=SMALL_VISION, text=text).text
+
+
 def _caption_batch(lengths, context=512, vocab=50368, pad=50283):
     ids = torch.full((len(lengths), max(lengths)), pad)
     mask = torch.zeros_like(ids)
@@ -113,8 +115,7 @@ def _caption_batch(lengths, context=512, vocab=50368, pad=50283):
 def test_bioclinical_modernbert_matches_hf_padded_sdpa(bioclinical_dir, unpad):
     from transformers import ModernBertModel
 
-    text_cfg = load_model_config(PRESET).text
-    ours = TextTower(text_cfg, 768, unpad=unpad, weights=bioclinical_dir).eval()
+    ours = _text_tower(bioclinical_dir, unpad).eval()
     reference = ModernBertModel.from_pretrained(bioclinical_dir, attn_implementation="sdpa").eval()
     ids, mask = _caption_batch([1, 7, 128, 129, 300, 512])  # crosses the 128-token local window
     with torch.no_grad():
@@ -137,7 +138,7 @@ def test_text_weights_with_a_missing_tensor(bioclinical_dir, tmp_path):
     del state["layers.3.mlp.Wo.weight"]
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=r"missing keys \['layers.3.mlp.Wo.weight'\]"):
-        TextTower(load_model_config(PRESET).text, 768, weights=tmp_path / "ckpt")
+        _text_tower(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -147,9 +148,8 @@ def test_text_weights_with_a_missing_tensor(bioclinical_dir, tmp_path):
 ])
 def test_text_weights_of_another_architecture(bioclinical_dir, override, message):
     """Every attribute that shapes the network must match: evaluation rebuilds the tower from the preset."""
-    text_cfg = load_model_config(PRESET, text=override).text
     with pytest.raises(ConfigError, match=message):
-        TextTower(text_cfg, 768, weights=bioclinical_dir)
+        _text_tower(bioclinical_dir, **override)
 
 
 def test_context_length_above_max_positions():
@@ -189,7 +189,7 @@ def test_attention_backends_agree():
 ])
 def test_unpadded_path_picks_its_attention_function_by_dtype_and_installed_set(monkeypatch, dtype, autocast,
                                                                                installed, expected):
-    from bmc_fast import attn_backend
+    from bmc_fast.model import attn_backend
 
     tower = create_model("tiny", text=TINY_TEXT).text.to(dtype)
     support = attn_backend.AttentionSupport("cuda", (9, 0), torch_varlen=True, **installed)

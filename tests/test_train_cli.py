@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import bmc_fast.model
+import bmc_fast.model.clip
 import bmc_fast.trainer.loop
 from bmc_fast import train
 from bmc_fast.data import synthetic
+from bmc_fast.ds_json import batch_plan
 from bmc_fast.errors import ConfigError
-from bmc_fast.trainer.ds_config import batch_plan, with_resumable_cpu_adam, with_total_steps
+from bmc_fast.trainer.ds_config import with_resumable_cpu_adam, with_total_steps
 from helpers import REPO
 
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
@@ -27,7 +28,7 @@ def one_rank_world(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the input was checked")
 
-    monkeypatch.setattr(bmc_fast.model.BMCLongCLIP, "__init__", no_model)
+    monkeypatch.setattr(bmc_fast.model.clip.BMCLongCLIP, "__init__", no_model)
 
 
 def _args(small_data, tmp_path, **flags):
@@ -299,7 +300,7 @@ def test_resume_with_another_model(small_data, tmp_path):
 def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, tmp_path, monkeypatch):
     """Checkpointing, attention backend and unpadding change how the model runs, not its weights."""
     from bmc_fast.data.text_tokenizer import load_tokenizer
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -320,7 +321,7 @@ def test_resume_with_another_number_of_ranks_stops_with_one_message(small_data, 
     """DeepSpeed refuses ZeRO optimizer state of another data-parallel size only after it loaded the weights
     (a traceback); the check comes first, counting the ranks that wrote the checkpoint."""
     from bmc_fast.data.text_tokenizer import load_tokenizer
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.model.config import load_model_config
 
     run = tmp_path / "run"
     tag = run / "checkpoints" / "step0000006"
@@ -365,7 +366,7 @@ def test_resume_auto_starts_fresh_then_resumes_once_a_checkpoint_exists(small_da
 
 
 def test_latest_moves_atomically_and_pruning_keeps_it(tmp_path, monkeypatch):
-    from bmc_fast.run_dir import RunDir, checkpoint_tag
+    from bmc_fast.checkpoint.run_dir import RunDir, checkpoint_tag
 
     run = RunDir(tmp_path)
     for step in (5, 10, 15, 20):

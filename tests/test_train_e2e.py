@@ -105,7 +105,7 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     if stage == 3:  # the export holds DeepSpeed's fp32 consolidation of the partitioned weights, bit for bit
         from safetensors.torch import load_file
 
-        from bmc_fast.export import WEIGHTS_NAME, export_run
+        from bmc_fast.checkpoint.export import WEIGHTS_NAME, export_run
 
         exported = load_file(export_run(run_dir, tmp_path / "export") / WEIGHTS_NAME)
         assert exported.keys() == consolidated.keys()
@@ -162,7 +162,7 @@ def _check_weights_only_consolidation(run_dir):
     """Our weights_only reading of the latest checkpoint equals DeepSpeed's (which unpickles), bit for bit."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from bmc_fast.zero_weights import fp32_state_dict
+    from bmc_fast.checkpoint.zero_weights import fp32_state_dict
 
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
@@ -171,7 +171,7 @@ def _check_weights_only_consolidation(run_dir):
 
 
 def _weights(run_dir, tag=None):
-    from bmc_fast.eval.checkpoint import load_run
+    from bmc_fast.checkpoint.load import load_run
 
     model, _, model_cfg = load_run(run_dir, tag=tag)
     return model.state_dict(), model_cfg
@@ -191,7 +191,7 @@ def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, a
     the killed run ends with the uninterrupted run's weights too, loss for loss. PIL loader plain, DALI with
     contrastive accumulation (2 micro batches); the PIL runs under --deterministic (torch's deterministic
     algorithms), which must change none of this."""
-    from bmc_fast.model import BMCLongCLIP
+    from bmc_fast.model.clip import BMCLongCLIP
 
     ds_config = deepspeed_config(tmp_path, 2, steps=7, batch=32, accumulation=accumulation)
     deterministic = ("--deterministic",) if loader == "pil" else ()

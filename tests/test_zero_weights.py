@@ -4,8 +4,8 @@ DeepSpeed's bit for bit: the launcher tests in test_train_e2e.py and test_contra
 import pytest
 import torch
 
+from bmc_fast.checkpoint.zero_weights import load_shard
 from bmc_fast.errors import ConfigError
-from bmc_fast.zero_weights import load_shard
 from helpers import RunsCode
 
 

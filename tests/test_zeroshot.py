@@ -135,9 +135,9 @@ def test_a_missing_label_key_names_the_sample():
 
 @pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} absent (it comes with ../shared/data)")
 def test_cli_on_covid_x_rays_agrees_between_bmc_fast_and_open_clip(modernbert_tokenizer, tmp_path, monkeypatch):
-    from bmc_fast.export import export
-    from bmc_fast.model import BMCLongCLIP
-    from bmc_fast.model_config import load_model_config
+    from bmc_fast.checkpoint.export import export
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.config import load_model_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
@@ -188,10 +188,10 @@ def test_all_classes_equals_clip_benchmark_on_an_export(modernbert_tokenizer, tm
     from clip_benchmark.metrics import zeroshot_classification as clip_benchmark
     from clip_benchmark.models.open_clip import load_open_clip
 
-    from bmc_fast.export import export
-    from bmc_fast.model import BMCLongCLIP
-    from bmc_fast.model_config import load_model_config
-    from bmc_fast.open_clip_compat import register_modernbert
+    from bmc_fast.checkpoint.export import export
+    from bmc_fast.checkpoint.open_clip_compat import register_modernbert
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.config import load_model_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)

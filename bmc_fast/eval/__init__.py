@@ -1,2 +1,3 @@
-"""Evaluation of trained models: ``retrieval`` (image-text Recall@k, the CLI) and ``checkpoint``
-(a model, its tokenizer and config from a run directory's DeepSpeed checkpoint)."""
+"""Evaluation of trained models: ``retrieval`` (image-text Recall@k, the CLI), ``zeroshot`` (closed-set
+classification by caption templates, the CLI) and ``labelled_images`` (the labelled sets zero-shot reads). Models
+come from ``bmc_fast.checkpoint.load``; nothing here writes checkpoints."""

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bmc_fast.checkpoint.run_dir import RunDir
 from bmc_fast.cli import ArgumentParser, check_output_file, positive_int, run_main
 from bmc_fast.data.select_loader import LOADERS
 from bmc_fast.errors import ConfigError
-from bmc_fast.run_dir import RunDir
 
 _logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def format_table(rows: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bmc_fast.eval.checkpoint import check_run, load_run
+    from bmc_fast.checkpoint.load import check_run, load_run
 
     parser = ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run.")
     parser.add_argument("--checkpoint", required=True, help="run directory written by bmc_fast/train.py")

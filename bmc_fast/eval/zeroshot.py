@@ -128,13 +128,13 @@ def load_encoder(spec: str, flag: str = "--model") -> Encoder:
     if spec.startswith("open_clip:"):
         import open_clip
 
-        from bmc_fast.open_clip_compat import register_modernbert
+        from bmc_fast.checkpoint.open_clip_compat import register_modernbert
 
         register_modernbert()
         name, _, pretrained = spec[len("open_clip:"):].partition("@")
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
         return Encoder(model.eval(), open_clip.get_tokenizer(name), preprocess, "open_clip")
-    from bmc_fast.pretrained import load_model
+    from bmc_fast.checkpoint.load import load_model
 
     model, tokenizer, transform = load_model(spec)
     return bmc_fast_encoder(model, tokenizer, transform)

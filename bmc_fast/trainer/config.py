@@ -11,7 +11,7 @@ from bmc_fast.cli import check_choice, option
 from bmc_fast.data.select_loader import LOADERS
 from bmc_fast.errors import ConfigError
 from bmc_fast.kernels import BACKENDS as LOSS_BACKENDS
-from bmc_fast.model_config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISIONS
+from bmc_fast.model.config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISIONS
 from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
 
 # With gradient_accumulation_steps K > 1: one loss over all K micro batches (GradCache), or K losses.
@@ -24,7 +24,7 @@ RESUME_MODES = ("latest", "auto")
 class TrainConfig:
     ds_config: str = option("ds_configs/zero2.json", "DeepSpeed JSON: batch size, optimizer, LR schedule, precision, "
                             "ZeRO stage", flags=("--ds_config", "--ds-config"))
-    preset: str = option("tiny", "model preset name (bmc_fast/model_configs) or JSON path")
+    preset: str = option("tiny", "model preset name (bmc_fast/model/presets) or JSON path")
     train_data: str | None = option(None, "WebDataset shards; omit (with --eval-data) for the embedded synthetic data")
     eval_data: str | None = option(None, "WebDataset shards for retrieval evaluation (>= 2 pairs)")
     tokenizer: str | None = option(None, "Hugging Face tokenizer directory (required with --train-data)")

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from bmc_fast.cli import ArgumentParser, check_output_dir, run_main
+from bmc_fast.ds_json import load_ds_config
 from bmc_fast.errors import ConfigError, TrainingError
 from bmc_fast.trainer.distributed import free_port
-from bmc_fast.trainer.ds_config import load_ds_config
 
 _logger = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from bmc_fast.checkpoint.load import load_run
     from bmc_fast.data.default_data import ensure_default_data
     from bmc_fast.data.transforms import image_transform
     from bmc_fast.eval import zeroshot
-    from bmc_fast.eval.checkpoint import load_run
     from bmc_fast.eval.labelled_images import load_labelled_images
     from bmc_fast.eval.retrieval import evaluate_shards, format_table
     from bmc_fast.eval.zeroshot import bmc_fast_encoder

@@ -1,76 +1,17 @@
-"""The DeepSpeed JSON is the one source of truth for batch size, optimizer, schedule, precision and ZeRO.
-
-The trainer reads the batch arithmetic from it and checks it against the world size before any model
-is built; it changes one thing: the scheduler's ``total_num_steps`` follows ``--max-steps``.
+"""What the trainer checks and changes in the DeepSpeed JSON (read by ``bmc_fast.ds_json``) before any model is
+built: the scheduler's ``total_num_steps`` follows ``--max-steps``; settings under which the NaN guard cannot
+work, or a precision the accelerator lacks, are refused; Adam on the CPU resumes exactly.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from bmc_fast.cli import read_json_object
+from bmc_fast.ds_json import FLAG
 from bmc_fast.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
-
-FLAG = "--ds_config"
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int  # train_batch_size: pairs per optimizer step, all ranks together
-    micro_batch: int  # pairs per rank per forward
-    accumulation: int  # gradient_accumulation_steps
-    world_size: int
-
-
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{FLAG} {str(path)!r} is a directory, not a DeepSpeed JSON file: pass one of "
-                          "ds_configs/zero1.json, zero2.json, zero3.json or your own DeepSpeed JSON")
-    if not path.is_file():
-        raise ConfigError(f"{FLAG} {str(path)!r} does not exist: pass one of ds_configs/zero1.json, zero2.json, "
-                          "zero3.json or your own DeepSpeed JSON")
-    return read_json_object(path, f"{FLAG} {str(path)!r}", "write the DeepSpeed config as one JSON object, as "
-                                                           "ds_configs/zero2.json does")
-
-
-def batch_plan(config: dict[str, Any], world_size: int, source: str = FLAG) -> BatchPlan:
-    """Solve train_batch_size = micro × accumulation × world_size from the fields the JSON sets."""
-    total = config.get("train_batch_size")
-    micro = config.get("train_micro_batch_size_per_gpu")
-    accum = config.get("gradient_accumulation_steps")
-    for name, value in (("train_batch_size", total), ("train_micro_batch_size_per_gpu", micro),
-                        ("gradient_accumulation_steps", accum)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
-    if total is None and micro is None:
-        raise ConfigError(f"{source}: set train_batch_size (pairs per step, all ranks) in the DeepSpeed JSON")
-    if total is None:
-        accum = accum or 1
-        total = micro * accum * world_size
-    elif micro is None:
-        accum = accum or 1
-        if total % (accum * world_size):
-            raise ConfigError(
-                f"{source}: train_batch_size {total} is not divisible by gradient_accumulation_steps {accum} × "
-                f"world size {world_size}: set train_batch_size to a multiple of {accum * world_size} or change "
-                "the number of ranks")
-        micro = total // (accum * world_size)
-    elif accum is None:
-        if total % (micro * world_size):
-            raise ConfigError(f"{source}: train_batch_size {total} is not divisible by "
-                              f"train_micro_batch_size_per_gpu {micro} × world size {world_size}")
-        accum = total // (micro * world_size)
-    if total != micro * accum * world_size:
-        raise ConfigError(f"{source}: train_batch_size {total} != micro {micro} × accum {accum} × world size "
-                          f"{world_size}: fix one of the three fields")
-    return BatchPlan(total, micro, accum, world_size)
-
 
 def with_total_steps(config: dict[str, Any], max_steps: int | None) -> tuple[dict[str, Any], int]:
     """Return (config whose LR schedule spans the run, the run's step count).

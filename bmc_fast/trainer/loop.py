@@ -1,7 +1,7 @@
 """The training loop: ``run`` builds the model, the DeepSpeed engine and the loaders of a ``Prepared``
 run, then trains ``max_steps`` optimizer steps, logging every ``log_every``, evaluating (retrieval, zero-shot)
 every ``eval_every`` and saving DeepSpeed checkpoints every ``save_every`` steps (each also at the end). Rank 0
-writes the run directory (``bmc_fast.run_dir.RunDir``).
+writes the run directory (``bmc_fast.checkpoint.run_dir.RunDir``).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from bmc_fast.checkpoint.run_dir import checkpoint_tag
 from bmc_fast.errors import TrainingError
-from bmc_fast.run_dir import checkpoint_tag
 from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer, use_deterministic_algorithms
 from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
@@ -96,8 +96,8 @@ def start(p: Prepared) -> Session:
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
 
-    from bmc_fast.flops import peak_flops, train_step_flops
     from bmc_fast.kernels import FusedClipLoss
+    from bmc_fast.model.flops import peak_flops, train_step_flops
 
     cfg, env = p.cfg, p.env
     if cfg.deterministic:
@@ -172,10 +172,11 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from bmc_fast.model import BMCLongCLIP, param_groups
+    from bmc_fast.model.clip import model_from_config
+    from bmc_fast.trainer.param_groups import param_groups
 
     torch.manual_seed(p.cfg.seed)
-    model = BMCLongCLIP(p.model_cfg, image_weights=p.cfg.image_weights, text_weights=p.cfg.text_weights)
+    model = model_from_config(p.model_cfg, p.cfg.image_weights, p.cfg.text_weights)
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
     config = with_resumable_cpu_adam(p.ds_config, get_accelerator().device_name())
     set_grad_norm_dtype(p.cfg.grad_norm_dtype, get_accelerator().device_name())
@@ -191,7 +192,7 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
     """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale).
 
     With K > 1 micro batches and ``--accumulation contrastive`` one loss spans all K × micro × ranks pairs
-    (``bmc_fast.contrastive_accumulation``); otherwise each micro batch has its own loss (DeepSpeed's
+    (``bmc_fast.trainer.contrastive_accumulation``); otherwise each micro batch has its own loss (DeepSpeed's
     accumulation, which scales each by 1/K). A step whose loss or gradient norm is non-finite on any rank
     is skipped by every rank (``guard_loss``), counted, and after ``--max-bad-steps`` in a row stops the run."""
     plan = s.p.plan
@@ -268,7 +269,7 @@ def _step_list(steps: list[int]) -> str:
 
 def _contrastive_step(s: Session) -> tuple[torch.Tensor, torch.Tensor]:
     """Contrastive accumulation of one step (its K micro batches held in memory); returns (loss, logit scale)."""
-    from bmc_fast.contrastive_accumulation import contrastive_accumulation_step
+    from bmc_fast.trainer.contrastive_accumulation import contrastive_accumulation_step
 
     batches = [_next_batch(s) for _ in range(s.p.plan.accumulation)]
 

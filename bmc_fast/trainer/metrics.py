@@ -6,7 +6,7 @@ import logging
 import math
 import time
 
-from bmc_fast.run_dir import RunDir
+from bmc_fast.checkpoint.run_dir import RunDir
 
 LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
@@ -51,7 +51,7 @@ class MetricsWriter:
 class ThroughputWindow:
     """Loss and throughput since the last read, summed over ranks when read (one small all-reduce).
 
-    ``flops_fn(n_images, lengths) -> int`` gives a micro-batch's training FLOPs (``bmc_fast.flops``);
+    ``flops_fn(n_images, lengths) -> int`` gives a micro-batch's training FLOPs (``bmc_fast.model.flops``);
     with ``peak_flops`` (per rank) the window also reports MFU.
     """
 

@@ -10,23 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmc_fast.checkpoint.run_dir import RunDir
 from bmc_fast.cli import check_output_dir
 from bmc_fast.data.select_loader import resolve_loader
 from bmc_fast.data.shards import count_samples, expand_shards
+from bmc_fast.ds_json import BatchPlan, batch_plan, load_ds_config
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import ModelConfig, load_model_config
+from bmc_fast.model.config import ModelConfig, load_model_config
 from bmc_fast.optional import transformer_engine_installed, triton_installed
-from bmc_fast.run_dir import RunDir
 from bmc_fast.trainer.config import TrainConfig
 from bmc_fast.trainer.distributed import DistEnv
-from bmc_fast.trainer.ds_config import (
-    BatchPlan,
-    batch_plan,
-    check_precision_supported,
-    check_skips_non_finite_steps,
-    load_ds_config,
-    with_total_steps,
-)
+from bmc_fast.trainer.ds_config import check_precision_supported, check_skips_non_finite_steps, with_total_steps
 from bmc_fast.trainer.resume import check_resumable
 
 _logger = logging.getLogger(__name__)

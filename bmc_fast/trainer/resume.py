@@ -5,10 +5,10 @@ import dataclasses
 import logging
 from typing import Any
 
+from bmc_fast.checkpoint.run_dir import RunDir, tag_step
+from bmc_fast.ds_json import BatchPlan
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import ModelConfig
-from bmc_fast.run_dir import RunDir, tag_step
-from bmc_fast.trainer.ds_config import BatchPlan
+from bmc_fast.model.config import ModelConfig
 from bmc_fast.trainer.rank_state import saved_world_size
 
 _logger = logging.getLogger(__name__)

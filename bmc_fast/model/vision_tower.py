@@ -2,15 +2,17 @@
 
 Parameter names follow open_clip's ``VisionTransformer`` (``conv1``, ``class_embedding``,
 ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.{ln_1,attn,ln_2,mlp}``, ``ln_post``,
-``proj``) so that ViT-L/14 checkpoints map onto it key for key (``bmc_fast.weights`` imports open_clip
-and timm state dicts). Attention runs the backend ``bmc_fast.attn_backend`` chooses (``attn_backend``):
-SDPA restricted to its flash kernel (``torch_flash``, and ``fa4`` once FA4 is activated in torch), flash-attn 2's
-``flash_attn_func`` (``flash``), plain SDPA, or an eager softmax(QKᵀ/√d)V; the choice is logged once.
+``proj``) so that ViT-L/14 checkpoints map onto it key for key (``bmc_fast.model.weights`` loads open_clip
+and timm state dicts after the tower is built). Attention runs the backend ``bmc_fast.model.attn_backend``
+chooses (``attn_backend``): SDPA restricted to its flash kernel (``torch_flash``, and ``fa4`` once FA4 is
+activated in torch), flash-attn 2's ``flash_attn_func`` (``flash``), plain SDPA, or an eager softmax(QKᵀ/√d)V;
+the choice is logged once.
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from bmc_fast.attn_backend import resolve as resolve_attention
-from bmc_fast.model_config import VisionConfig
+from bmc_fast.model.attn_backend import resolve as resolve_attention
+from bmc_fast.model.config import VisionConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -100,12 +102,16 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
+    """``cfg.layers`` blocks of class ``block`` (``ResidualAttentionBlock``, or Transformer Engine's
+    ``te_layers.TEResidualAttentionBlock``: both are built as ``block(cfg, attn_backend)``)."""
+
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto",
+                 block: Callable[[VisionConfig, str], nn.Module] = ResidualAttentionBlock):
         super().__init__()
         self.grad_checkpointing = cfg.grad_checkpointing
         if cfg.grad_checkpointing:
             _logger.info("image tower: activation checkpointing on (%d blocks recomputed in backward)", cfg.layers)
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg, attn_backend) for _ in range(cfg.layers))
+        self.resblocks = nn.ModuleList(block(cfg, attn_backend) for _ in range(cfg.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -119,7 +125,8 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """Image (B, 3, H, W) -> embedding (B, output_dim) via the class token."""
 
-    def __init__(self, cfg: VisionConfig, output_dim: int, attn_backend: str = "auto"):
+    def __init__(self, cfg: VisionConfig, output_dim: int, attn_backend: str = "auto",
+                 block: Callable[[VisionConfig, str], nn.Module] = ResidualAttentionBlock):
         super().__init__()
         self.cfg = cfg
         scale = cfg.width ** -0.5
@@ -127,7 +134,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size ** 2 + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.transformer = Transformer(cfg, attn_backend)
+        self.transformer = Transformer(cfg, attn_backend, block)
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, output_dim))
 

@@ -1,7 +1,7 @@
 """Model architecture configs: JSON presets loaded into typed, validated dataclasses.
 
 Architectures are data (open_clip's ``model_configs/*.json``): a preset is a JSON file in
-``bmc_fast/model_configs/``; behaviour never switches on a preset's name. Loading rejects unknown keys
+``bmc_fast/model/presets/``; behaviour never switches on a preset's name. Loading rejects unknown keys
 and wrong types, naming the field and the file.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 from bmc_fast.cli import read_json_object
 from bmc_fast.errors import ConfigError
 
-PRESET_DIR = Path(__file__).parent / "model_configs"
+PRESET_DIR = Path(__file__).parent / "presets"
 
 # The legal values of the model's switches; the trainer's flags take their choices from here.
-ATTN_BACKENDS = ("auto", "fa4", "torch_flash", "flash", "sdpa", "eager")  # both towers: bmc_fast.attn_backend
+ATTN_BACKENDS = ("auto", "fa4", "torch_flash", "flash", "sdpa", "eager")  # both towers: bmc_fast.model.attn_backend
 TE_PRECISIONS = ("none", "bf16", "fp8")  # Transformer Engine layers (CUDA only)
 IMAGE_PROJECTIONS = ("pretrained", "linear")  # with image weights: keep their projection, or a fresh one
 
@@ -130,7 +130,7 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init
     max_logit_scale: float = math.log(100)  # clamp: exp(logit_scale) <= 100
     text_unpad: bool = True  # pack the batch's real tokens (no compute on padding); False: padded SDPA
-    attn_backend: str = "auto"  # both towers: one of ATTN_BACKENDS (bmc_fast.attn_backend)
+    attn_backend: str = "auto"  # both towers: one of ATTN_BACKENDS (bmc_fast.model.attn_backend)
     te_precision: str = "none"  # Transformer Engine layers: "none", "bf16", "fp8" (CUDA only)
     image_proj: str = "pretrained"  # with image weights: keep their projection, or "linear" (fresh init)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import ATTN_BACKENDS
+from bmc_fast.model.config import ATTN_BACKENDS
 from bmc_fast.optional import fa4_installed, flash_attn_installed
 
 _logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bmc_fast.model_config import ModelConfig, TextConfig, VisionConfig
+from bmc_fast.model.config import ModelConfig, TextConfig, VisionConfig
 
 
 def vision_forward_flops(cfg: VisionConfig, embed_dim: int) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmc_fast.model_config import ModelConfig, load_model_config
-from bmc_fast.text_tower import TextTower
-from bmc_fast.vision_tower import VisionTransformer
+from bmc_fast.errors import ConfigError
+from bmc_fast.model.config import ModelConfig, load_model_config
+from bmc_fast.model.te_layers import TELayers, TEResidualAttentionBlock, use_fp8
+from bmc_fast.model.text_tower import TextTower
+from bmc_fast.model.vision_tower import ResidualAttentionBlock, VisionTransformer
 
 _logger = logging.getLogger(__name__)
 
@@ -22,27 +25,33 @@ class BMCLongCLIP(nn.Module):
 
     Features come out L2-normalised; ``scale`` is ``exp(logit_scale)`` clamped to
     ``exp(max_logit_scale)`` (the clamp is in the forward, so it holds under every ZeRO stage).
+
+    The constructor builds the layers ``cfg`` names and reads no files: torch layers, or Transformer Engine ones
+    where ``cfg.te_precision`` is set (``te_layers``: the TE modules to build with, by default TE itself). Weights
+    load afterwards: ``create_model`` (tower checkpoints), ``bmc_fast.load_model`` (a trained model);
+    ``text_weights_follow``: the text transformer's will, so its init draws nothing from the global RNG
+    (``TextTower``).
     """
 
-    def __init__(self, cfg: ModelConfig, image_weights: str | Path | None = None,
-                 text_weights: str | Path | None = None):
+    def __init__(self, cfg: ModelConfig, te_layers: TELayers | None = None, text_weights_follow: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.attn_backend)
-        if image_weights is not None:
-            from bmc_fast.weights import load_image_weights
-
-            load_image_weights(self.visual, image_weights, cfg.image_proj)
-        self.text = TextTower(cfg.text, cfg.embed_dim, unpad=cfg.text_unpad, weights=text_weights,
-                              attn_backend=cfg.attn_backend)
+        if cfg.te_precision == "none":
+            te_layers = None
+        elif te_layers is None:
+            te_layers = TELayers.load(cfg.te_precision)
+        block = ResidualAttentionBlock if te_layers is None else partial(TEResidualAttentionBlock, layers=te_layers)
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.attn_backend, block=block)
+        self.text = TextTower(cfg.text, cfg.embed_dim, unpad=cfg.text_unpad, attn_backend=cfg.attn_backend,
+                              te_layers=te_layers, weights_follow=text_weights_follow)
         # Shape (1,), not open_clip's (): DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
-        self.autocast = contextlib.nullcontext  # te_swap installs Transformer Engine's FP8 autocast here
+        self.autocast = contextlib.nullcontext  # FP8: Transformer Engine's autocast (te_layers.use_fp8)
         self.fp8_row_multiple = 1
-        if cfg.te_precision != "none":
-            from bmc_fast.te_swap import swap_to_transformer_engine
-
-            swap_to_transformer_engine(self, cfg.te_precision)
+        if te_layers is not None:
+            if cfg.te_precision == "fp8":
+                use_fp8(self, te_layers)
+            _logger.info("Transformer Engine layers in both towers (%s)", cfg.te_precision)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         rows = pixels.shape[0] * (self.cfg.vision.grid_size ** 2 + 1)
@@ -86,30 +95,30 @@ def _check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cf
 
 def create_model(preset_or_json: str, image_weights: str | Path | None = None, text_weights: str | Path | None = None,
                  **overrides: Any) -> BMCLongCLIP:
-    """Build ``BMCLongCLIP`` from a preset name or JSON path, optionally loading local tower weights.
+    """Build ``BMCLongCLIP`` from a preset name or JSON path, then load local tower weights where given.
 
-    ``overrides`` replace config fields (``context_length=154``, ``text_unpad=False``,
-    ``vision={"grad_checkpointing": True}`` ...). A random-init text tower needs ``text.vocab_size``
-    (the presets for real checkpoints set it; ``ModelConfig.with_tokenizer`` fills it from a tokenizer).
+    ``image_weights``: an open_clip or timm ViT checkpoint file; ``text_weights``: a ModernBERT ``save_pretrained``
+    directory (``bmc_fast.model.weights``). ``overrides`` replace config fields (``context_length=154``,
+    ``text_unpad=False``, ``vision={"grad_checkpointing": True}`` ...). A random-init text tower needs
+    ``text.vocab_size`` (the presets for real checkpoints set it; ``ModelConfig.with_tokenizer`` fills it from a
+    tokenizer).
     """
     cfg = load_model_config(preset_or_json, **overrides)
     if cfg.text.vocab_size is None:
-        from bmc_fast.errors import ConfigError
-
         raise ConfigError(f"preset {preset_or_json!r} sets no text.vocab_size: pass text={{'vocab_size': N}} or build "
                           "the config with ModelConfig.with_tokenizer(tokenizer)")
-    return BMCLongCLIP(cfg, image_weights=image_weights, text_weights=text_weights)
+    return model_from_config(cfg, image_weights, text_weights)
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """open_clip's rule: no decay for gains, biases, embeddings' 1-D tensors and the logit scale."""
-    return param.ndim < 2 or "bias" in name or "norm" in name or "ln_" in name or "logit_scale" in name
+def model_from_config(cfg: ModelConfig, image_weights: str | Path | None = None,
+                      text_weights: str | Path | None = None) -> BMCLongCLIP:
+    """Build ``BMCLongCLIP(cfg)``, then load whichever tower checkpoints are given (``bmc_fast.model.weights``)."""
+    model = BMCLongCLIP(cfg, text_weights_follow=text_weights is not None)
+    if image_weights is not None or text_weights is not None:
+        from bmc_fast.model.weights import load_image_weights, load_text_weights
 
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Two optimizer groups: the optimizer's own weight decay (from the DeepSpeed JSON), and none."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if image_weights is not None:
+            load_image_weights(model, image_weights)
+        if text_weights is not None:
+            load_text_weights(model, text_weights)
+    return model

@@ -9,7 +9,7 @@ Two paths compute the same embedding:
   (1, T) with ``cu_seqlens``; embeddings, norms and MLPs see real tokens only, RoPE positions restart
   per caption, and attention stays inside each caption (and inside ModernBERT's sliding window on
   local layers). It goes through transformers' attention-function interface, by the backend that
-  ``bmc_fast.attn_backend`` chooses: ``bmc_varlen_torch``, registered here (torch's ``varlen_attn``:
+  ``bmc_fast.model.attn_backend`` chooses: ``bmc_varlen_torch``, registered here (torch's ``varlen_attn``:
   FlashAttention-2 built into torch, or FA4 once activated; ``torch_flash`` / ``fa4``), HF's own
   ``flash_attention_2`` (flash-attn 2's ``flash_attn_varlen_func``; ``flash``), or ``bmc_varlen_sdpa``,
   registered here, which runs SDPA over groups of similar-length captions with a per-caption key mask
@@ -19,18 +19,19 @@ Two paths compute the same embedding:
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmc_fast.attn_backend import attention_support, why_not
-from bmc_fast.attn_backend import resolve as resolve_attention
-from bmc_fast.errors import ConfigError
-from bmc_fast.model_config import TextConfig
+from bmc_fast.model.attn_backend import attention_support, why_not
+from bmc_fast.model.attn_backend import resolve as resolve_attention
+from bmc_fast.model.config import TextConfig
+
+if TYPE_CHECKING:
+    from bmc_fast.model.te_layers import TELayers
 
 _logger = logging.getLogger(__name__)
 
@@ -39,16 +40,9 @@ VARLEN_TORCH = "bmc_varlen_torch"
 HALF = (torch.float16, torch.bfloat16)
 _PADDED_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2",
                      "torch_flash": "sdpa", "fa4": "sdpa"}
-# The packed path's HF attention function for each backend bmc_fast.attn_backend may choose.
+# The packed path's HF attention function for each backend bmc_fast.model.attn_backend may choose.
 _VARLEN_ATTENTION = {"fa4": VARLEN_TORCH, "torch_flash": VARLEN_TORCH, "flash": "flash_attention_2",
                      "sdpa": VARLEN_SDPA, "eager": VARLEN_SDPA}
-# ModernBertConfig attributes that fix the network a checkpoint was trained as: the run's config.json
-# records the preset, and evaluation rebuilds from it, so every one must agree with the preset's.
-_ARCH_ATTRIBUTES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "local_attention",
-                    "layer_types", "rope_parameters", "hidden_activation", "norm_eps", "norm_bias", "attention_bias",
-                    "mlp_bias", "max_position_embeddings", "vocab_size")
-
-
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` (B, L, H) over positions where ``attention_mask`` (B, L) is 1 -> (B, H)."""
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
@@ -201,8 +195,11 @@ def _register_attention() -> None:
 class TextTower(nn.Module):
     """Token ids (B, L) + attention mask (B, L) -> embedding (B, output_dim)."""
 
-    def __init__(self, cfg: TextConfig, output_dim: int, unpad: bool = True, weights: str | Path | None = None,
-                 attn_backend: str = "auto"):
+    def __init__(self, cfg: TextConfig, output_dim: int, unpad: bool = True, attn_backend: str = "auto",
+                 te_layers: TELayers | None = None, weights_follow: bool = False):
+        """``weights_follow``: the transformer's weights will be loaded after the build, so its random init leaves
+        the global RNG where it was (as HF's ``from_pretrained`` does): the projection, and everything built
+        after it, draw the same numbers whether or not text weights are loaded."""
         super().__init__()
         from transformers import ModernBertConfig, ModernBertModel
 
@@ -210,10 +207,12 @@ class TextTower(nn.Module):
         self.cfg, self.unpad = cfg, unpad
         self.attn_backend = attn_backend
         self.padded_attention = _PADDED_ATTENTION[attn_backend]
-        if weights is None:
+        with torch.random.fork_rng(devices=[], enabled=weights_follow):
             self.transformer = ModernBertModel(ModernBertConfig(**cfg.to_hf_kwargs(), attn_implementation="sdpa"))
-        else:
-            self.transformer = _load_pretrained(ModernBertModel, weights, cfg)
+        if te_layers is not None:
+            from bmc_fast.model.te_layers import convert_modernbert
+
+            convert_modernbert(self.transformer, te_layers)
         if cfg.grad_checkpointing:
             self.transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             _logger.info("text tower: activation checkpointing on (%d layers recomputed in backward)",
@@ -293,31 +292,3 @@ class TextTower(nn.Module):
     def _use_attention(self, name: str) -> None:
         if self.transformer.config._attn_implementation != name:
             self.transformer.set_attn_implementation(name)
-
-
-def _load_pretrained(model_class, weights: str | Path, cfg: TextConfig):
-    """``ModernBertModel.from_pretrained`` from a local directory, checked against the preset."""
-    from transformers import AutoConfig
-
-    directory = Path(weights)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"text_weights {str(weights)!r} has no config.json: pass a directory written by "
-                          "save_pretrained (config.json + model.safetensors)")
-    from transformers import ModernBertConfig
-
-    hf_config = AutoConfig.from_pretrained(str(directory))
-    vocab_size = cfg.vocab_size if cfg.vocab_size is not None else hf_config.vocab_size  # unset: no tokenizer yet
-    preset = ModernBertConfig(**dataclasses.replace(cfg, vocab_size=vocab_size).to_hf_kwargs())
-    differs = {a: (getattr(hf_config, a, None), getattr(preset, a, None)) for a in _ARCH_ATTRIBUTES}
-    differs = {a: v for a, v in differs.items() if v[0] != v[1]}
-    if differs:
-        raise ConfigError(f"text_weights {str(weights)!r} does not match the preset's text config "
-                          f"(checkpoint, preset): {differs}")
-    model, info = model_class.from_pretrained(str(directory), attn_implementation="sdpa", output_loading_info=True)
-    # A ModernBertForMaskedLM checkpoint also carries its MLM head, which the encoder does not use.
-    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("head.", "decoder."))]
-    if info["missing_keys"] or unexpected or info.get("mismatched_keys"):
-        raise ConfigError(f"text_weights {str(weights)!r}: missing keys {sorted(info['missing_keys'])}, unexpected "
-                          f"keys {sorted(unexpected)}, mismatched {info.get('mismatched_keys')}")
-    _logger.info("text tower: loaded ModernBertModel weights from %s", directory)
-    return model

@@ -11,7 +11,7 @@ idempotent and changes nothing for other models or outside open_clip.
 ``bmc_fast.load_model`` and ``bmc_fast.export`` call it, and so must code that loads an export with
 open_clip directly::
 
-    import bmc_fast.open_clip_compat; bmc_fast.open_clip_compat.register_modernbert()
+    import bmc_fast.checkpoint.open_clip_compat; bmc_fast.checkpoint.open_clip_compat.register_modernbert()
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:OUT_DIR")
 """
 from __future__ import annotations
