@@ -241,10 +241,10 @@ def peak_and_source(device: torch.device, dtype: torch.dtype) -> tuple[float | N
 class Meter:
     """A stack's timed steps: the step around the call, its parts, memory, loss."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, profile=None):
         from bmc_fast.trainer.step_profile import StepProfile
 
-        self.device, self.profile = device, StepProfile(device)
+        self.device, self.profile = device, profile or StepProfile(device)
         self.steps: list[dict] = []
 
     @contextlib.contextmanager
@@ -320,11 +320,20 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
                       te_precision=args.te_precision, text_unpad=args.text_unpad,
                       grad_checkpointing=args.grad_checkpointing, grad_norm_dtype=args.grad_norm_dtype)
     p = prepare(cfg, env)
-    s = loop.start(p)
-    s.loss_fn = LossRecorder(s.loss_fn)
+    held: list[dict] = []  # without --with-loaders: the steps' batches, in memory, for both stacks
+    seen: list[int] = []  # real caption lengths of the batches bmc-fast takes this step
+
+    def batches(stream):
+        if not args.with_loaders:
+            held.extend(next(stream) for _ in range(steps))
+            stream = iter(held)
+        return _recording_lengths(stream, seen)
+
+    from bmc_fast.trainer.step_profile import StepProfile
+
+    s = loop.start(p, loop.StepHooks(profile=StepProfile, loss=LossRecorder, batches=batches))
     peak, peak_source = peak_and_source(s.device, s.dtype)
-    meters = {"bmc_fast": Meter(s.device)}
-    s.profile = meters["bmc_fast"].profile
+    meters = {"bmc_fast": Meter(s.device, s.profile)}
     s.profile.watch_towers(s.engine.module)
     s.profile.watch_reduction(s.engine)
     baseline = None
@@ -337,11 +346,6 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
         meters["open_clip"].profile.watch_towers(baseline.module)
     if args.with_loaders:
         open_clip_batches = baseline.loader(p.train_urls, args.batch, max(args.workers, 1)) if baseline else None
-    else:  # the same batches, in memory, for both stacks
-        held = [next(s.batches) for _ in range(steps)]
-        s.batches = iter(held)
-    seen: list[int] = []  # real caption lengths of the batches bmc-fast takes this step
-    s.batches = _recording_lengths(s.batches, seen)
     trace = _trace(args.trace, s.device) if args.trace else contextlib.nullcontext()
     with trace as profiler, s.profile.watch_collectives():
         for step in range(1, steps + 1):

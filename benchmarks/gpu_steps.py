@@ -303,13 +303,13 @@ def step_te(args) -> dict:
     mask = torch.ones_like(tokens)
     lines = []
     for precision in ["bf16"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else []):
-        swapped = BMCLongCLIP(dataclasses.replace(base.cfg, te_precision=precision))  # TE layers, on the GPU
-        load_torch_state(swapped, base.state_dict())
-        swapped.eval()
+        on_te = BMCLongCLIP(dataclasses.replace(base.cfg, te_precision=precision))  # TE layers, on the GPU
+        load_torch_state(on_te, base.state_dict())
+        on_te.eval()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
             want = base.encode_image(images), base.encode_text(tokens, mask)
-            with getattr(swapped, "autocast", torch.no_grad)():
-                got = swapped.encode_image(images), swapped.encode_text(tokens, mask)
+            with getattr(on_te, "autocast", torch.no_grad)():
+                got = on_te.encode_image(images), on_te.encode_text(tokens, mask)
         error = max(_relative(g, w) for g, w in zip(got, want))
         tolerance = 2e-2 if precision == "bf16" else 1.5e-1
         lines.append(line(f"d. TE {precision} vs torch layers (tiny)", error <= tolerance,

@@ -3,7 +3,7 @@
 Samples are sharded by **global** rank (``shard_id=rank, num_shards=world_size``) over the good
 samples listed in the ``.idx`` files that ``python -m bmc_fast.data.index`` writes, so a bad sample
 never reaches the decoder. Captions leave the pipeline as raw UTF-8 bytes, zero-padded to the
-batch's longest, with their lengths; the host tokenises them (``dali_pipelines.loader``).
+batch's longest, with their lengths; the host tokenises them (``dali_loader.DaliLoader``).
 """
 from __future__ import annotations
 

@@ -109,17 +109,17 @@ def _launch(kernel: str, mode: str, arch: str, torch, ct):
     scale, bias = torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
     rows, cols = torch.empty(N_ROWS), torch.empty(N_COLS)
     if kernel == "forward_softmax":
-        _, args, options = ct.softmax_forward_launch(image, texts, scale, None, ct.MAX_GROUPS, mode, arch)
-        return ct._forward_kernel, args, options
+        launch = ct.softmax_forward_launch(image, texts, scale, None, ct.MAX_GROUPS, mode, arch)
+        return ct._forward_kernel, launch.args, launch.options
     if kernel == "forward_sigmoid":
-        _, args, options = ct.sigmoid_forward_launch(image, texts, scale, bias, 0, mode, arch)
-        return ct._forward_kernel, args, options
+        launch = ct.sigmoid_forward_launch(image, texts, scale, bias, 0, mode, arch)
+        return ct._forward_kernel, launch.args, launch.options
     sigmoid = kernel == "backward_sigmoid"
     stats = dict(a_lse=None, a_coef=torch.ones(1), b_lse=None, b_coef=None, diag_coef=None) if sigmoid else \
         dict(a_lse=rows, a_coef=rows, b_lse=cols, b_coef=cols, diag_coef=torch.ones(1))
-    _, args, options = ct.backward_launch(image, texts, scale, bias if sigmoid else None, sigmoid, diag_offset=0,
-                                          mode=mode, arch=arch, **stats)
-    return ct._backward_kernel, args, options
+    launch = ct.backward_launch(image, texts, scale, bias if sigmoid else None, sigmoid, diag_offset=0, mode=mode,
+                                arch=arch, **stats)
+    return ct._backward_kernel, launch.args, launch.options
 
 
 def _ptxas_usage(log: str, what: str) -> tuple[int, int]:

@@ -29,6 +29,7 @@ the host. Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 and fp16 tiles are upcas
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -306,6 +307,16 @@ def _bias_args(scale: torch.Tensor, bias: torch.Tensor | None):
     return (bias if bias is not None else scale), bias is not None
 
 
+class Launch(NamedTuple):
+    """One kernel launch, prepared: ``kernel[grid](*args, **options)`` fills ``outputs`` (tensors allocated with
+    the launch, by name)."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict
+    outputs: dict[str, torch.Tensor]
+
+
 def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     max_groups: int = MAX_GROUPS):
     """Same contract as ``contrastive_torch.softmax_forward``; ``max_groups`` bounds the programs (and
@@ -313,18 +324,17 @@ def softmax_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tenso
     _check_launch(image, texts, scale, bias, ("image", "texts"))
     if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
         raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
-    grid, args, options = softmax_forward_launch(image, texts, scale, bias, max_groups, _mode(image.dtype),
-                                                 _arch(image.device))
-    _forward_kernel[grid](*args, **options)
-    row_out, col_out = args[4], args[5]
+    launch = softmax_forward_launch(image, texts, scale, bias, max_groups, _mode(image.dtype), _arch(image.device))
+    _forward_kernel[launch.grid](*launch.args, **launch.options)
+    row_out, col_out = launch.outputs["row_stats"], launch.outputs["column_partials"]
     col_max = col_out[0].max(dim=0).values  # merge the groups' partial columns
     keep = torch.exp(col_out[0] - col_max[None, :]).nan_to_num_(0.0)
     return row_out[0], row_out[1], col_max, (col_out[1] * keep).sum(0), (col_out[2] * keep).sum(0)
 
 
-def softmax_forward_launch(image, texts, scale, bias, max_groups: int, mode: str, arch: str | None):
-    """(grid, arguments, launch options) of ``_forward_kernel`` for the softmax statistics; the outputs
-    (row statistics, partial columns) are arguments 4 and 5, allocated here."""
+def softmax_forward_launch(image, texts, scale, bias, max_groups: int, mode: str, arch: str | None) -> Launch:
+    """``_forward_kernel``'s launch for the softmax statistics; outputs ``row_stats`` (3, n_a) and
+    ``column_partials`` (3, groups, n_b), allocated here."""
     tiles = tiles_for("forward_softmax", mode, arch)
     n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
     n_tiles = triton.cdiv(n_a, tiles.block_m)
@@ -337,44 +347,43 @@ def softmax_forward_launch(image, texts, scale, bias, max_groups: int, mode: str
     bias_arg, has_bias = _bias_args(scale, bias)
     args = (image, texts, scale, bias_arg, row_out, col_out, n_a, n_b, d,
             image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), 0, tiles_per_group)
-    return (groups,), args, dict(SIGMOID=False, HAS_BIAS=has_bias, **_dot_args(mode), **tiles.launch_options())
+    return Launch((groups,), args, dict(SIGMOID=False, HAS_BIAS=has_bias, **_dot_args(mode), **tiles.launch_options()),
+                  {"row_stats": row_out, "column_partials": col_out})
 
 
 def sigmoid_forward(image: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     diag_offset: int):
     """Same contract as ``contrastive_torch.sigmoid_forward``: one program per row tile (no column state)."""
     _check_launch(image, texts, scale, bias, ("image", "texts"))
-    grid, args, options = sigmoid_forward_launch(image, texts, scale, bias, diag_offset, _mode(image.dtype),
-                                                 _arch(image.device))
-    _forward_kernel[grid](*args, **options)
-    row_out = args[4]
+    launch = sigmoid_forward_launch(image, texts, scale, bias, diag_offset, _mode(image.dtype), _arch(image.device))
+    _forward_kernel[launch.grid](*launch.args, **launch.options)
+    row_out = launch.outputs["row_stats"]
     return row_out[0], row_out[1], row_out[2]
 
 
-def sigmoid_forward_launch(image, texts, scale, bias, diag_offset: int, mode: str, arch: str | None):
-    """(grid, arguments, launch options) of ``_forward_kernel`` for SigLIP; the row statistics are
-    argument 4, allocated here."""
+def sigmoid_forward_launch(image, texts, scale, bias, diag_offset: int, mode: str, arch: str | None) -> Launch:
+    """``_forward_kernel``'s launch for SigLIP; output ``row_stats`` (3, n_a), allocated here."""
     tiles = tiles_for("forward_sigmoid", mode, arch)
     n_a, n_b, d = image.shape[0], texts.shape[0], image.shape[1]
     row_out = torch.empty(3, n_a, device=image.device, dtype=torch.float32)
     bias_arg, has_bias = _bias_args(scale, bias)
     args = (image, texts, scale, bias_arg, row_out, row_out, n_a, n_b, d,
             image.stride(0), image.stride(1), texts.stride(0), texts.stride(1), diag_offset, 1)
-    return ((triton.cdiv(n_a, tiles.block_m),), args,
-            dict(SIGMOID=True, HAS_BIAS=has_bias, **_dot_args(mode), **tiles.launch_options()))
+    return Launch((triton.cdiv(n_a, tiles.block_m),), args,
+                  dict(SIGMOID=True, HAS_BIAS=has_bias, **_dot_args(mode), **tiles.launch_options()),
+                  {"row_stats": row_out})
 
 
 def _backward_one(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset, diag_coef):
-    grid, args, options = backward_launch(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset,
-                                          diag_coef, _mode(a.dtype), _arch(a.device))
-    _backward_kernel[grid](*args, **options)
-    return args[2]
+    launch = backward_launch(a, b_mat, scale, bias, sigmoid, a_lse, a_coef, b_lse, b_coef, diag_offset, diag_coef,
+                             _mode(a.dtype), _arch(a.device))
+    _backward_kernel[launch.grid](*launch.args, **launch.options)
+    return launch.outputs["grad"]
 
 
 def backward_launch(a, b_mat, scale, bias, sigmoid: bool, a_lse, a_coef, b_lse, b_coef, diag_offset: int, diag_coef,
-                    mode: str, arch: str | None):
-    """(grid, arguments, launch options) of ``_backward_kernel``; the fp32 gradient is argument 2,
-    allocated (zeroed) here."""
+                    mode: str, arch: str | None) -> Launch:
+    """``_backward_kernel``'s launch; output ``grad`` (n_a, d) in fp32, allocated (zeroed) here."""
     tiles = tiles_for("backward_sigmoid" if sigmoid else "backward_softmax", mode, arch)
     out = torch.zeros(a.shape, device=a.device, dtype=torch.float32)
     bias_arg, has_bias = _bias_args(scale, bias)
@@ -385,9 +394,9 @@ def backward_launch(a, b_mat, scale, bias, sigmoid: bool, a_lse, a_coef, b_lse, 
             b_coef if has_b_term else dummy, diag_coef if diag_coef is not None else dummy,
             a.shape[0], b_mat.shape[0], a.shape[1],
             a.stride(0), a.stride(1), b_mat.stride(0), b_mat.stride(1), out.stride(0), out.stride(1), diag_offset)
-    return ((triton.cdiv(a.shape[0], tiles.block_m),), args,
-            dict(SIGMOID=sigmoid, HAS_BIAS=has_bias, HAS_B_TERM=has_b_term, **_dot_args(mode),
-                 **tiles.launch_options()))
+    return Launch((triton.cdiv(a.shape[0], tiles.block_m),), args,
+                  dict(SIGMOID=sigmoid, HAS_BIAS=has_bias, HAS_B_TERM=has_b_term, **_dot_args(mode),
+                       **tiles.launch_options()), {"grad": out})
 
 
 def backward(a: torch.Tensor, b_mat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,

@@ -35,17 +35,17 @@ def main() -> None:
 
     start = loop.start
 
-    def faulty_start(p):
-        session = start(p)
+    def poison(loss_fn):
+        def poisoned(*args):
+            loss = loss_fn(*args)
+            return loss + float("inf") if current["step"] in nonfinite[1] else loss
+
+        return poisoned
+
+    def faulty_start(p, hooks=None):
         if nonfinite and rank == nonfinite[0]:
-            loss_fn = session.loss_fn
-
-            def poisoned(*args):
-                loss = loss_fn(*args)
-                return loss + float("inf") if current["step"] in nonfinite[1] else loss
-
-            session.loss_fn = poisoned
-        return session
+            hooks = loop.StepHooks(loss=poison)
+        return start(p, hooks)
 
     loop.train_step, loop.start = faulty_train_step, faulty_start
     script = Path(__file__).resolve().parent.parent / "bmc_fast" / "train.py"

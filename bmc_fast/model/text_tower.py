@@ -218,7 +218,7 @@ class TextTower(nn.Module):
             _logger.info("text tower: activation checkpointing on (%d layers recomputed in backward)",
                          cfg.num_hidden_layers)
         self._attention = None  # the unpadded path's attention implementation, chosen at the first forward
-        self.pad_tokens_to = 1  # FP8 GEMMs need row counts in multiples of 16 (32 for MXFP8): te_swap sets it
+        self.pad_tokens_to = 1  # FP8 GEMMs need row counts in multiples of 16 (32 for MXFP8): te_layers.use_fp8 sets it
         self.last_token_counts = (0, 0)  # (tokens computed, real tokens) of the last forward
         hf_config = self.transformer.config
         _logger.info("text tower: ModernBertModel, %d layers (%s), %s path", cfg.num_hidden_layers,

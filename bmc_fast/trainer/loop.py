@@ -1,18 +1,19 @@
-"""The training loop: ``run`` builds the model, the DeepSpeed engine and the loaders of a ``Prepared``
-run, then trains ``max_steps`` optimizer steps, logging every ``log_every``, evaluating (retrieval, zero-shot)
-every ``eval_every`` and saving DeepSpeed checkpoints every ``save_every`` steps (each also at the end). Rank 0
-writes the run directory (``bmc_fast.checkpoint.run_dir.RunDir``).
+"""The training loop: ``run`` builds the model, the DeepSpeed engine and the loaders of a ``Prepared`` run
+(``start``), then trains ``max_steps`` optimizer steps, logging every ``log_every``, evaluating (retrieval, zero-shot)
+every ``eval_every`` and saving checkpoints every ``save_every`` steps (each also at the end).
+
+Its parts live beside it: the NaN guard (``nan_guard``), checkpoints (``checkpointing``), what rank 0 writes into the
+run directory (``run_record``), the training stream (``run_data.TrainStream``). Code outside the trainer watches or
+changes the steps through ``StepHooks`` (``benchmarks/bench_train.py``, the fault-injection tests), never by
+replacing a session's fields.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,18 +21,59 @@ from typing import Any
 
 import torch
 
-from bmc_fast.checkpoint.run_dir import checkpoint_tag
 from bmc_fast.errors import TrainingError
 from bmc_fast.trainer import rank_state
+from bmc_fast.trainer.checkpointing import Checkpointer
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer, use_deterministic_algorithms
 from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.grad_norm import set_grad_norm_dtype
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
+from bmc_fast.trainer.nan_guard import Diverged, NanGuard, finite_weights, guard_loss
 from bmc_fast.trainer.prepare import Prepared
-from bmc_fast.trainer.run_data import log_token_waste, make_loaders, total_skips
+from bmc_fast.trainer.run_data import TrainStream, log_token_waste, make_loaders, total_skips
+from bmc_fast.trainer.run_record import write_run_dir, write_summary
 from bmc_fast.trainer.step_profile import NoProfile
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepHooks:
+    """What code outside the trainer may add to a session's steps (``start(p, hooks)``), each applied once:
+
+    - ``profile(device)`` builds the object that times each step's parts (``step_profile.StepProfile``; default
+      none): ``bench_train.py`` breaks its steps down with it;
+    - ``loss(loss_fn)`` returns the loss function the steps call instead (record the last loss, inject a fault);
+    - ``batches(iterator)`` returns the training batches the steps take instead (hold them in memory, record
+      their lengths).
+    """
+
+    profile: Callable[[torch.device], Any] | None = None
+    loss: Callable[[Callable], Callable] | None = None
+    batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None
+
+
+@dataclass
+class Outputs:
+    """Rank 0's views of the run while it trains (the other ranks' are silent)."""
+
+    writer: MetricsWriter  # metrics.jsonl and TensorBoard
+    window: ThroughputWindow  # loss and throughput since the last log line
+    progress: Any  # tqdm bar
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+
+
+@dataclass
+class Results:
+    """The latest metrics of each kind, for the summary."""
+
+    train: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    n_eval: int = 0  # pairs in the last evaluation
+    zeroshot: dict = field(default_factory=dict)  # bmc_fast.eval.zeroshot.scalars of the last evaluation
 
 
 @dataclass
@@ -43,24 +85,15 @@ class Session:
     device: torch.device
     dtype: torch.dtype  # the engine's compute dtype (fp32, bf16, fp16)
     first_step: int
-    loss_fn: torch.nn.Module
-    train_loader: Any  # the training stream's loader: state_dict() gives its place (bmc_fast.trainer.rank_state)
-    batches: Iterator[dict]  # iter(train_loader): endless
-    data_seed: int  # the seed train_loader was built with
+    loss_fn: Callable  # (image, text, scale) -> loss
+    stream: TrainStream
     eval_loader: Any  # None without --eval-data
-    writer: MetricsWriter
-    window: ThroughputWindow
-    progress: Any  # tqdm bar (rank 0)
+    out: Outputs
+    guard: NanGuard
+    checkpoints: Checkpointer
+    profile: Any = field(default_factory=NoProfile)  # StepHooks.profile's, else parts go untimed
+    results: Results = field(default_factory=Results)
     started: float = field(default_factory=time.perf_counter)
-    skipped: Counter = field(default_factory=Counter)  # this rank's skipped samples by kind (PIL loader)
-    last_train: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
-    n_eval: int = 0  # pairs in the last evaluation
-    last_zeroshot: dict = field(default_factory=dict)  # the last zero-shot metrics (bmc_fast.eval.zeroshot.scalars)
-    last_saved: str | None = None  # tag of the last checkpoint this run wrote
-    skipped_steps: list[int] = field(default_factory=list)  # steps whose optimizer step was skipped (the guard)
-    bad_in_a_row: list[int] = field(default_factory=list)  # the current run of skipped steps
-    profile: Any = field(default_factory=NoProfile)  # a StepProfile times the parts of each step (bench_train.py)
 
     @property
     def pairs_per_loss(self) -> int:
@@ -74,14 +107,17 @@ def run(p: Prepared) -> dict[str, Any]:
     """Train; returns the summary (also written to ``summary.json`` on rank 0)."""
     s = start(p)
     cfg = p.cfg
-    for step in range(s.first_step, p.max_steps + 1):
-        lr, scale = train_step(s, step)
-        if due(step, cfg.log_every, p.max_steps):
-            log_step(s, step, lr, scale)
-        if (s.eval_loader is not None or p.zeroshot) and due(step, cfg.eval_every, p.max_steps):
-            evaluate(s, step)
-        if due(step, cfg.save_every, p.max_steps):
-            save(s, step)
+    try:
+        for step in range(s.first_step, p.max_steps + 1):
+            lr, scale = train_step(s, step)
+            if due(step, cfg.log_every, p.max_steps):
+                log_step(s, step, lr, scale)
+            if (s.eval_loader is not None or p.zeroshot) and due(step, cfg.eval_every, p.max_steps):
+                evaluate(s, step)
+            if due(step, cfg.save_every, p.max_steps):
+                save(s, step)
+    except Diverged as diverged:
+        _stop(s, diverged)
     return finish(s)
 
 
@@ -90,7 +126,7 @@ def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def start(p: Prepared) -> Session:
+def start(p: Prepared, hooks: StepHooks | None = None) -> Session:
     """Distributed set-up, run directory, model and engine (resumed if asked), loss, loaders, metrics."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -100,6 +136,7 @@ def start(p: Prepared) -> Session:
     from bmc_fast.model.flops import peak_flops, train_step_flops
 
     cfg, env = p.cfg, p.env
+    hooks = hooks or StepHooks()
     if cfg.deterministic:
         use_deterministic_algorithms()
     accelerator = get_accelerator()
@@ -107,7 +144,9 @@ def start(p: Prepared) -> Session:
     device = configure_device(accelerator, env)
     write_run_dir(p)
     engine, first_step, n_params = build_engine(p)
-    saved = _saved_rank_state(p) if cfg.resume else None
+    checkpoints = Checkpointer(p.run, env.rank, cfg.keep_checkpoints, stream_split(p),
+                               last_saved=p.run.latest_tag() if cfg.resume else None)
+    saved = checkpoints.saved_stream() if cfg.resume else None
     # Without a saved stream a resumed run must not replay the batches and augmentations of steps 1, 2, ...:
     # its loaders and RNG start from a seed that moves with the step.
     data_seed = saved["data_seed"] if saved else cfg.seed + first_step - 1
@@ -120,50 +159,34 @@ def start(p: Prepared) -> Session:
     if env.rank == 0:
         log_token_waste(p)
     train_loader, eval_loader = make_loaders(p, device, half=dtype == torch.float16, seed=data_seed)
+    guard = NanGuard(cfg.max_bad_steps, announce=env.rank == 0)
     if saved:
-        train_loader.load_state_dict(saved["loader"])
+        train_loader.load_state_dict(saved["loader"])  # before iter(): an iterator starts where its loader is
         rank_state.restore_rng(saved["rng"])
+        guard.skipped_steps = list(saved["skipped_steps"])
     elif cfg.resume:
         _logger.warning("resumed run: the data is reshuffled with seed %d (--seed %d + %d steps done), not "
                         "continued: the rest of the run differs from an uninterrupted one", data_seed, cfg.seed,
                         first_step - 1)
-    writer = MetricsWriter(p.run, enabled=env.rank == 0)
+    stream = TrainStream(train_loader, data_seed, iter(train_loader), Counter(saved["skipped"] if saved else {}))
     window = ThroughputWindow(device, p.plan.global_batch, flops_fn=partial(train_step_flops, p.model_cfg),
                               peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                               else None)
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
-    session = Session(p, engine, device, dtype, first_step, loss_fn, train_loader, iter(train_loader), data_seed,
-                      eval_loader, writer, window, progress)
-    session.last_saved = p.run.latest_tag() if cfg.resume else None
-    if saved:
-        session.skipped.update(saved["skipped"])
-        session.skipped_steps = list(saved["skipped_steps"])
-    return session
+    out = Outputs(MetricsWriter(p.run, enabled=env.rank == 0), window, progress)
+    if hooks.batches is not None:
+        stream.batches = hooks.batches(stream.batches)
+    return Session(p=p, engine=engine, device=device, dtype=dtype, first_step=first_step,
+                   loss_fn=hooks.loss(loss_fn) if hooks.loss is not None else loss_fn, stream=stream,
+                   eval_loader=eval_loader, out=out, guard=guard, checkpoints=checkpoints,
+                   profile=hooks.profile(device) if hooks.profile is not None else NoProfile())
 
 
 def stream_split(p: Prepared) -> dict[str, Any]:
     """How this rank's stream is cut: a saved place continues only under the same cut."""
     return {"loader": p.cfg.loader, "rank": p.env.rank, "world_size": p.env.world_size, "workers": p.cfg.workers,
             "micro_batch": p.plan.micro_batch}
-
-
-def _saved_rank_state(p: Prepared) -> dict[str, Any] | None:
-    """This rank's state in the checkpoint being resumed, or None (logged) when the stream cannot continue."""
-    tag = p.run.latest_tag()
-    path = rank_state.rank_state_path(p.run.checkpoints / tag, p.env.rank)
-    if not path.is_file():
-        _logger.warning("resumed run: checkpoint %s holds no data-stream state for rank %d", tag, p.env.rank)
-        return None
-    saved = rank_state.read(path)
-    if saved["split"] != (now := stream_split(p)):
-        changed = {key: f"{saved['split'].get(key)} -> {value}" for key, value in now.items()
-                   if saved["split"].get(key) != value}
-        _logger.warning("resumed run: the data stream is cut differently (%s): it is re-split", changed)
-        return None
-    if p.env.rank == 0:
-        _logger.info("resumed the data stream, RNG states and skip counts of %s: the run continues exactly", tag)
-    return saved
 
 
 def build_engine(p: Prepared) -> tuple[Any, int, int]:
@@ -192,9 +215,9 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
     """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale).
 
     With K > 1 micro batches and ``--accumulation contrastive`` one loss spans all K × micro × ranks pairs
-    (``bmc_fast.trainer.contrastive_accumulation``); otherwise each micro batch has its own loss (DeepSpeed's
+    (``trainer.contrastive_accumulation``); otherwise each micro batch has its own loss (DeepSpeed's
     accumulation, which scales each by 1/K). A step whose loss or gradient norm is non-finite on any rank
-    is skipped by every rank (``guard_loss``), counted, and after ``--max-bad-steps`` in a row stops the run."""
+    is skipped by every rank (``nan_guard``), counted, and after ``--max-bad-steps`` in a row stops the run."""
     plan = s.p.plan
     lr = s.engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
     if plan.accumulation > 1 and s.p.cfg.accumulation == "contrastive":
@@ -212,59 +235,12 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
                 s.engine.backward(loss)
             with s.profile.part("optimizer"):
                 s.engine.step()
-            s.window.add_micro_batch(loss, batch["attention_mask"])
+            s.out.window.add_micro_batch(loss, batch["attention_mask"])
             losses.append(loss)
-    s.window.end_step()
-    s.progress.update(1)
-    # DeepSpeed's ZeRO optimizers skip a step whose all-reduced gradient norm is not finite (their own host
-    # sync); was_step_applied() reads their verdict, the same on every rank.
-    if s.engine.was_step_applied():
-        s.bad_in_a_row.clear()
-    elif s.dtype == torch.float16 and _finite_on_every_rank(losses):
-        _log_loss_scale_overflow(s, step)
-    else:
-        _count_skipped_step(s, step)
+    s.out.window.end_step()
+    s.out.progress.update(1)
+    s.guard.after_step(s.engine, step, losses, fp16=s.dtype == torch.float16)
     return lr, scale
-
-
-def _finite_on_every_rank(losses: list[torch.Tensor]) -> bool:
-    """Whether every rank's losses of this step are finite: one all-reduce, only on a skipped step (which every
-    rank sees together)."""
-    finite = torch.stack([torch.isfinite(loss.detach()) for loss in losses]).all().to(torch.int32)
-    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def _log_loss_scale_overflow(s: Session, step: int) -> None:
-    """fp16: finite losses whose scaled gradients overflowed. DeepSpeed's dynamic loss scaling skips the step
-    and lowers the scale (it stops the run itself at its minimum scale); not a bad step for --max-bad-steps."""
-    s.skipped_steps.append(step)
-    if s.p.env.rank == 0:
-        _logger.warning("step %d skipped: fp16 loss scale overflow (finite loss), loss scale now %g; weights and "
-                        "optimizer state are unchanged, not counted toward --max-bad-steps", step,
-                        s.engine.optimizer.loss_scale)
-
-
-def guard_loss(loss: torch.Tensor) -> torch.Tensor:
-    """``loss``, turned NaN when it is not finite: its gradients are then NaN on this rank, DeepSpeed's
-    gradient norm (all-reduced) is NaN on every rank, and every rank skips the step. An infinite loss can
-    have finite gradients, which DeepSpeed alone would apply. On the device: no host sync."""
-    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
-
-
-def _count_skipped_step(s: Session, step: int) -> None:
-    s.skipped_steps.append(step)
-    s.bad_in_a_row.append(step)
-    if s.p.env.rank == 0:  # every rank agrees: one line
-        _logger.warning("step %d skipped: a loss or the gradient norm was not finite; weights and optimizer state are "
-                        "unchanged (%d step(s) skipped so far)", step, len(s.skipped_steps))
-    if len(s.bad_in_a_row) >= (limit := s.p.cfg.max_bad_steps):
-        _stop_diverged(s, step, f"{len(s.bad_in_a_row)} steps in a row (--max-bad-steps {limit}) had a non-finite "
-                                f"loss or gradient norm: steps {_step_list(s.bad_in_a_row)}")
-
-
-def _step_list(steps: list[int]) -> str:
-    return ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
 
 
 def _contrastive_step(s: Session) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,15 +265,13 @@ def _contrastive_step(s: Session) -> tuple[torch.Tensor, torch.Tensor]:
 
     loss, scale = contrastive_accumulation_step(forward, batches, loss, backward, s.device)
     for k, batch in enumerate(batches):
-        s.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
+        s.out.window.add_micro_batch(loss if k == 0 else None, batch["attention_mask"])
     return loss, scale
 
 
 def _next_batch(s: Session) -> dict:
     with s.profile.part("data"):
-        batch = next(s.batches)
-    s.skipped.update(batch["skipped"])
-    return batch
+        return s.stream.next()
 
 
 def _model_inputs(s: Session, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,15 +282,15 @@ def _model_inputs(s: Session, batch: dict) -> tuple[torch.Tensor, torch.Tensor, 
 
 def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
     """Loss and throughput since the last log line (one all-reduce), to metrics.jsonl, TensorBoard, the bar."""
-    s.last_train = {**s.window.read(), "lr": lr, "logit_scale": scale.item(), "pairs_per_loss": s.pairs_per_loss,
-                    "skipped_steps": len(s.skipped_steps)}
+    train = {**s.out.window.read(), "lr": lr, "logit_scale": scale.item(), "pairs_per_loss": s.pairs_per_loss,
+             "skipped_steps": len(s.guard.skipped_steps)}
     if (norm := s.engine.get_global_grad_norm()) is not None:  # the last step's, before clipping
-        s.last_train["grad_norm"] = float(norm)
+        train["grad_norm"] = float(norm)
     if s.p.cfg.loader == "pil":  # DALI never meets a bad sample: its skips are the index scan's, in the summary
-        s.last_train["skipped_samples"] = sum(s.skipped.values())  # this rank's, read so far
-    s.writer.write(step, s.last_train)
-    s.progress.set_postfix(loss=f"{s.last_train.get('loss', math.nan):.3f}",
-                           scale=f"{s.last_train['logit_scale']:.1f}")
+        train["skipped_samples"] = sum(s.stream.skipped.values())  # this rank's, read so far
+    s.results.train = train
+    s.out.writer.write(step, train)
+    s.out.progress.set_postfix(loss=f"{train.get('loss', math.nan):.3f}", scale=f"{train['logit_scale']:.1f}")
 
 
 def evaluate(s: Session, step: int) -> None:
@@ -326,13 +300,13 @@ def evaluate(s: Session, step: int) -> None:
 
     if s.eval_loader is not None:
         image, text = extract_features(s.engine.module, s.eval_loader, s.device, s.dtype)
-        s.last_eval, s.n_eval = retrieval_recall(image, text), image.shape[0]
-        s.writer.write(step, s.last_eval, prefix="eval")
-        _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.last_eval["t2i_r1"],
-                     s.last_eval["i2t_r1"], s.n_eval)
+        s.results.eval, s.results.n_eval = retrieval_recall(image, text), image.shape[0]
+        s.out.writer.write(step, s.results.eval, prefix="eval")
+        _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.results.eval["t2i_r1"],
+                     s.results.eval["i2t_r1"], s.results.n_eval)
     if s.p.zeroshot:
         evaluate_zeroshot(s, step)
-    s.window.restart_clock()
+    s.out.window.restart_clock()
 
 
 def evaluate_zeroshot(s: Session, step: int) -> None:
@@ -349,101 +323,50 @@ def evaluate_zeroshot(s: Session, step: int) -> None:
     results = {data.name: zeroshot.evaluate(encoder, data, k=p.cfg.zeroshot_choices, seed=p.cfg.seed,
                                             templates=p.zeroshot_templates) for data in p.zeroshot}
     model.train(was_training)
-    s.last_zeroshot = zeroshot.scalars(results)
-    s.writer.write(step, s.last_zeroshot, prefix="zeroshot")
+    s.results.zeroshot = scalars = zeroshot.scalars(results)
+    s.out.writer.write(step, scalars, prefix="zeroshot")
     _logger.info("step %d zero-shot: %s", step, "  ".join(
-        f"{name} {100 * s.last_zeroshot[f'{name}/mc_acc']:.1f} ({p.cfg.zeroshot_choices + 1} choices) / "
-        f"{100 * s.last_zeroshot[f'{name}/top1']:.1f} (all {len(r['classes'])})" for name, r in results.items()))
+        f"{name} {100 * scalars[f'{name}/mc_acc']:.1f} ({p.cfg.zeroshot_choices + 1} choices) / "
+        f"{100 * scalars[f'{name}/top1']:.1f} (all {len(r['classes'])})" for name, r in results.items()))
 
 
 def save(s: Session, step: int) -> None:
-    """A DeepSpeed checkpoint of ``step`` and every rank's state (``rank_state``); ``latest`` moves to it only
-    once every rank has written its part. Never one of non-finite weights (checked on every rank, one
-    all-reduce)."""
-    p = s.p
-    if not _finite_weights(s):
-        _stop_diverged(s, step, "a weight is not finite")
-    tag = checkpoint_tag(step)
-    # DeepSpeed would write `latest` from rank 0 before the other ranks finish their shards: we do it after
-    s.engine.save_checkpoint(str(p.run.checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
-    state = rank_state.capture(s.train_loader, data_seed=s.data_seed, split=stream_split(p), skipped=s.skipped,
-                               skipped_steps=s.skipped_steps)
-    rank_state.write(rank_state.rank_state_path(p.run.checkpoints / tag, p.env.rank), state)
-    torch.distributed.barrier()
-    if p.env.rank == 0:  # every rank's part of `tag` is on disk
-        p.run.write_latest(tag)
-        if deleted := p.run.prune_checkpoints(p.cfg.keep_checkpoints):
-            _logger.info("--keep-checkpoints %d: deleted %s", p.cfg.keep_checkpoints, ", ".join(deleted))
-    torch.distributed.barrier()  # no rank goes on (or resumes) before `latest` names the new checkpoint
-    s.last_saved = tag
+    """A checkpoint of ``step`` (``Checkpointer.save``); never one of non-finite weights (checked on every rank,
+    one all-reduce)."""
+    if not finite_weights(s.engine.module, s.device):
+        raise Diverged(step, "a weight is not finite")
+    s.checkpoints.save(s.engine, step, s.stream.state(s.guard.skipped_steps))
 
 
-def _finite_weights(s: Session) -> bool:
-    """Whether every rank's weights (its ZeRO-3 partition) are finite: one all-reduce."""
-    bad = torch.zeros((), device=s.device)
-    for param in s.engine.module.parameters():
-        bad += (~torch.isfinite(getattr(param, "ds_tensor", param).detach())).any().float()
-    torch.distributed.all_reduce(bad)
-    return bad.item() == 0
-
-
-def _stop_diverged(s: Session, step: int, what: str) -> None:
+def _stop(s: Session, diverged: Diverged) -> None:
     """Stop the run (exit status 1 from the CLI): nothing is saved after a non-finite loss or weight."""
-    last = f"checkpoints/{s.last_saved}" if s.last_saved else "none (no checkpoint was written)"
-    s.progress.close()
-    s.writer.close()
+    last = s.checkpoints.last_saved
+    s.out.close()
     torch.distributed.barrier()  # every rank stops at this step (their check was one all-reduce)
     if s.device.type == "cpu":
         release_shm_buffer(s.p.env)  # as finish() does: DeepSpeed would leave ~66 MiB a rank in /dev/shm
-    raise TrainingError(f"training diverged at step {step}: {what}; nothing was saved after it, the last good "
-                        f"checkpoint is {last}; lower the learning rate or --resume from that checkpoint")
+    raise TrainingError(f"{diverged}; nothing was saved after it, the last good checkpoint is "
+                        f"{f'checkpoints/{last}' if last else 'none (no checkpoint was written)'}; lower the learning "
+                        "rate or --resume from that checkpoint") from None
 
 
 def finish(s: Session) -> dict[str, Any]:
     """Close the outputs, sum the skips over ranks, write ``summary.json`` (rank 0); all ranks wait."""
     p, env = s.p, s.p.env
-    s.progress.close()
-    s.writer.close()
-    skips = total_skips(s.skipped, p.cfg.loader, p.train_urls, s.device)
-    summary = {"steps": p.max_steps, "seconds": time.perf_counter() - s.started, "train": s.last_train,
-               "eval": s.last_eval, "n_eval": s.n_eval, "zeroshot": s.last_zeroshot, "world_size": env.world_size,
-               "loader": p.cfg.loader, "skipped": skips, "skipped_steps": s.skipped_steps}
+    s.out.close()
+    skips = total_skips(s.stream.skipped, p.cfg.loader, p.train_urls, s.device)
+    summary = {"steps": p.max_steps, "seconds": time.perf_counter() - s.started, "train": s.results.train,
+               "eval": s.results.eval, "n_eval": s.results.n_eval, "zeroshot": s.results.zeroshot,
+               "world_size": env.world_size, "loader": p.cfg.loader, "skipped": skips,
+               "skipped_steps": s.guard.skipped_steps}
     if env.rank == 0:
         _logger.info("skipped samples (%s loader, all ranks): %s", p.cfg.loader, skips or "none")
-        p.run.summary.write_text(json.dumps(summary, indent=2))
+        write_summary(p, summary)
         _logger.info("done: %s", p.run.path)
     torch.distributed.barrier()
     if s.device.type == "cpu":
         release_shm_buffer(env)
     return summary
-
-
-def write_run_dir(p: Prepared) -> None:
-    """Rank 0 (re)creates the run directory and writes config.json and the tokenizer; all ranks wait."""
-    if p.env.rank == 0:
-        if p.cfg.overwrite and p.run.path.exists():
-            shutil.rmtree(p.run.path)
-        p.run.path.mkdir(parents=True, exist_ok=True)
-        p.tokenizer.save_pretrained(str(p.run.tokenizer))
-        # the original stays; each resume records its own resolved config beside it
-        path = p.run.next_resume_config() if p.cfg.resume else p.run.config
-        path.write_text(json.dumps(resolved_config(p), indent=2))
-    torch.distributed.barrier()
-
-
-def resolved_config(p: Prepared) -> dict[str, Any]:
-    """What ``config.json`` holds: the train, model and DeepSpeed configs as resolved, the batch, versions."""
-    import deepspeed
-    import transformers
-
-    return {
-        "train": dataclasses.asdict(p.cfg),
-        "model": p.model_cfg.to_dict(),
-        "deepspeed": p.ds_config,
-        "batch": dataclasses.asdict(p.plan),
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "transformers": transformers.__version__},
-    }
 
 
 def _log_set_up(p: Prepared, engine, n_params: int, device: torch.device, dtype: torch.dtype, backend: str) -> None:

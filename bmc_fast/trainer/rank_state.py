@@ -27,11 +27,11 @@ def saved_world_size(tag_dir: Path) -> int | None:
     return len(list(Path(tag_dir).glob("trainer_rank*.pt"))) or None
 
 
-def capture(loader, *, data_seed: int, split: dict[str, Any], skipped: Counter,
-            skipped_steps: list[int]) -> dict[str, Any]:
-    """This rank's state now; ``split`` describes how the stream was cut (kind, ranks, workers, batch)."""
-    return {"loader": loader.state_dict(), "data_seed": data_seed, "split": split, "rng": rng_states(),
-            "skipped": dict(skipped), "skipped_steps": list(skipped_steps)}
+def capture(loader, *, data_seed: int, skipped: Counter, skipped_steps: list[int]) -> dict[str, Any]:
+    """This rank's state now (``Checkpointer.save`` adds ``split``: how the stream was cut, kind, ranks, workers,
+    batch)."""
+    return {"loader": loader.state_dict(), "data_seed": data_seed, "rng": rng_states(), "skipped": dict(skipped),
+            "skipped_steps": list(skipped_steps)}
 
 
 def write(path: Path, state: dict[str, Any]) -> None:

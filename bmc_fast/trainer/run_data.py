@@ -1,18 +1,43 @@
-"""A run's data: its loaders, the caption tokens its context throws away, and the samples it skipped."""
+"""A run's data: its loaders and training stream, the caption tokens its context throws away, and the samples it
+skipped."""
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from bmc_fast.data.samples import SKIP_KINDS
 from bmc_fast.data.select_loader import build_loader
 from bmc_fast.data.shards import REMOTE_PREFIXES
+from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.distributed import log_rank_layout
 from bmc_fast.trainer.prepare import Prepared
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainStream:
+    """This rank's training batches: the loader (its ``state_dict()`` is the stream's place, ``rank_state``), the
+    endless iterator over it, the seed it was built with, and the samples it skipped so far (PIL loader)."""
+
+    loader: Any
+    seed: int
+    batches: Iterator[dict]  # iter(loader), or what a StepHooks.batches made of it
+    skipped: Counter = field(default_factory=Counter)
+
+    def next(self) -> dict:
+        batch = next(self.batches)
+        self.skipped.update(batch["skipped"])
+        return batch
+
+    def state(self, skipped_steps: list[int]) -> dict[str, Any]:
+        """What a checkpoint keeps of this stream (and the RNG states and the guard's skipped steps)."""
+        return rank_state.capture(self.loader, data_seed=self.seed, skipped=self.skipped, skipped_steps=skipped_steps)
 
 
 def make_loaders(p: Prepared, device: torch.device, half: bool, seed: int):
