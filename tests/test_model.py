@@ -112,3 +112,18 @@ def test_param_groups_follow_open_clip_weight_decay_rule(model):
 
 def test_logit_scale_init_is_clip():
     assert load_model_config("tiny").init_logit_scale == pytest.approx(math.log(1 / 0.07))
+
+
+def test_the_package_front_door_is_the_functions_themselves():
+    """``bmc_fast.create_model`` / ``load_model`` are the real functions (signatures included), loaded on first use."""
+    import inspect
+
+    import bmc_fast
+    from bmc_fast.checkpoint.load import load_model
+    from bmc_fast.model.clip import create_model
+
+    assert bmc_fast.create_model is create_model and bmc_fast.load_model is load_model
+    assert list(inspect.signature(bmc_fast.create_model).parameters)[:3] == ["preset_or_json", "image_weights",
+                                                                             "text_weights"]
+    with pytest.raises(AttributeError, match="has no attribute 'train_model'"):
+        bmc_fast.train_model  # noqa: B018
