@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bmc_fast.errors import ConfigError, DataError, TrainingError
+from bmc_fast.errors import EXIT_PREEMPTED, ConfigError, DataError, Preempted, TrainingError
 
 WORKER_TRACEBACK = "Original Traceback"  # torch re-raises a worker's exception with its traceback in the text
 
@@ -50,9 +50,13 @@ def one_line(error: Exception) -> str:
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Call ``main()``; bad input exits 2, bad data or a diverged run exits 1, each with one line on stderr."""
+    """Call ``main()``; bad input exits 2, bad data or a diverged run exits 1, a preempted run 75 (``Preempted``),
+    each with one line on stderr."""
     try:
         main()
+    except Preempted as stop:
+        sys.stderr.write(f"{one_line(stop)}\n")
+        sys.exit(EXIT_PREEMPTED)
     except ConfigError as error:
         sys.stderr.write(f"error: {one_line(error)}\n")
         sys.exit(2)

@@ -2,6 +2,8 @@
 
     BMC_FAST_TEST_KILL="RANK:STEP"            rank RANK kills itself with SIGKILL as step STEP begins
                                               (a preempted job, a lost node)
+    BMC_FAST_TEST_SIGNAL="RANK:STEP"          rank RANK sends itself SIGUSR1 as step STEP begins (a preemption
+                                              notice that reached one rank)
     BMC_FAST_TEST_NONFINITE="RANK:S1,S2,..."  rank RANK's loss gets +inf added at steps S1, S2, ... (its
                                               gradients stay finite: only the guard can catch it)
 """
@@ -23,6 +25,7 @@ def _fault(name: str) -> tuple[int, set[int]] | None:
 
 def main() -> None:
     kill, nonfinite = _fault("BMC_FAST_TEST_KILL"), _fault("BMC_FAST_TEST_NONFINITE")
+    notice = _fault("BMC_FAST_TEST_SIGNAL")
     rank = int(os.environ["RANK"])
     current = {"step": 0}
     train_step = loop.train_step
@@ -31,6 +34,8 @@ def main() -> None:
         current["step"] = step
         if kill and rank == kill[0] and step in kill[1]:
             os.kill(os.getpid(), signal.SIGKILL)
+        if notice and rank == notice[0] and step in notice[1]:
+            os.kill(os.getpid(), signal.SIGUSR1)
         return train_step(s, step)
 
     start = loop.start

@@ -36,6 +36,8 @@ NOT_HERE = {
     "paper_8k_8gpu.json": "8 GPUs and the real DFN-2B / BioClinical ModernBERT weights",
     "/models/dfn2b": "the real DFN-2B / BioClinical ModernBERT weights (not on these machines)",
     "--hostfile": "several nodes (tests/test_multinode.py runs two 'nodes' on one machine)",
+    "sbatch": "a SLURM cluster (tests/test_multinode.py starts 2 tasks with the variables srun sets; "
+              "tests/test_launchers.py checks the batch scripts)",
     "--suite": "5-10 minutes of benchmark cases here; the single case above runs",
     "run_all.py": "every benchmark, 13 minutes here; each benchmark has its own test or example",
     "readme_tables.py": "rewrites the README and docs/ in place; tests/test_readme_tables.py runs its check",

@@ -1,5 +1,6 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,21 +185,27 @@ def _last_per_step(run_dir, key):
 
 
 @pytest.mark.parametrize("loader,accumulation", [("pil", 1), ("dali", 2)])
-def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, accumulation, small_data, tmp_path):
-    """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 7 steps, checkpoints after 3, 6, 7):
-    the same command twice (the second one's rank 1 killed by SIGKILL as step 7 begins) gives bit-identical
-    weights at step 6; relaunched with --resume from step 6 (where DeepSpeed's CPU FusedAdam would drift),
-    the killed run ends with the uninterrupted run's weights too, loss for loss. PIL loader plain, DALI with
-    contrastive accumulation (2 micro batches); the PIL runs under --deterministic (torch's deterministic
-    algorithms), which must change none of this."""
+def test_a_signal_then_kill_9_and_resume_end_with_the_weights_of_a_run_never_stopped(loader, accumulation,
+                                                                                       small_data, tmp_path):
+    """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 7 steps, checkpoints every 3 steps and at the
+    end). The same command a second time: its rank 1 alone gets SIGUSR1 as step 5 begins (a preemption notice), so
+    both ranks stop after step 5 with a checkpoint there and exit status 75; resumed with --resume auto, its rank 1
+    is killed by SIGKILL as step 7 begins, and the checkpoint of step 6 equals the uninterrupted run's bit for bit;
+    resumed again from step 6 (where DeepSpeed's CPU FusedAdam would drift), the run ends with the uninterrupted
+    run's weights, loss for loss. PIL loader plain, DALI with contrastive accumulation (2 micro batches); the PIL
+    runs under --deterministic (torch's deterministic algorithms), which must change none of this."""
+    from bmc_fast.errors import EXIT_PREEMPTED
     from bmc_fast.model.clip import BMCLongCLIP
 
     ds_config = deepspeed_config(tmp_path, 2, steps=7, batch=32, accumulation=accumulation)
     deterministic = ("--deterministic",) if loader == "pil" else ()
 
-    def args(run_dir, *extra):
-        return _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "7",
-                           "--eval-every", "0", "--save-every", "3", *deterministic, *extra)
+    def args(run_dir, *extra, faulty=False):
+        arguments = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, "--max-steps", "7",
+                                "--eval-every", "0", "--save-every", "3", *deterministic, *extra)
+        if faulty:
+            arguments[arguments.index("bmc_fast/train.py")] = "tests/faulty_train.py"
+        return arguments
 
     launch_deepspeed(args(tmp_path / "first"), tmp_path, log="first.log")
     first, model_cfg = _weights(tmp_path / "first")
@@ -207,32 +214,46 @@ def test_kill_9_and_resume_ends_with_the_weights_of_a_run_never_killed(loader, a
     moved = [key for key in start if not torch.equal(start[key], first[key])]
     assert len(moved) > 0.9 * len(start), "training changed (almost) no weight: the comparison would be empty"
 
-    killed = tmp_path / "killed"
-    kill_args = args(killed)
-    kill_args[kill_args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
-    proc = launch_deepspeed(kill_args, tmp_path, check=False, env={"BMC_FAST_TEST_KILL": "1:7"}, log="killed.log")
-    assert proc.returncode != 0 and (killed / "checkpoints" / "latest").read_text() == "step0000006"
-    assert not (killed / "summary.json").exists()
-    # determinism: the same command in another process tree, bit for bit at the step both runs saved
-    assert_same_tensors(_weights(killed)[0], _weights(tmp_path / "first", tag="step0000006")[0])
-    port = kill_args[kill_args.index("--master_port") + 1]
+    stopped = tmp_path / "stopped"
+    proc = launch_deepspeed(args(stopped, faulty=True), tmp_path, check=False, env={"BMC_FAST_TEST_SIGNAL": "1:5"},
+                            log="signalled.log")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    assert (stopped / "checkpoints" / "latest").read_text() == "step0000005" and not (stopped / "summary.json").exists()
+    after_signal = re.search(r"stopped by SIGUSR1 at step 5 \(([0-9.]+) s after the signal\): checkpoint step0000005",
+                             log)
+    assert after_signal, log[-3000:]
+    # from the signal to the exit: the rest of step 5, one all-reduce, the checkpoint and a barrier
+    step_5 = 32 / next(r for r in map(json.loads, (stopped / "metrics.jsonl").read_text().splitlines())
+                       if r["step"] == 5)["train/samples_per_s"]
+    save_5 = float(re.search(r"checkpoint step0000005 saved in ([0-9.]+) s", log).group(1))
+    assert float(after_signal.group(1)) <= step_5 + save_5 + 1.0, (after_signal.group(0), step_5, save_5)
+    assert "stopped by SIGUSR1 at step 5 (signalled on another rank)" in log  # rank 0 stopped at the same step
+
+    proc = launch_deepspeed(args(stopped, "--resume", "auto", faulty=True), tmp_path, check=False,
+                            env={"BMC_FAST_TEST_KILL": "1:7"}, log="killed.log")
+    assert proc.returncode != 0 and (stopped / "checkpoints" / "latest").read_text() == "step0000006"
+    assert not (stopped / "summary.json").exists()
+    # determinism: the same command in other process trees, bit for bit at the step both runs saved
+    assert_same_tensors(_weights(stopped)[0], _weights(tmp_path / "first", tag="step0000006")[0])
+    port = proc.args[proc.args.index("--master_port") + 1]
     for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # a killed rank frees nothing
         leftover.unlink()
-    config = json.loads((killed / "config.json").read_text())
-    proc = launch_deepspeed(args(killed, "--resume"), tmp_path, log="resumed.log")
+    config = json.loads((stopped / "config.json").read_text())
+    proc = launch_deepspeed(args(stopped, "--resume"), tmp_path, log="resumed.log")
     log = proc.stdout + proc.stderr
     assert "resumed from step0000006 at step 6" in log
     assert "resumed the data stream, RNG states and skip counts of step0000006" in log
     assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in log
     assert ("deterministic algorithms on" in log) == bool(deterministic)
-    assert json.loads((killed / "config.json").read_text()) == config  # the original set-up is kept
-    assert json.loads((killed / "config.resume-1.json").read_text())["train"]["resume"] == "latest"
-    steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+    assert json.loads((stopped / "config.json").read_text()) == config  # the original set-up is kept
+    assert json.loads((stopped / "config.resume-2.json").read_text())["train"]["resume"] == "latest"
+    steps = [r["step"] for r in map(json.loads, (stopped / "metrics.jsonl").read_text().splitlines())
              if "train/loss" in r]
-    assert steps == list(range(1, 8)), steps  # 1-6 before the kill, 7 after the resume
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step0000007"
-    assert_same_tensors(_weights(killed)[0], first)
-    assert _last_per_step(killed, "train/loss") == _last_per_step(tmp_path / "first", "train/loss")
+    assert steps == list(range(1, 8)), steps  # 1-5, the signal; 6 (then the kill as 7 begins); 7 after the resume
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step0000007"
+    assert_same_tensors(_weights(stopped)[0], first)
+    assert _last_per_step(stopped, "train/loss") == _last_per_step(tmp_path / "first", "train/loss")
 
 
 def test_a_diverging_run_stops_and_never_saves_non_finite_weights(small_data, tmp_path):

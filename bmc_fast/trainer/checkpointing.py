@@ -4,6 +4,7 @@ that ``checkpoints/latest`` names a checkpoint only once every rank's part is on
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ class Checkpointer:
     def save(self, engine, step: int, stream_state: dict[str, Any]) -> str:
         """A DeepSpeed checkpoint of ``step`` with this rank's ``stream_state`` beside it; ``latest`` moves to it
         once every rank has written its part, and no rank goes on before it has. Returns the tag."""
-        tag = checkpoint_tag(step)
+        tag, started = checkpoint_tag(step), time.perf_counter()
         # DeepSpeed would write `latest` from rank 0 before the other ranks finish their shards: we do it after
         engine.save_checkpoint(str(self.run.checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
         rank_state.write(rank_state.rank_state_path(self.run.checkpoints / tag, self.rank),
@@ -40,6 +41,8 @@ class Checkpointer:
             if deleted := self.run.prune_checkpoints(self.keep):
                 _logger.info("--keep-checkpoints %d: deleted %s", self.keep, ", ".join(deleted))
         torch.distributed.barrier()  # no rank goes on (or resumes) before `latest` names the new checkpoint
+        if self.rank == 0:
+            _logger.info("checkpoint %s saved in %.1f s", tag, time.perf_counter() - started)
         self.last_saved = tag
         return tag
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from bmc_fast.trainer import launchers
+
 _logger = logging.getLogger(__name__)
 
 
@@ -18,16 +20,21 @@ class DistEnv:
     local_rank: int  # rank on this node: which device
     world_size: int
     local_size: int  # ranks on this node: how they share its CPU cores
+    launcher: str = "single"  # what started the process (bmc_fast.trainer.launchers)
+    node: int = 0  # this node's index
 
     @classmethod
-    def from_environ(cls) -> DistEnv:
-        """Read the launcher's variables; a lone ``python train.py`` becomes a 1-rank world on loopback."""
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-        world = int(os.environ["WORLD_SIZE"])
-        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world, local_size)
+    def from_environ(cls, environ: dict | None = None) -> DistEnv:
+        """The rank layout of whichever launcher started this process (DeepSpeed, torchrun, OpenMPI's mpirun,
+        SLURM's srun; ``trainer/launchers.py``), written back as torch's ``env://`` variables; a lone
+        ``python train.py`` becomes a 1-rank world on loopback."""
+        environ = os.environ if environ is None else environ
+        layout = launchers.detect(environ, free_port)
+        launchers.apply(layout, environ)
+        if layout.launcher == "single" and int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+            _logger.warning("SLURM allocated %s tasks, but this process was not started by srun: it trains alone; "
+                            "launch it with srun (one task per GPU) or srun torchrun", environ["SLURM_NTASKS"])
+        return cls(layout.rank, layout.local_rank, layout.world_size, layout.local_size, layout.launcher, layout.node)
 
 
 def free_port() -> int:
@@ -75,8 +82,8 @@ def log_rank_layout(env: DistEnv, device: torch.device, data: str) -> None:
     """Rank 0 logs, for every rank, its node, local rank, device and data shard (``data``, as this rank's loader
     was built): the one line to read when a multi-node launch mixes up global and local ranks. One
     all-gather, once per run."""
-    node = os.environ.get("CROSS_RANK", "0")  # the DeepSpeed launcher's --node_rank
-    mine = f"rank {env.rank} = node {node} ({socket.gethostname()}) local rank {env.local_rank}: {device}, {data}"
+    mine = f"rank {env.rank} = node {env.node} ({socket.gethostname()}) local rank {env.local_rank}: {device}, {data}"
     layout: list[str | None] = [None] * env.world_size
     torch.distributed.all_gather_object(layout, mine)
-    _logger.info("rank layout: %s", "; ".join(layout))
+    _logger.info("rank layout (%s launch, master %s:%s): %s", env.launcher, os.environ.get("MASTER_ADDR"),
+                 os.environ.get("MASTER_PORT"), "; ".join(layout))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from bmc_fast.errors import TrainingError
+from bmc_fast.checkpoint.run_dir import checkpoint_tag
+from bmc_fast.errors import Preempted, TrainingError
 from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.checkpointing import Checkpointer
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer, use_deterministic_algorithms
@@ -29,6 +31,7 @@ from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.grad_norm import set_grad_norm_dtype
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.nan_guard import Diverged, NanGuard, finite_weights, guard_loss
+from bmc_fast.trainer.preemption import StopSignals
 from bmc_fast.trainer.prepare import Prepared
 from bmc_fast.trainer.run_data import TrainStream, log_token_waste, make_loaders, total_skips
 from bmc_fast.trainer.run_record import write_run_dir, write_summary
@@ -104,10 +107,12 @@ class Session:
 
 
 def run(p: Prepared) -> dict[str, Any]:
-    """Train; returns the summary (also written to ``summary.json`` on rank 0)."""
-    s = start(p)
-    cfg = p.cfg
+    """Train; returns the summary (also written to ``summary.json`` on rank 0). SIGUSR1/SIGTERM stop every rank
+    at one step with a checkpoint there (``preemption``: ``Preempted``, exit status 75)."""
+    stop = StopSignals()
     try:
+        s = start(p)
+        cfg = p.cfg
         for step in range(s.first_step, p.max_steps + 1):
             lr, scale = train_step(s, step)
             if due(step, cfg.log_every, p.max_steps):
@@ -116,8 +121,12 @@ def run(p: Prepared) -> dict[str, Any]:
                 evaluate(s, step)
             if due(step, cfg.save_every, p.max_steps):
                 save(s, step)
+            if step < p.max_steps and (signum := stop.agreed(s.device)):
+                _preempt(s, step, signum, stop)
     except Diverged as diverged:
         _stop(s, diverged)
+    finally:
+        stop.restore()
     return finish(s)
 
 
@@ -336,6 +345,18 @@ def save(s: Session, step: int) -> None:
     if not finite_weights(s.engine.module, s.device):
         raise Diverged(step, "a weight is not finite")
     s.checkpoints.save(s.engine, step, s.stream.state(s.guard.skipped_steps))
+
+
+def _preempt(s: Session, step: int, signum: int, stop: StopSignals) -> None:
+    """Every rank agreed to stop after ``step``: save it (unless just saved), wait for all, raise ``Preempted``."""
+    if s.checkpoints.last_saved != checkpoint_tag(step):
+        save(s, step)
+    s.out.close()
+    torch.distributed.barrier()  # every rank's save is done before any rank exits (the launcher kills the rest)
+    if s.device.type == "cpu":
+        release_shm_buffer(s.p.env)
+    seconds = time.monotonic() - stop.received_at if stop.received else None
+    raise Preempted(step, signal.Signals(signum).name, checkpoint_tag(step), seconds)
 
 
 def _stop(s: Session, diverged: Diverged) -> None:
