@@ -36,10 +36,11 @@ def test_parts_are_exclusive_and_add_up_to_the_step():
     assert set(seconds) == {*PARTS, OTHER, "step"}
     assert seconds["step"] == pytest.approx(sum(seconds[k] for k in (*PARTS, OTHER)))
     assert seconds["step"] == pytest.approx(wall, abs=2e-3)
-    assert seconds["image_forward"] == pytest.approx(0.03, abs=5e-3)
-    assert seconds["forward"] == pytest.approx(0.03, abs=5e-3)
-    assert seconds["backward"] == pytest.approx(0.02, abs=5e-3)
-    assert seconds[OTHER] == pytest.approx(0.01, abs=5e-3)
+    # Each part holds its busy time; any excess (the scheduler, on a loaded machine) is part of the step's own
+    # overrun of the 0.09 s busy in all, so the check holds however loaded the machine is.
+    overrun = wall - 0.09
+    for part, busy in (("image_forward", 0.03), ("forward", 0.03), ("backward", 0.02), (OTHER, 0.01)):
+        assert busy - 1e-4 <= seconds[part] <= busy + overrun + 1e-3, (part, seconds[part], overrun)
     assert seconds["loss"] == 0.0
 
 

@@ -87,3 +87,62 @@ def test_ranks_reproduce_the_global_batch(world, small_data, tmp_path):
             torch.testing.assert_close(r["grads"][name], param.grad, rtol=1e-7, atol=1e-10,
                                        msg=lambda m, name=name: f"{name}: {m}")
     assert any(param.grad.abs().max() > 0 for name, param in model.named_parameters() if "text" in name)
+
+
+def _to_tensor(image) -> torch.Tensor:
+    """A PIL image -> (3, H, W) float64 in [0, 1]: the zero-shot images are already at the model's size."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).double() / 255
+
+
+def _eval_worker(rank, world, port, inputs, out_dir):
+    """Both evaluations of the trainer over a gloo group: retrieval features of uneven batches, zero-shot images."""
+    from bmc_fast.eval.retrieval import extract_features
+    from bmc_fast.eval.zeroshot import bmc_fast_encoder
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    data = torch.load(inputs, weights_only=False)
+    model = BMCLongCLIP(data["cfg"]).double()
+    model.load_state_dict(data["state"])
+    batches = [{"pixels": data["pixels"][rows], "input_ids": data["ids"][rows], "attention_mask": data["mask"][rows]}
+               for rows in (slice(0, 5), slice(5, 6), slice(0, 4))]  # 5 rows, 1 row (fewer than ranks), 4 rows
+    image, text = extract_features(model, batches, torch.device("cpu"), torch.float64, rank=rank, world_size=world)
+    encoder = bmc_fast_encoder(model, None, _to_tensor, dtype=torch.float64, rank=rank, world_size=world)
+    zeroshot_images = encoder.encode_images(data["images"], batch_size=2)
+    torch.save({"image": image, "text": text, "zeroshot": zeroshot_images}, os.path.join(out_dir, f"eval{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_split_over_ranks_gathers_what_one_process_computes(world, small_data, tmp_path):
+    """Retrieval and zero-shot features during training: each rank encodes its share of every batch (and of the
+    zero-shot images) and the gathered features equal one process's, row for row."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    inputs = tmp_path / "inputs.pt"
+    _make_inputs(small_data["tokenizer"], inputs)
+    data = torch.load(inputs, weights_only=False)
+    size = data["cfg"].vision.image_size
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(5):  # 5 images over 2 or 3 ranks: uneven shares
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    torch.save({**data, "images": images}, inputs)
+    (tmp_path / "one").mkdir()
+    _eval_worker(0, 1, 0, str(inputs), str(tmp_path / "one"))  # one process, in this one
+    mp.spawn(_eval_worker, args=(world, free_port(), str(inputs), str(tmp_path)), nprocs=world, join=True)
+    want = torch.load(tmp_path / "one" / "eval0.pt")
+    assert want["image"].shape[0] == 10 and want["zeroshot"].shape[0] == 5
+    for rank in range(world):
+        got = torch.load(tmp_path / f"eval{rank}.pt")
+        for key in ("image", "text", "zeroshot"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12, msg=f"rank {rank} {key}")

@@ -52,20 +52,45 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
 
 @torch.no_grad()
 def extract_features(model, loader, device: torch.device, dtype: torch.dtype = torch.float32,
-                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised (image (N, E), text (N, E)) features of every pair in ``loader``, in fp32 on the CPU."""
+                     progress: bool = False, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (image (N, E), text (N, E)) features of every pair in ``loader``, in fp32 on the CPU.
+
+    With ``world_size`` > 1 (every rank of a ``torch.distributed`` group calls it with the same loader) each rank
+    encodes its share of every batch (``my_rows``) and the features are gathered: the same pairs in the same
+    order as one process computes, the model's work divided by the ranks (every rank still reads every batch, and
+    runs as many forwards as the others, as ZeRO-3 needs)."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
-    images, texts = [], []
+    images, texts, sizes = [], [], []
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        pixels = batch["pixels"].to(device=device, dtype=dtype)
-        images.append(model.encode_image(pixels, normalize=True).float().cpu())
-        texts.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                       normalize=True).float().cpu())
+        rows = my_rows(batch["pixels"].shape[0], rank, world_size)
+        pixels = batch["pixels"][rows].to(device=device, dtype=dtype)
+        images.append(model.encode_image(pixels, normalize=True).float())
+        texts.append(model.encode_text(batch["input_ids"][rows].to(device), batch["attention_mask"][rows].to(device),
+                                       normalize=True).float())
+        sizes.append(batch["pixels"].shape[0])
     model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
+    if world_size == 1:
+        return torch.cat(images).cpu(), torch.cat(texts).cpu()
+    return (torch.cat([gather_rows(x, n, world_size) for x, n in zip(images, sizes)]).cpu(),
+            torch.cat([gather_rows(x, n, world_size) for x, n in zip(texts, sizes)]).cpu())
+
+
+def my_rows(n: int, rank: int, world_size: int) -> torch.Tensor:
+    """Indices of the rows of an ``n``-row batch that ``rank`` encodes: a contiguous ceil(n / world_size) of them,
+    padded with row 0 to that count (every rank encodes as many; ``gather_rows`` drops the padding)."""
+    per = -(-n // world_size)
+    mine = torch.arange(min(rank * per, n), min((rank + 1) * per, n))
+    return torch.cat([mine, torch.zeros(per - len(mine), dtype=torch.long)])
+
+
+def gather_rows(local: torch.Tensor, n: int, world_size: int) -> torch.Tensor:
+    """Every rank's ``my_rows`` features (per, E) -> the batch's (n, E), in row order (one all-gather)."""
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, local.contiguous())
+    return torch.cat(parts)[:n]  # only the last ranks' chunks are short: their padding lands after row n - 1
 
 
 def eval_shards(data: str, flag: str = "--data") -> list[str]:

@@ -102,16 +102,22 @@ class Encoder:
     kind: str  # "bmc-fast" or "open_clip"
     device: torch.device = CPU
     dtype: torch.dtype = torch.float32
+    rank: int = 0  # with world_size > 1, each rank of a torch.distributed group encodes its share of the images
+    world_size: int = 1
 
     @torch.no_grad()
     def encode_images(self, images: list[bytes], batch_size: int = 32) -> torch.Tensor:
+        """(N, E); over several ranks each decodes and encodes its ``my_rows`` of the images, gathered in order."""
         from bmc_fast.data.samples import decode_image
+        from bmc_fast.eval.retrieval import gather_rows, my_rows
 
+        mine = [images[i] for i in my_rows(len(images), self.rank, self.world_size).tolist()]
         out = []
-        for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.transform(decode_image(data)) for data in images[start:start + batch_size]])
-            out.append(self.model.encode_image(pixels.to(self.device, self.dtype), normalize=True).float().cpu())
-        return torch.cat(out)
+        for start in range(0, len(mine), batch_size):
+            pixels = torch.stack([self.transform(decode_image(data)) for data in mine[start:start + batch_size]])
+            out.append(self.model.encode_image(pixels.to(self.device, self.dtype), normalize=True).float())
+        features = torch.cat(out)
+        return (gather_rows(features, len(images), self.world_size) if self.world_size > 1 else features).cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -166,15 +172,16 @@ def check_model(spec: str, flag: str = "--model") -> None:
                           f"({', '.join(tags) or 'none'})")
 
 
-def bmc_fast_encoder(model, tokenizer, transform, device: torch.device = CPU,
-                     dtype: torch.dtype = torch.float32) -> Encoder:
-    """An ``Encoder`` over a ``BMCLongCLIP``; captions padded and truncated to its context."""
+def bmc_fast_encoder(model, tokenizer, transform, device: torch.device = CPU, dtype: torch.dtype = torch.float32,
+                     rank: int = 0, world_size: int = 1) -> Encoder:
+    """An ``Encoder`` over a ``BMCLongCLIP``; captions padded and truncated to its context; ``rank`` /
+    ``world_size``: the images split over a torch.distributed group (``Encoder.encode_images``)."""
     context = model.cfg.context_length
 
     def tokenize(texts):
         return tokenizer(texts, padding="max_length", max_length=context, truncation=True, return_tensors="pt")
 
-    return Encoder(model, tokenize, transform, "bmc-fast", device, dtype)
+    return Encoder(model, tokenize, transform, "bmc-fast", device, dtype, rank, world_size)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

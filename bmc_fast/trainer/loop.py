@@ -303,12 +303,14 @@ def log_step(s: Session, step: int, lr: float, scale: torch.Tensor) -> None:
 
 
 def evaluate(s: Session, step: int) -> None:
-    """Retrieval Recall@k on the eval shards and zero-shot accuracy on the --zeroshot-data sets, on every rank
-    (a ZeRO-3 forward needs them all); kept out of the throughput."""
+    """Retrieval Recall@k on the eval shards and zero-shot accuracy on the --zeroshot-data sets: every rank encodes
+    its share of each batch (a ZeRO-3 forward needs them all) and the features are gathered; kept out of the
+    throughput."""
     from bmc_fast.eval.retrieval import extract_features, retrieval_recall
 
     if s.eval_loader is not None:
-        image, text = extract_features(s.engine.module, s.eval_loader, s.device, s.dtype)
+        image, text = extract_features(s.engine.module, s.eval_loader, s.device, s.dtype, rank=s.p.env.rank,
+                                       world_size=s.p.env.world_size)
         s.results.eval, s.results.n_eval = retrieval_recall(image, text), image.shape[0]
         s.out.writer.write(step, s.results.eval, prefix="eval")
         _logger.info("step %d eval: T2I R@1 %.1f  I2T R@1 %.1f (N=%d)", step, s.results.eval["t2i_r1"],
@@ -326,7 +328,8 @@ def evaluate_zeroshot(s: Session, step: int) -> None:
 
     p, model = s.p, s.engine.module
     transform = image_transform(p.model_cfg.vision.image_size, train=False)
-    encoder = zeroshot.bmc_fast_encoder(model, p.tokenizer, transform, s.device, s.dtype)
+    encoder = zeroshot.bmc_fast_encoder(model, p.tokenizer, transform, s.device, s.dtype, p.env.rank,
+                                        p.env.world_size)
     was_training = model.training
     model.eval()
     results = {data.name: zeroshot.evaluate(encoder, data, k=p.cfg.zeroshot_choices, seed=p.cfg.seed,
