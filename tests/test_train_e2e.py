@@ -184,16 +184,17 @@ def _last_per_step(run_dir, key):
     return {r["step"]: r[key] for r in records if key in r}
 
 
-@pytest.mark.parametrize("loader,accumulation", [("pil", 1), ("dali", 2)])
-def test_a_signal_then_kill_9_and_resume_end_with_the_weights_of_a_run_never_stopped(loader, accumulation,
+@pytest.mark.parametrize("loader,accumulation,kill", [("pil", 1, True), ("dali", 2, False)])
+def test_a_signal_then_kill_9_and_resume_end_with_the_weights_of_a_run_never_stopped(loader, accumulation, kill,
                                                                                        small_data, tmp_path):
     """Exact resume and the determinism it rests on (2 ranks, ZeRO-2, 7 steps, checkpoints every 3 steps and at the
     end). The same command a second time: its rank 1 alone gets SIGUSR1 as step 5 begins (a preemption notice), so
-    both ranks stop after step 5 with a checkpoint there and exit status 75; resumed with --resume auto, its rank 1
-    is killed by SIGKILL as step 7 begins, and the checkpoint of step 6 equals the uninterrupted run's bit for bit;
-    resumed again from step 6 (where DeepSpeed's CPU FusedAdam would drift), the run ends with the uninterrupted
-    run's weights, loss for loss. PIL loader plain, DALI with contrastive accumulation (2 micro batches); the PIL
-    runs under --deterministic (torch's deterministic algorithms), which must change none of this."""
+    both ranks stop after step 5 with a checkpoint there and exit status 75. PIL: resumed with --resume auto, its
+    rank 1 is killed by SIGKILL as step 7 begins, and the checkpoint of step 6 equals the uninterrupted run's bit for
+    bit; resumed again from step 6 (where DeepSpeed's CPU FusedAdam would drift). DALI (with contrastive
+    accumulation, 2 micro batches): resumed from step 5 once. Either way the run ends with the uninterrupted run's
+    weights, loss for loss. The PIL runs are under --deterministic (torch's deterministic algorithms), which must
+    change none of this."""
     from bmc_fast.errors import EXIT_PREEMPTED
     from bmc_fast.model.clip import BMCLongCLIP
 
@@ -230,27 +231,32 @@ def test_a_signal_then_kill_9_and_resume_end_with_the_weights_of_a_run_never_sto
     assert float(after_signal.group(1)) <= step_5 + save_5 + 1.0, (after_signal.group(0), step_5, save_5)
     assert "stopped by SIGUSR1 at step 5 (signalled on another rank)" in log  # rank 0 stopped at the same step
 
-    proc = launch_deepspeed(args(stopped, "--resume", "auto", faulty=True), tmp_path, check=False,
-                            env={"BMC_FAST_TEST_KILL": "1:7"}, log="killed.log")
-    assert proc.returncode != 0 and (stopped / "checkpoints" / "latest").read_text() == "step0000006"
-    assert not (stopped / "summary.json").exists()
-    # determinism: the same command in other process trees, bit for bit at the step both runs saved
-    assert_same_tensors(_weights(stopped)[0], _weights(tmp_path / "first", tag="step0000006")[0])
-    port = proc.args[proc.args.index("--master_port") + 1]
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # a killed rank frees nothing
-        leftover.unlink()
     config = json.loads((stopped / "config.json").read_text())
-    proc = launch_deepspeed(args(stopped, "--resume"), tmp_path, log="resumed.log")
+    resumed_from = 5
+    if kill:
+        proc = launch_deepspeed(args(stopped, "--resume", "auto", faulty=True), tmp_path, check=False,
+                                env={"BMC_FAST_TEST_KILL": "1:7"}, log="killed.log")
+        assert proc.returncode != 0 and (stopped / "checkpoints" / "latest").read_text() == "step0000006"
+        assert not (stopped / "summary.json").exists()
+        # determinism: the same command in other process trees, bit for bit at the step both runs saved
+        assert_same_tensors(_weights(stopped)[0], _weights(tmp_path / "first", tag="step0000006")[0])
+        port = proc.args[proc.args.index("--master_port") + 1]
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # a killed rank frees none
+            leftover.unlink()
+        resumed_from = 6
+    proc = launch_deepspeed(args(stopped, "--resume", *(() if kill else ("auto",))), tmp_path, log="resumed.log")
     log = proc.stdout + proc.stderr
-    assert "resumed from step0000006 at step 6" in log
-    assert "resumed the data stream, RNG states and skip counts of step0000006" in log
+    tag = f"step{resumed_from:07d}"
+    assert f"resumed from {tag} at step {resumed_from}" in log
+    assert f"resumed the data stream, RNG states and skip counts of {tag}" in log
     assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in log
     assert ("deterministic algorithms on" in log) == bool(deterministic)
     assert json.loads((stopped / "config.json").read_text()) == config  # the original set-up is kept
-    assert json.loads((stopped / "config.resume-2.json").read_text())["train"]["resume"] == "latest"
+    last_resume = json.loads((stopped / f"config.resume-{2 if kill else 1}.json").read_text())["train"]["resume"]
+    assert last_resume == "latest"  # --resume auto, resolved: there was a checkpoint
     steps = [r["step"] for r in map(json.loads, (stopped / "metrics.jsonl").read_text().splitlines())
              if "train/loss" in r]
-    assert steps == list(range(1, 8)), steps  # 1-5, the signal; 6 (then the kill as 7 begins); 7 after the resume
+    assert steps == list(range(1, 8)), steps  # 1-5, the signal; (6, the kill as 7 begins;) 6 or 7 after the resume
     assert (stopped / "checkpoints" / "latest").read_text().strip() == "step0000007"
     assert_same_tensors(_weights(stopped)[0], first)
     assert _last_per_step(stopped, "train/loss") == _last_per_step(tmp_path / "first", "train/loss")
