@@ -44,6 +44,8 @@ class StopSignals:
             self.received, self.received_at = signum, time.monotonic()  # no I/O in a handler: the loop logs
 
     def agreed(self, device: torch.device) -> int:
+        if torch.distributed.get_world_size() == 1:  # nobody to agree with: no collective, no device sync
+            return self.received
         flag = torch.tensor([self.received], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
