@@ -164,6 +164,15 @@ _TEXT_LAYER = {
 _BLOCKS = (("visual.transformer.resblocks.", _VISION_BLOCK), ("text.transformer.layers.", _TEXT_LAYER))
 
 
+def _in_block(name: str) -> tuple[str, str, dict] | None:
+    """(block prefix + index, the name inside the block, that block's TE -> torch names), or None outside blocks."""
+    for prefix, names in _BLOCKS:
+        if name.startswith(prefix):
+            index, _, inner = name[len(prefix):].partition(".")
+            return f"{prefix}{index}.", inner, names
+    return None
+
+
 class TransformerEngine:
     """The model on Transformer Engine layers <-> on torch layers (a TE run evaluates on any device)."""
 
@@ -171,17 +180,15 @@ class TransformerEngine:
     def to_te(state: State) -> State:
         out = {}
         for name, value in state.items():
-            for prefix, names in _BLOCKS:
-                index, _, suffix = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
-                theirs = next((te for te, ours in names.items() if ours == suffix), None)
-                if theirs is not None:
-                    out[f"{prefix}{index}.{theirs}"] = value
-                    bias = theirs.replace("layer_norm_weight", "layer_norm_bias")
-                    if theirs.endswith("layer_norm_weight") and names[bias] is None:
-                        out[f"{prefix}{index}.{bias}"] = torch.zeros_like(value)
-                    break
-            else:
+            block = _in_block(name)
+            theirs = next((te for te, ours in block[2].items() if ours == block[1]), None) if block else None
+            if theirs is None:
                 out[name] = value
+                continue
+            out[block[0] + theirs] = value
+            bias = theirs.replace("layer_norm_weight", "layer_norm_bias")
+            if theirs.endswith("layer_norm_weight") and block[2][bias] is None:  # a bias-free norm: TE's bias is 0
+                out[block[0] + bias] = torch.zeros_like(value)
         return out
 
     @staticmethod
@@ -190,12 +197,9 @@ class TransformerEngine:
         for name, value in state.items():
             if name.endswith("_extra_state"):
                 continue
-            for prefix, names in _BLOCKS:
-                index, _, suffix = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
-                if suffix in names:
-                    if names[suffix] is not None:
-                        out[f"{prefix}{index}.{names[suffix]}"] = value
-                    break
-            else:
+            block = _in_block(name)
+            if block is None or block[1] not in block[2]:
                 out[name] = value
+            elif block[2][block[1]] is not None:
+                out[block[0] + block[2][block[1]]] = value
         return out
