@@ -33,7 +33,7 @@ class Preempted(Exception):
     """A run stopped by a signal at ``step`` after saving checkpoint ``tag``: ``--resume auto`` continues it."""
 
     def __init__(self, step: int, signal_name: str, tag: str, seconds: float | None):
-        when = f"{seconds:.1f} s after the signal" if seconds is not None else "signalled on another rank"
+        when = f"{seconds:.2f} s after the signal" if seconds is not None else "signalled on another rank"
         super().__init__(f"stopped by {signal_name} at step {step} ({when}): checkpoint {tag} saved; exit status "
                          f"{EXIT_PREEMPTED}; continue with --resume auto")
         self.step, self.signal_name, self.tag, self.seconds = step, signal_name, tag, seconds

@@ -1,6 +1,6 @@
 """DALI loader: the pipeline's batches, tokenised on a host thread, as the PIL loader's batch dicts.
 
-``{"pixels" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": {}}``: the same keys
+``{"pixels" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": {}, "keys": [...]}``: the same keys
 and semantics as ``bmc_fast.data.pil_loader.make_loader``. Bad samples were dropped by the index scan
 (``bmc_fast.data.index``); their counts are in the shards' ``.scan.json`` (``index.index_skips``).
 
@@ -17,6 +17,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from bmc_fast.data.index import index_path, read_index
+from bmc_fast.data.tar_samples import member_key
 from bmc_fast.data.text_tokenizer import tokenize_captions
 from bmc_fast.errors import ConfigError
 
@@ -36,8 +37,8 @@ class DaliLoader:
         except ImportError as error:
             raise ImportError("the DALI loader needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or use "
                               "--loader pil)") from error
-        for shard in shards:
-            read_index(shard)  # a missing or mismatched index stops here, naming both files
+        # a missing or mismatched index stops here, naming both files
+        self.epoch_samples = sum(len(read_index(shard)) for shard in shards)  # good samples, all ranks
         self.tokenizer, self.context_length = tokenizer, context_length
         self.endless = train and epochs is None
         self.epochs = epochs
@@ -50,7 +51,8 @@ class DaliLoader:
                                   world_size=world_size, seed=seed, pad_last_batch=not self.endless, flip=flip,
                                   half=half, checkpoint=checkpoint)
             policy = LastBatchPolicy.FILL if self.endless else LastBatchPolicy.PARTIAL
-            return DALIGenericIterator(pipe, ["pixels", "caption", "caption_len"], reader_name=READER_NAME,
+            return DALIGenericIterator(pipe, ["pixels", "caption", "caption_len", "source", "source_len"],
+                                       reader_name=READER_NAME,
                                        last_batch_policy=policy, auto_reset=True)
 
         self._build = build
@@ -103,8 +105,20 @@ class DaliLoader:
             return None
         checkpoint = self._iterator.checkpoints()  # before the next batch is asked for: exactly this place
         out = outputs[0]
-        lengths = out["caption_len"].reshape(-1).tolist()
-        raw = out["caption"].cpu().numpy()
-        captions = [bytes(raw[i, :n]).decode("utf-8").strip() for i, n in enumerate(lengths)]
+        captions = [text.strip() for text in _texts(out["caption"], out["caption_len"])]
         return {"pixels": out["pixels"], **tokenize_captions(self.tokenizer, captions, self.context_length),
-                "skipped": {}}, checkpoint
+                "skipped": {}, "keys": [_sample_id(info) for info in _texts(out["source"], out["source_len"])]}, \
+            checkpoint
+
+
+def _texts(padded, lengths) -> list[str]:
+    """UTF-8 strings from a (B, L) uint8 batch zero-padded to its longest and their (B, 1) lengths."""
+    raw = padded.cpu().numpy()
+    return [bytes(raw[i, :n]).decode("utf-8") for i, n in enumerate(lengths.reshape(-1).tolist())]
+
+
+def _sample_id(source_info: str) -> str:
+    """``<shard>#<key>`` (as ``pil_loader.sample_id``) from DALI's webdataset ``source_info``:
+    ``<shard>:<member offset>:<member name>``."""
+    shard, _, member = source_info.rsplit(":", 2)
+    return f"{shard}#{member_key(member)[0]}"

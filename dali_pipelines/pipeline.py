@@ -1,9 +1,12 @@
-"""The DALI pipeline: indexed WebDataset shards -> (pixels, caption bytes padded, caption length).
+"""The DALI pipeline: indexed WebDataset shards -> (pixels, caption bytes padded, caption length, source padded,
+source length).
 
 Samples are sharded by **global** rank (``shard_id=rank, num_shards=world_size``) over the good
 samples listed in the ``.idx`` files that ``python -m bmc_fast.data.index`` writes, so a bad sample
 never reaches the decoder. Captions leave the pipeline as raw UTF-8 bytes, zero-padded to the
-batch's longest, with their lengths; the host tokenises them (``dali_loader.DaliLoader``).
+batch's longest, with their lengths; the host tokenises them (``dali_loader.DaliLoader``). The source is the
+reader's ``source_info`` of each sample (``<shard path>:<offset>:<member name>``), the same way: its name in
+``--audit-samples`` files.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def build_pipeline(shards: list[str], index_paths: list[str], *, image_size: int
             pad_last_batch=pad_last_batch, name=READER_NAME)
         pixels = clip_augment(encoded, image_size=image_size, train=train, flip=flip, half=half,
                               decoder_device="cpu" if device_id is None else "mixed")
-        return pixels, fn.pad(caption, fill_value=0), caption.shape()
+        source = fn.get_property(encoded, key="source_info")  # uint8 bytes of the reader's source_info
+        return pixels, fn.pad(caption, fill_value=0), caption.shape(), fn.pad(source, fill_value=0), source.shape()
 
     pipe = clip_pipeline(checkpoint=checkpoint)
     pipe.build()

@@ -71,6 +71,8 @@ BAD_FLAGS = [
     (["benchmarks/bench_loss.py", "--rerender", "/nowhere.json"], "--rerender"),
     (["benchmarks/bench_loss.py", "--rerender", "README.md"], "--rerender"),
     (["benchmarks/bench_loss.py", "--memory-fraction", "0"], "--memory-fraction"),
+    (["benchmarks/bench_preemption.py", "--repeats", "0"], "--repeats"),
+    (["benchmarks/bench_preemption.py", "--out", "/nowhere/preemption"], "--out"),
     (["benchmarks/bench_text.py", "--repeats", "0"], "--repeats"),
     (["benchmarks/bench_text.py", "--device", "gpu"], "--device"),
     (["benchmarks/bench_tokens.py", "--tokenizer", "/nowhere"], "--tokenizer"),
@@ -161,7 +163,8 @@ CLIS = [[str(REPO / "bmc_fast" / "train.py")]] + [
                                                  "data.token_stats", "data.synthetic", "trainer.demo",
                                                  "kernels.compile_report")] + [
     [str(REPO / "benchmarks" / name)] for name in ("bench_accumulation.py", "bench_context.py", "bench_data.py",
-                                                   "bench_loss.py", "bench_plan.py", "bench_text.py",
+                                                   "bench_loss.py", "bench_plan.py", "bench_preemption.py",
+                                                   "bench_text.py",
                                                    "bench_tokens.py", "bench_train.py", "paper_gpus.py",
                                                    "run_all.py", "gpu_check.py", "gpu_steps.py", "gpu_wheelhouse.py")]
 HELP_ELSEWHERE = {"readme_tables.py"}  # its --help is tested with its own fixes

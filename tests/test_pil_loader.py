@@ -171,3 +171,45 @@ def test_a_stream_state_refuses_another_split(small_data):
     other.load_state_dict(loader.state_dict())
     with pytest.raises(ConfigError, match=r"'rank': 0.*cannot continue as .*'rank': 1.*same ranks and --workers"):
         next(iter(other))
+
+
+def _epoch_keys(batches, epoch: int) -> list[str]:
+    return [key for batch in batches for key, e in zip(batch["keys"], batch["epochs"]) if e == epoch]
+
+
+def _places(loaders, world_size: int, workers: int) -> list[dict]:
+    """Every worker's place in these loaders (one a rank), through a checkpoint's save and safe load."""
+    from bmc_fast.data.stream_places import loader_places
+
+    return [place for rank, loader in enumerate(loaders) for place in
+            loader_places(torch.load(_saved(loader.state_dict()), weights_only=True), rank, world_size, workers)]
+
+
+def test_a_stream_cut_anew_twice_reads_every_sample_of_its_epoch_once(small_data):
+    """2 ranks read part of epoch 0 (4 shards of 64 samples, batches of 8); the stream is re-cut over 3 ranks,
+    which read a little (still finishing the old streams), then over 1 rank with 2 worker processes, which reads
+    on into epoch 1. Over the three cuts every sample of epoch 0 is read exactly once, and each cut's sample ids
+    are the shards' own."""
+    from bmc_fast.data.tar_samples import read_tar_samples
+
+    urls = expand_shards(small_data["train"], "--train-data")
+    every = sorted(f"{url}#{sample['__key__']}" for url in urls for sample in read_tar_samples(url, read=False))
+    kwargs = dict(context_length=16, image_size=32, batch_size=8, train=True, seed=4, shuffle_buffer=20)
+    read: list[dict] = []
+
+    def take(loaders, batches_each):
+        streams = [iter(loader) for loader in loaders]
+        for _ in range(batches_each):
+            read.extend(next(stream) for stream in streams)
+
+    first = [make_loader(urls, small_data["tokenizer"], rank=r, world_size=2, workers=0, **kwargs) for r in range(2)]
+    take(first, 5)  # 80 of 256
+    second = [make_loader(urls, small_data["tokenizer"], rank=r, world_size=3, workers=0,
+                          resplit_from=_places(first, 2, 0), **kwargs) for r in range(3)]
+    take(second, 2)  # 48 more, all from the old streams
+    assert not _epoch_keys(read, 1)
+    third = make_loader(urls, small_data["tokenizer"], rank=0, world_size=1, workers=2,
+                        resplit_from=_places(second, 3, 0), **kwargs)
+    take([third], 24)  # the 128 left of epoch 0, then 64 of epoch 1
+    assert sorted(_epoch_keys(read, 0)) == every
+    assert len(_epoch_keys(read, 1)) == 64 and len(set(_epoch_keys(read, 1))) == 64

@@ -317,23 +317,60 @@ def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, 
         train.main(args + ["--max-steps", "50"])
 
 
-def test_resume_with_another_number_of_ranks_stops_with_one_message(small_data, tmp_path):
-    """DeepSpeed refuses ZeRO optimizer state of another data-parallel size only after it loaded the weights
-    (a traceback); the check comes first, counting the ranks that wrote the checkpoint."""
+def test_resume_on_another_number_of_ranks_keeps_the_checkpoints_global_batch(small_data, tmp_path, monkeypatch):
+    """A checkpoint written by 2 ranks (16 micro × 1 × 2 = 32), resumed here on 1 rank with a JSON of 64: the
+    global batch stays the checkpoint's, cut 16 × 2 accumulated, and the JSON the engine gets says so. The ranks
+    are counted and the batch read from the small rank states, before any model exists."""
     from bmc_fast.data.text_tokenizer import load_tokenizer
+    from bmc_fast.ds_json import BatchPlan
     from bmc_fast.model.config import load_model_config
+    from bmc_fast.trainer import rank_state
+    from bmc_fast.trainer.resume import Resize
 
     run = tmp_path / "run"
     tag = run / "checkpoints" / "step0000006"
     tag.mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step0000006")
+    saved_batch = {"global_batch": 32, "micro_batch": 16, "accumulation": 1, "world_size": 2}
     for rank in range(2):
-        (tag / f"trainer_rank{rank:05d}.pt").write_bytes(b"")
+        rank_state.write(rank_state.rank_state_path(tag, rank), {
+            "split": {"loader": "pil", "rank": rank, "world_size": 2, "workers": 1, "micro_batch": 16},
+            "batch": saved_batch})
     saved = load_model_config("tiny").with_tokenizer(load_tokenizer(small_data["tokenizer_dir"])).to_dict()
-    (run / "config.json").write_text(json.dumps({"model": saved}))
-    with pytest.raises(ConfigError, match=r"--resume: checkpoint 'step0000006' was written by 2 rank\(s\) and this "
-                                          r"run has 1: .*resume with 2 rank\(s\)"):
-        train.main(_args(small_data, tmp_path) + ["--resume"])
+    (run / "config.json").write_text(json.dumps({"model": saved, "batch": saved_batch}))
+    monkeypatch.setattr(bmc_fast.trainer.loop, "run", lambda prepared: prepared)
+    prepared = train.main(_args(small_data, tmp_path) + ["--resume"])
+    assert prepared.resize == Resize("step0000006", BatchPlan(32, 16, 1, 2), BatchPlan(32, 16, 2, 1))
+    assert prepared.plan == BatchPlan(32, 16, 2, 1)
+    config = prepared.ds_config
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (32, 16, 2)
+
+
+@pytest.mark.parametrize("saved,ranks,max_micro,expected", [
+    ((32, 16, 1, 2), 1, None, (32, 16, 2, 1)),  # the old micro batch, accumulated
+    ((32, 16, 1, 2), 4, None, (32, 8, 1, 4)),  # a smaller share: no accumulation
+    ((36, 18, 1, 2), 3, None, (36, 12, 1, 3)),
+    ((36, 9, 2, 2), 1, None, (36, 9, 4, 1)),  # never a micro batch above the one that fitted
+    ((32, 16, 1, 2), 1, 8, (32, 8, 4, 1)),  # the JSON's train_micro_batch_size_per_gpu bounds it
+    ((24, 12, 1, 2), 1, 5, (24, 4, 6, 1)),  # the largest divisor of the share under the bound
+])
+def test_replan_keeps_the_global_batch_with_the_largest_micro_batch_that_fits(saved, ranks, max_micro, expected):
+    from bmc_fast.ds_json import BatchPlan
+    from bmc_fast.trainer.resume import replan
+
+    plan = replan(BatchPlan(*saved), ranks, max_micro)
+    assert plan == BatchPlan(*expected)
+    assert plan.micro_batch * plan.accumulation * plan.world_size == plan.global_batch
+
+
+def test_replan_refuses_a_global_batch_the_new_ranks_cannot_share():
+    from bmc_fast.ds_json import BatchPlan
+    from bmc_fast.trainer.resume import replan
+
+    with pytest.raises(ConfigError, match=r"global batch of 32 pairs \(train_batch_size, 2 ranks\) cannot be split "
+                                          r"over 3 ranks; resume on a number of ranks that divides it \(1, 2, 4\)"):
+        replan(BatchPlan(32, 16, 1, 2), 3)
 
 
 def test_missing_image_weights(small_data, tmp_path):

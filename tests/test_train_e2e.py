@@ -1,6 +1,7 @@
 """End to end on CPU: the real `deepspeed` launcher, 2 gloo ranks, real shards; then the evaluate CLI."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,11 @@ from helpers import REPO, RunsCode, assert_same_tensors, deepspeed_config, free_
 pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
 
 STEPS = 12
+BATCH = 36  # pairs a step: 18 a rank on 2 ranks, 12 on 3, 18 × 2 accumulated on 1
 
 
 def _ds_config(tmp_path, stage, bf16=False):
-    return deepspeed_config(tmp_path, stage, steps=STEPS, batch=32, bf16=bf16)
+    return deepspeed_config(tmp_path, stage, steps=STEPS, batch=BATCH, bf16=bf16)
 
 
 def _train_args(small_data, ds_config, run_dir, ranks, *extra):
@@ -30,18 +32,23 @@ def _train_args(small_data, ds_config, run_dir, ranks, *extra):
 
 
 # ZeRO-1 runs in the contrastive accumulation test below; bf16 here with contrastive accumulation 2 and
-# activation checkpointing (fp16 with both: tests/test_nan_guard.py)
-@pytest.mark.parametrize("stage,bf16,loader", [(2, False, "pil"), (3, False, "dali"), (2, True, "dali")])
-def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_data, tmp_path):
+# activation checkpointing (fp16 with both: tests/test_nan_guard.py). The first two runs then resume from step 6 on
+# other numbers of ranks (_check_resumes_on_other_ranks).
+@pytest.mark.parametrize("stage,bf16,loader,resize_to", [(2, False, "pil", (1, 3)), (3, False, "dali", (3,)),
+                                                         (2, True, "dali", ())])
+def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, resize_to, small_data, tmp_path):
     run_dir = tmp_path / "run"
-    keep = ["--keep-checkpoints", "1"] if loader == "pil" else []  # the PIL run keeps only its last checkpoint
+    keep = ["--keep-checkpoints", "1"] if bf16 else []  # the bf16 run keeps only its last checkpoint
     accumulation, extra = (2, ["--grad-checkpointing"]) if bf16 else (1, [])
-    ds_config = deepspeed_config(tmp_path, stage, steps=STEPS, batch=32, bf16=bf16, accumulation=accumulation)
+    ds_config = deepspeed_config(tmp_path, stage, steps=STEPS, batch=BATCH, bf16=bf16, accumulation=accumulation)
     zeroshot_flags = ["--zeroshot-data", f"modality={small_data['eval']}", "--zeroshot-label-key", "modality",
                       "--zeroshot-data", f"colour={small_data['eval']}", "--zeroshot-label-key",
                       "lesions.0.colour", "--zeroshot-choices", "2"]
-    args = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, *keep, *extra, *zeroshot_flags)
-    proc = launch_deepspeed(args, tmp_path)
+    args = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, *keep, *extra, *zeroshot_flags,
+                       *(("--audit-samples",) if resize_to else ()))
+    if resize_to:  # DeepSpeed's Adam moments at each checkpoint, for the resumed runs to compare
+        args[args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
+    proc = launch_deepspeed(args, tmp_path, env={"BMC_FAST_TEST_MOMENTS": str(tmp_path / "moments")})
     port = args[args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no 66 MiB left per rank
     assert f"ZeRO stage {stage}, torch.{'bfloat16' if bf16 else 'float32'}" in proc.stdout + proc.stderr
@@ -68,9 +75,9 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
     assert [e.step for e in events.Scalars("zeroshot/average/mc_acc")] == [6, STEPS]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["deepspeed"]["zero_optimization"]["stage"] == stage
-    assert config["batch"] == {"global_batch": 32, "micro_batch": 16 // accumulation, "accumulation": accumulation,
-                               "world_size": 2}
-    assert not bf16 or "contrastive accumulation 2: each loss contrasts all 32 pairs" in proc.stdout + proc.stderr
+    assert config["batch"] == {"global_batch": BATCH, "micro_batch": BATCH // 2 // accumulation,
+                               "accumulation": accumulation, "world_size": 2}
+    assert not bf16 or f"contrastive accumulation 2: each loss contrasts all {BATCH} pairs" in proc.stdout + proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["tokens_per_s"] > 0 and 0 <= summary["train"]["padding_fraction"] < 1
     assert summary["train"]["tflops"] > 0 and "mfu" not in summary["train"]  # no peak is known for a CPU
@@ -121,6 +128,59 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, small_da
                                               r"\['builtins.exec'\]"):
             bmc_fast.load_model(run_dir)
         assert not marker.exists()
+    for ranks in resize_to:
+        _check_resumes_on_other_ranks(run_dir, args, ranks, loader, small_data, tmp_path)
+
+
+def _check_resumes_on_other_ranks(run_dir, args, ranks, loader, small_data, tmp_path):
+    """A copy of the 2-rank run as it was at its step-6 checkpoint resumes on ``ranks`` ranks to step 12: the global
+    batch stays, the checkpoint goes through DeepSpeed's universal form, every parameter's Adam moments right after
+    loading equal the saving run's bit for bit, the LR schedule goes on where it was. Data, by the audit files: the
+    PIL stream finishes the interrupted epoch over the new ranks, every sample of it read exactly once across the
+    resize; DALI starts a new epoch, and the count of the old epoch's unread samples it logs is the audit's."""
+    from bmc_fast.checkpoint.run_dir import RunDir
+    from bmc_fast.data.tar_samples import read_tar_samples
+    from bmc_fast.trainer.sample_audit import read_audit
+
+    copy = tmp_path / f"resized-{ranks}"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(f"step{STEPS:07d}"))
+    RunDir(copy).write_latest("step0000006")
+    resumed = [*args, "--output-dir", str(copy), "--resume"]
+    resumed[resumed.index("--num_gpus") + 1], resumed[resumed.index("--master_port") + 1] = str(ranks), str(free_port())
+    proc = launch_deepspeed(resumed, tmp_path, env={"BMC_FAST_TEST_MOMENTS": str(copy / "moments")},
+                            log=f"resized-{ranks}.log")
+    log = proc.stdout + proc.stderr
+    micro, accumulation = (BATCH // ranks, 1) if BATCH // ranks <= BATCH // 2 else (BATCH // 2, 2)
+    assert (f"--resume on {ranks} rank(s): checkpoint step0000006 was written by 2; the global batch stays {BATCH} = "
+            f"{micro} micro × {accumulation} accum × {ranks} ranks (was {BATCH // 2} × 1 × 2)") in log
+    assert "resumed from step0000006_universal at step 6" in log
+    assert RunDir(copy).latest_tag() == f"step{STEPS:07d}"
+    assert not [p.name for p in (copy / "checkpoints").iterdir() if "universal" in p.name]  # removed once loaded
+    saved, loaded = (torch.load(path, weights_only=True) for path in (tmp_path / "moments" / "saved-6.pt",
+                                                                     copy / "moments" / "loaded-6.pt"))
+    assert saved.keys() == loaded.keys() and len(saved) > 50
+    for name in saved:
+        assert_same_tensors(loaded[name], saved[name])
+    lrs = {run: _last_per_step(run, "train/lr") for run in (run_dir, copy)}
+    assert [lrs[copy][step] for step in range(7, STEPS + 1)] == [lrs[run_dir][step] for step in range(7, STEPS + 1)]
+
+    audit = read_audit(copy / "audit")  # the lines of steps 7-12 of the 2-rank run were dropped on resume
+    assert sorted(audit) == list(range(max(2, ranks)))
+    steps = {step: [key for rank in audit.values() for key in rank.get(step, {}).get("keys", [])]
+             for step in range(1, STEPS + 1)}
+    assert all(len(keys) == BATCH for keys in steps.values())
+    urls = sorted({url for url, _ in (key.split("#") for keys in steps.values() for key in keys)})
+    every = sorted(f"{url}#{s['__key__']}" for url in urls for s in read_tar_samples(url, read=False))
+    if loader == "pil":
+        epoch_0 = [key for rank in audit.values() for line in rank.values()
+                   for key, epoch in zip(line["keys"], line["epochs"]) if epoch == 0]
+        assert sorted(epoch_0) == every  # 216 samples before the resize, the other 40 after it
+    else:
+        before = {key for step in range(1, 7) for key in steps[step]}
+        after = [key for step in range(7, STEPS + 1) for key in steps[step]]
+        assert len(set(after)) == len(after)  # one new epoch: no sample twice
+        assert (f"the interrupted epoch had {len(before)} of its {len(every)} samples read (step 6 × {BATCH} pairs), "
+                f"the other {len(every) - len(before)} are not seen in that epoch") in log
 
 
 def test_evaluate_cli_rejects_a_directory_that_is_not_a_run(tmp_path):
@@ -138,13 +198,18 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
     """2 ranks, 5 steps, PIL loader (the same samples in the same order for any micro batch): K = 2 micro
     batches of 8 per rank give the losses and gradient norms of one micro batch of 16, on ZeRO 1, 2 and 3
     (the norm, before clipping, would show DeepSpeed's 1/K scaling; the losses after the warm-up steps at
-    lr 0 show the updates)."""
+    lr 0 show the updates). The ZeRO-1 run then resumes on 1 rank (8 micro × 4 accum) through DeepSpeed's universal
+    checkpoint, its Adam moments as saved (ZeRO 2 and 3: test_deepspeed_launcher_trains_and_checkpoints)."""
     steps = ["--max-steps", "5", "--loader", "pil", "--eval-every", "0", "--save-every", "0"]
+    moments = {"BMC_FAST_TEST_MOMENTS": str(tmp_path / "moments")}
 
-    def train(stage, accumulation):
+    def train(stage, accumulation, ranks=2, *extra):
         ds_config = deepspeed_config(tmp_path, stage, steps=5, batch=32, accumulation=accumulation)
         run_dir = tmp_path / f"run-zero{stage}-k{accumulation}"
-        proc = launch_deepspeed(_train_args(small_data, ds_config, run_dir, 2, *steps), tmp_path)
+        args = _train_args(small_data, ds_config, run_dir, ranks, *steps, *extra)
+        if stage == 1:
+            args[args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
+        proc = launch_deepspeed(args, tmp_path, env=moments if stage == 1 else None)
         return _per_step(run_dir, "train/loss"), _per_step(run_dir, "train/grad_norm"), proc.stdout + proc.stderr
 
     big_losses, big_norms, _ = train(2, 1)
@@ -157,6 +222,14 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
         _check_weights_only_consolidation(tmp_path / f"run-zero{stage}-k2")
     records = [json.loads(line) for line in (tmp_path / "run-zero3-k2" / "metrics.jsonl").read_text().splitlines()]
     assert {r["train/pairs_per_loss"] for r in records if "train/pairs_per_loss" in r} == {32}
+
+    saved = torch.load(tmp_path / "moments" / "saved-5.pt", weights_only=True)
+    _, _, log = train(1, 2, 1, "--resume", "--max-steps", "6")
+    assert "the global batch stays 32 = 8 micro × 4 accum × 1 ranks (was 8 × 2 × 2)" in log
+    loaded = torch.load(tmp_path / "moments" / "loaded-5.pt", weights_only=True)
+    assert saved.keys() == loaded.keys() and len(saved) > 50
+    for name in saved:
+        assert_same_tensors(loaded[name], saved[name])
 
 
 def _check_weights_only_consolidation(run_dir):

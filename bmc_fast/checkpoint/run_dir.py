@@ -31,6 +31,7 @@ class RunDir:
         self.latest = self.checkpoints / "latest"  # names the newest tag (DeepSpeed writes it)
         self.summary = self.path / "summary.json"  # final loss, throughput, retrieval, skipped samples
         self.eval = self.path / "eval.json"  # what python -m bmc_fast.eval.retrieval measured (default)
+        self.audit = self.path / "audit"  # --audit-samples: each rank's samples of each step
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"

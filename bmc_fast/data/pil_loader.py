@@ -10,9 +10,11 @@ flip, because captions state laterality), then batched and tokenised in the work
 sample once, in order.
 
 The order is therefore a function of (seed, epoch, rank, worker) alone, and a worker's place in it is
-two numbers: its epoch and the samples of that epoch it has consumed. ``ShardStream`` is ``Stateful``:
-torchdata's ``StatefulDataLoader`` collects those numbers from every worker with each batch, and a
-resumed stream re-reads the epoch's tar members up to that place without decoding them. Each batch
+two numbers: its epoch and the samples of that epoch it has consumed (``stream_places``). ``ShardStream`` is
+``Stateful``: torchdata's ``StatefulDataLoader`` collects the places from every worker with each batch, and a
+resumed stream re-reads the epoch's tar members up to that place without decoding them. Resumed under another cut
+(ranks or workers), the stream first finishes the old workers' epoch, dealt over the new ones
+(``stream_places.resplit``), so no sample of it is repeated or skipped. Each batch
 carries ``"skipped"``: the skip counts since the previous batch of its worker (a batch is held back
 until the next one is full, so skips at the end of a bounded stream are not lost).
 """
@@ -30,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bmc_fast.data.samples import SampleError, check_sample
+from bmc_fast.data.stream_places import Cut, Place, resplit, start_place
 from bmc_fast.data.tar_samples import wds_tar_samples
 from bmc_fast.data.text_tokenizer import tokenize_captions
 from bmc_fast.data.transforms import image_transform
@@ -45,13 +48,17 @@ class Collate:
     tokenizer: object
     context_length: int
 
-    def __call__(self, samples: list[tuple[torch.Tensor, str]], skipped: dict[str, int] | None = None) -> dict:
-        images, captions = zip(*samples)
+    def __call__(self, samples: list[tuple[torch.Tensor, str, str, int]],
+                 skipped: dict[str, int] | None = None) -> dict:
+        """``samples``: (image, caption, sample id, epoch) each."""
+        images, captions, ids, epochs = zip(*samples)
         return {
             "pixels": torch.stack(images),  # (B, 3, H, W) float32
             # input_ids (B, L <= context_length) int64, attention_mask (B, L) 1 = real token
             **tokenize_captions(self.tokenizer, captions, self.context_length),
             "skipped": dict(skipped or {}),  # {skip kind: samples skipped since this worker's previous batch}
+            "keys": list(ids),  # "<shard url>#<key>" of each row (sample_id), for --audit-samples
+            "epochs": list(epochs),  # the epoch each row was read in
         }
 
 
@@ -73,26 +80,39 @@ def _worker() -> tuple[int, int]:
 
 class ShardStream(IterableDataset):
     """Batches of one rank (see the module docstring); ``state_dict`` / ``load_state_dict`` give and take
-    one worker's place in its stream: ``{"epoch", "consumed", "worker", "workers", "rank", "world_size"}``."""
+    one worker's place in its stream (``stream_places``: its cut, epoch, samples consumed, inherited segments).
+    ``resplit_from``: every worker's place when the stream was last cut another way (a run resumed on another number
+    of ranks or workers): the stream first finishes their epoch (``stream_places.resplit``)."""
 
     def __init__(self, urls: list[str], *, collate: Collate, transform: Callable, batch_size: int, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, resplit_from: list[Place] | None = None):
         super().__init__()
         self.urls, self.collate, self.transform, self.batch_size = list(urls), collate, transform, batch_size
         self.train, self.seed = train, seed
         self.rank, self.world_size = (rank, world_size) if train else (0, 1)  # eval: every rank sees all
         self.epochs = epochs if train else 1
         self.shuffle_buffer = shuffle_buffer
-        self._state: dict | None = None  # the place after the last batch this worker yielded
-        self._resume: dict | None = None  # a place to continue from, set by load_state_dict
+        self._state: Place | None = None  # the place after the last batch this worker yielded
+        self._resume: Place | None = None  # a place to continue from, set by load_state_dict
+        self._resplit_from = resplit_from
 
-    def state_dict(self) -> dict:
-        return dict(self._state or {})
+    def _cut(self) -> Cut:
+        return Cut(self.rank, self.world_size, *_worker())
 
-    def load_state_dict(self, state: dict) -> None:
-        worker, workers = _worker()
-        where = dict(worker=worker, workers=workers, rank=self.rank, world_size=self.world_size)
+    def _start(self) -> Place:
+        """Where this worker's next iteration starts."""
+        if self._resume is not None:
+            return {"inherited": [], **self._resume}  # places saved before segments existed have none
+        if self._resplit_from is not None:
+            return resplit(self._resplit_from, self._cut())
+        return start_place(self._cut())
+
+    def state_dict(self) -> Place:
+        return dict(self._state or self._start())
+
+    def load_state_dict(self, state: Place) -> None:
+        where = self._cut()._asdict()
         saved = {key: state.get(key) for key in where}
         if saved != where:
             raise ConfigError(f"data stream state of {saved} cannot continue as {where}: resume with the same "
@@ -100,82 +120,105 @@ class ShardStream(IterableDataset):
         self._resume = state
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        start, resumed = self._resume or {"epoch": 0, "consumed": 0}, self._resume is not None
-        self._resume = None
-        place = dict(worker=worker, workers=workers, rank=self.rank, world_size=self.world_size)
+        place = self._start()
+        resumed = place["epoch"] > 0 or place["consumed"] > 0 or bool(place["inherited"])
+        self._resume = self._resplit_from = None
         rows, skipped, held = [], Counter(), None  # held: (batch, its place), yielded once the next is full
         delivered = int(resumed)  # good samples so far (a resumed stream had some)
-        epochs = count(start["epoch"]) if self.epochs is None else range(start["epoch"], self.epochs)
-        for epoch in epochs:
-            shards = epoch_shards(self.urls, epoch, rank=self.rank, world_size=self.world_size, worker=worker,
-                                  workers=workers, seed=self.seed, shuffle=self.train)
-            first = start["consumed"] if epoch == start["epoch"] else 0
-            seen = 0
-            for index, sample in enumerate(self._epoch_samples(shards, epoch, worker)):
-                seen += 1
-                if index < first:
-                    continue  # consumed before the resume: read, never decoded
-                try:
-                    image, caption = check_sample(sample)
-                except SampleError as error:
-                    skipped[error.kind] += 1
-                    _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
-                    continue
-                delivered += 1
-                rows.append((self._augment(image, epoch, worker, index), caption))
-                if len(rows) == self.batch_size:
-                    if held is not None:
-                        yield self._deliver(held)
-                    held = (self.collate(rows, skipped), {**place, "epoch": epoch, "consumed": index + 1})
-                    rows, skipped = [], Counter()
-            if not delivered and self.train and self.epochs is None:  # an endless stream would wait forever
-                raise DataError(f"all {seen} sample(s) of a full pass over {len(shards)} shard(s) "
-                                f"{sorted(shards)[:5]} were skipped, none good (skipped {dict(skipped)}): these "
-                                "shards hold no usable sample; python -m bmc_fast.data.index SHARDS --report "
-                                "REPORT.json shows why")
+        for sample, origin, after in self._samples_from(place):
+            if sample is None:  # a full pass over this worker's own shards ended
+                if not delivered and self.train and self.epochs is None:  # an endless stream would wait forever
+                    raise DataError(f"all {origin[0]} sample(s) of a full pass over {len(origin[1])} shard(s) "
+                                    f"{sorted(origin[1])[:5]} were skipped, none good (skipped {dict(skipped)}): these "
+                                    "shards hold no usable sample; python -m bmc_fast.data.index SHARDS --report "
+                                    "REPORT.json shows why")
+                continue
+            try:
+                image, caption = check_sample(sample)
+            except SampleError as error:
+                skipped[error.kind] += 1
+                _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+                continue
+            delivered += 1
+            rows.append((self._augment(image, origin), caption, sample_id(sample), origin[0]))
+            if len(rows) == self.batch_size:
+                if held is not None:
+                    yield self._deliver(held)
+                held = (self.collate(rows, skipped), after)
+                rows, skipped = [], Counter()
         if rows and (not self.train or self.epochs is not None):
             if held is not None:
                 yield self._deliver(held)
-            held = (self.collate(rows, skipped), {**place, "epoch": self.epochs, "consumed": 0})
+            held = (self.collate(rows, skipped), {**self._cut()._asdict(), "epoch": self.epochs, "consumed": 0,
+                                                   "inherited": []})
             skipped = Counter()
         if held is not None:
             held[0]["skipped"] = dict(Counter(held[0]["skipped"]) + skipped)
             yield self._deliver(held)
 
-    def _deliver(self, held: tuple[dict, dict]) -> dict:
+    def _samples_from(self, place: Place) -> Iterator[tuple[dict | None, tuple, Place]]:
+        """(raw sample, its origin (epoch, rank, worker, index), the place after it) from ``place`` on: the inherited
+        segments, then this worker's own epochs; (None, (samples, shards), place) after each full own epoch."""
+        cut, inherited = self._cut(), place["inherited"]
+        for k, (rank, world_size, worker, workers, epoch, first, stride, offset) in enumerate(inherited):
+            old = Cut(rank, world_size, worker, workers)
+            for index, sample in self._epoch_samples(old, epoch, first):
+                if index % stride == offset:
+                    yield sample, (epoch, rank, worker, index), {
+                        **place, "inherited": [[*old, epoch, index + 1, stride, offset], *inherited[k + 1:]]}
+        own = {**cut._asdict(), "inherited": []}
+        epochs = count(place["epoch"]) if self.epochs is None else range(place["epoch"], self.epochs)
+        for epoch in epochs:
+            first, seen = place["consumed"] if epoch == place["epoch"] else 0, 0
+            for index, sample in self._epoch_samples(cut, epoch, first):
+                seen = index + 1
+                yield sample, (epoch, cut.rank, cut.worker, index), {**own, "epoch": epoch, "consumed": index + 1}
+            yield None, (seen, self._shards(cut, epoch)), own
+
+    def _deliver(self, held: tuple[dict, Place]) -> dict:
         batch, self._state = held
         return batch
 
-    def _epoch_samples(self, shards: list[str], epoch: int, worker: int) -> Iterator[dict]:
-        """Raw samples of one epoch in this worker's order: its shards' samples through a seeded buffer."""
+    def _shards(self, cut: Cut, epoch: int) -> list[str]:
+        return epoch_shards(self.urls, epoch, rank=cut.rank, world_size=cut.world_size, worker=cut.worker,
+                            workers=cut.workers, seed=self.seed, shuffle=self.train)
+
+    def _epoch_samples(self, cut: Cut, epoch: int, first: int) -> Iterator[tuple[int, dict]]:
+        """(index, raw sample) of one epoch of ``cut``'s stream from index ``first`` on: its shards' samples through a
+        seeded buffer; the samples before ``first`` are read (the buffer needs them), never decoded."""
         import webdataset as wds
 
-        samples = wds_tar_samples({"url": url} for url in shards)
-        if not self.train:
-            return samples
-        rng = random.Random(hash((self.seed, epoch, self.rank, worker)))  # ints hash the same in every process
-        return wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+        samples = wds_tar_samples({"url": url} for url in self._shards(cut, epoch))
+        if self.train:
+            rng = random.Random(hash((self.seed, epoch, cut.rank, cut.worker)))  # ints hash the same in every process
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+        return ((index, sample) for index, sample in enumerate(samples) if index >= first)
 
-    def _augment(self, image, epoch: int, worker: int, index: int) -> torch.Tensor:
-        """The transform under a torch generator seeded by the sample's place: the same crop whatever ran
-        before (a resumed stream), and the caller's RNG untouched."""
+    def _augment(self, image, origin: tuple[int, int, int, int]) -> torch.Tensor:
+        """The transform under a torch generator seeded by the sample's origin (epoch, rank, worker, index): the same
+        crop whatever ran before (a resumed stream), and the caller's RNG untouched."""
         if not self.train:
             return self.transform(image)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, self.rank, worker, index)) & 0xFFFF_FFFF_FFFF)
+            torch.manual_seed(hash((self.seed, *origin)) & 0xFFFF_FFFF_FFFF)
             return self.transform(image)
+
+
+def sample_id(sample: dict) -> str:
+    """``<shard url>#<key>``: a sample's name in ``--audit-samples`` files, the same for both loaders."""
+    return f"{sample.get('__url__')}#{sample.get('__key__')}"
 
 
 def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: int, batch_size: int,
                 train: bool, rank: int = 0, world_size: int = 1, workers: int = 1, seed: int = 0,
                 shuffle_buffer: int = 1000, epochs: int | None = None,
-                transform: Callable | None = None):
+                transform: Callable | None = None, resplit_from: list[Place] | None = None):
     """A torchdata ``StatefulDataLoader`` of batch dicts (see ``Collate``) over a ``ShardStream``.
 
     Train batches are always full and the stream repeats forever, unless ``epochs`` bounds it (then the
     last batch may be partial); eval batches keep the remainder and every rank sees all samples.
-    ``transform`` (RGB PIL image -> (3, S, S) tensor) replaces ``image_transform(image_size, train)``.
+    ``transform`` (RGB PIL image -> (3, S, S) tensor) replaces ``image_transform(image_size, train)``;
+    ``resplit_from``: see ``ShardStream``.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -184,7 +227,8 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
                           "worker(s) each need one: write more, smaller shards or lower --workers")
     stream = ShardStream(urls, collate=Collate(tokenizer, context_length), batch_size=batch_size, train=train,
                          transform=transform or image_transform(image_size, train), rank=rank,
-                         world_size=world_size, seed=seed, epochs=epochs, shuffle_buffer=shuffle_buffer)
+                         world_size=world_size, seed=seed, epochs=epochs, shuffle_buffer=shuffle_buffer,
+                         resplit_from=resplit_from)
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
         warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
         return StatefulDataLoader(stream, batch_size=None, num_workers=workers,

@@ -54,8 +54,9 @@ def ensure_indexes(urls: list[str]) -> None:
 
 def build_loader(urls: list[str], *, kind: str, tokenizer, train: bool, context_length: int, image_size: int,
                  batch_size: int, workers: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device_id: int | None = None, half: bool = False):
-    """A loader of batch dicts. ``kind``: a resolved ``dali`` or ``pil``; ``workers``: PIL processes or DALI threads."""
+                 device_id: int | None = None, half: bool = False, resplit_from: list[dict] | None = None):
+    """A loader of batch dicts. ``kind``: a resolved ``dali`` or ``pil``; ``workers``: PIL processes or DALI threads;
+    ``resplit_from``: the PIL stream's places under another cut (``pil_loader.ShardStream``)."""
     common = dict(context_length=context_length, image_size=image_size, batch_size=batch_size, train=train,
                   rank=rank, world_size=world_size, seed=seed)
     if kind == "dali":
@@ -64,4 +65,4 @@ def build_loader(urls: list[str], *, kind: str, tokenizer, train: bool, context_
         return DaliLoader(urls, tokenizer, device_id=device_id, num_threads=max(workers, 1), half=half, **common)
     from bmc_fast.data.pil_loader import make_loader
 
-    return make_loader(urls, tokenizer, workers=workers, **common)
+    return make_loader(urls, tokenizer, workers=workers, resplit_from=resplit_from, **common)

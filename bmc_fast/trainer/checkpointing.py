@@ -1,5 +1,6 @@
 """Checkpoints of a run: DeepSpeed's engine state plus every rank's data-stream state (``rank_state``), written so
-that ``checkpoints/latest`` names a checkpoint only once every rank's part is on disk, and read back on resume.
+that ``checkpoints/latest`` names a checkpoint only once every rank's part is on disk (``stream_resume`` reads the
+rank states back).
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class Checkpointer:
-    """Where this rank writes and reads its checkpoints, and how its data stream is cut (``split``): a saved
-    place in the stream continues only under the same cut."""
+    """Where this rank writes its checkpoints, and what it records beside DeepSpeed's files: how its data stream is
+    cut (``split``: a saved place continues exactly only under the same cut) and the batch plan."""
 
     run: RunDir
     rank: int
     keep: int  # --keep-checkpoints: the newest this many stay (0: all)
     split: dict[str, Any]  # loader, rank, world size, workers, micro batch
+    batch: dict[str, int]  # the run's BatchPlan: a resume on other ranks keeps its global batch
     last_saved: str | None = None  # tag of the last checkpoint this run wrote (or resumed from)
 
     def save(self, engine, step: int, stream_state: dict[str, Any]) -> str:
@@ -34,7 +36,7 @@ class Checkpointer:
         # DeepSpeed would write `latest` from rank 0 before the other ranks finish their shards: we do it after
         engine.save_checkpoint(str(self.run.checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
         rank_state.write(rank_state.rank_state_path(self.run.checkpoints / tag, self.rank),
-                         {**stream_state, "split": self.split})
+                         {**stream_state, "split": self.split, "batch": self.batch})
         torch.distributed.barrier()
         if self.rank == 0:  # every rank's part of `tag` is on disk
             self.run.write_latest(tag)
@@ -42,23 +44,6 @@ class Checkpointer:
                 _logger.info("--keep-checkpoints %d: deleted %s", self.keep, ", ".join(deleted))
         torch.distributed.barrier()  # no rank goes on (or resumes) before `latest` names the new checkpoint
         if self.rank == 0:
-            _logger.info("checkpoint %s saved in %.1f s", tag, time.perf_counter() - started)
+            _logger.info("checkpoint %s saved in %.2f s", tag, time.perf_counter() - started)
         self.last_saved = tag
         return tag
-
-    def saved_stream(self) -> dict[str, Any] | None:
-        """This rank's stream state in the ``latest`` checkpoint, or None (logged) when it cannot continue."""
-        tag = self.run.latest_tag()
-        path = rank_state.rank_state_path(self.run.checkpoints / tag, self.rank)
-        if not path.is_file():
-            _logger.warning("resumed run: checkpoint %s holds no data-stream state for rank %d", tag, self.rank)
-            return None
-        saved = rank_state.read(path)
-        if saved["split"] != self.split:
-            changed = {key: f"{saved['split'].get(key)} -> {value}" for key, value in self.split.items()
-                       if saved["split"].get(key) != value}
-            _logger.warning("resumed run: the data stream is cut differently (%s): it is re-split", changed)
-            return None
-        if self.rank == 0:
-            _logger.info("resumed the data stream, RNG states and skip counts of %s: the run continues exactly", tag)
-        return saved

@@ -74,6 +74,9 @@ class TrainConfig:
                                "plain accumulation (K losses of micro batch x ranks pairs)", choices=ACCUMULATIONS)
     deterministic: bool = option(False, "torch's deterministic settings (torch.use_deterministic_algorithms, "
                                  "CUBLAS_WORKSPACE_CONFIG): a rerun of the same seed repeats the run bit for bit")
+    audit_samples: bool = option(False, "write the samples of every step to audit/rank<r>.jsonl in the run directory, "
+                                 "one line a step (check that stops, resumes and resizes used each sample of an "
+                                 "epoch once: docs/cluster.md)")
     skip_memory_check: bool = option(False, "on CUDA, launch without the memory preflight (bmc_fast.plan): the "
                                      "planner's estimate is computed, not measured; pass this to launch anyway")
 

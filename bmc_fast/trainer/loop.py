@@ -13,9 +13,8 @@ import logging
 import math
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import torch
 
 from bmc_fast.checkpoint.run_dir import checkpoint_tag
 from bmc_fast.errors import Preempted, TrainingError
-from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.checkpointing import Checkpointer
 from bmc_fast.trainer.distributed import configure_device, release_shm_buffer, use_deterministic_algorithms
 from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
@@ -33,7 +31,7 @@ from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.nan_guard import Diverged, NanGuard, finite_weights, guard_loss
 from bmc_fast.trainer.preemption import StopSignals
 from bmc_fast.trainer.prepare import Prepared
-from bmc_fast.trainer.run_data import TrainStream, log_token_waste, make_loaders, total_skips
+from bmc_fast.trainer.run_data import TrainStream, log_token_waste, open_train_stream, total_skips
 from bmc_fast.trainer.run_record import write_run_dir, write_summary
 from bmc_fast.trainer.step_profile import NoProfile
 
@@ -115,6 +113,7 @@ def run(p: Prepared) -> dict[str, Any]:
         cfg = p.cfg
         for step in range(s.first_step, p.max_steps + 1):
             lr, scale = train_step(s, step)
+            s.stream.end_step(step)
             if due(step, cfg.log_every, p.max_steps):
                 log_step(s, step, lr, scale)
             if (s.eval_loader is not None or p.zeroshot) and due(step, cfg.eval_every, p.max_steps):
@@ -153,13 +152,8 @@ def start(p: Prepared, hooks: StepHooks | None = None) -> Session:
     device = configure_device(accelerator, env)
     write_run_dir(p)
     engine, first_step, n_params = build_engine(p)
-    checkpoints = Checkpointer(p.run, env.rank, cfg.keep_checkpoints, stream_split(p),
+    checkpoints = Checkpointer(p.run, env.rank, cfg.keep_checkpoints, stream_split(p), asdict(p.plan),
                                last_saved=p.run.latest_tag() if cfg.resume else None)
-    saved = checkpoints.saved_stream() if cfg.resume else None
-    # Without a saved stream a resumed run must not replay the batches and augmentations of steps 1, 2, ...:
-    # its loaders and RNG start from a seed that moves with the step.
-    data_seed = saved["data_seed"] if saved else cfg.seed + first_step - 1
-    torch.manual_seed(data_seed)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     _log_set_up(p, engine, n_params, device, dtype, accelerator.communication_backend_name())
     # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
@@ -167,17 +161,10 @@ def start(p: Prepared, hooks: StepHooks | None = None) -> Session:
                             backend=cfg.loss_backend)
     if env.rank == 0:
         log_token_waste(p)
-    train_loader, eval_loader = make_loaders(p, device, half=dtype == torch.float16, seed=data_seed)
+    stream, eval_loader, skipped_steps = open_train_stream(p, device, dtype == torch.float16, first_step,
+                                                           stream_split(p), checkpoints.last_saved)
     guard = NanGuard(cfg.max_bad_steps, announce=env.rank == 0)
-    if saved:
-        train_loader.load_state_dict(saved["loader"])  # before iter(): an iterator starts where its loader is
-        rank_state.restore_rng(saved["rng"])
-        guard.skipped_steps = list(saved["skipped_steps"])
-    elif cfg.resume:
-        _logger.warning("resumed run: the data is reshuffled with seed %d (--seed %d + %d steps done), not "
-                        "continued: the rest of the run differs from an uninterrupted one", data_seed, cfg.seed,
-                        first_step - 1)
-    stream = TrainStream(train_loader, data_seed, iter(train_loader), Counter(saved["skipped"] if saved else {}))
+    guard.skipped_steps = skipped_steps
     window = ThroughputWindow(device, p.plan.global_batch, flops_fn=partial(train_step_flops, p.model_cfg),
                               peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                               else None)
@@ -204,6 +191,7 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from bmc_fast.checkpoint.universal import convert_to_universal, remove_universal
     from bmc_fast.model.clip import model_from_config
     from bmc_fast.trainer.param_groups import param_groups
 
@@ -212,11 +200,20 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
     config = with_resumable_cpu_adam(p.ds_config, get_accelerator().device_name())
     set_grad_norm_dtype(p.cfg.grad_norm_dtype, get_accelerator().device_name())
+    if p.resize is not None:  # another number of ranks: load DeepSpeed's universal form of the checkpoint
+        if p.env.rank == 0:
+            convert_to_universal(p.run.checkpoints, p.resize.tag)
+        torch.distributed.barrier()
+        config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=config)
     if not p.cfg.resume:
         return engine, 1, n_params
-    load_path, client_state = engine.load_checkpoint(str(p.run.checkpoints))  # the `latest` tag
+    load_path, client_state = engine.load_checkpoint(str(p.run.checkpoints))  # `latest` (`latest_universal`)
     _logger.info("resumed from %s at step %d", Path(load_path).parent.name, client_state["step"])
+    if p.resize is not None:
+        torch.distributed.barrier()  # every rank has read it
+        if p.env.rank == 0:
+            remove_universal(p.run.checkpoints, p.resize.tag)
     return engine, client_state["step"] + 1, n_params
 
 

@@ -21,7 +21,7 @@ from bmc_fast.optional import transformer_engine_installed, triton_installed
 from bmc_fast.trainer.config import TrainConfig
 from bmc_fast.trainer.distributed import DistEnv
 from bmc_fast.trainer.ds_config import check_precision_supported, check_skips_non_finite_steps, with_total_steps
-from bmc_fast.trainer.resume import check_resumable
+from bmc_fast.trainer.resume import Resize, plan_resume
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Prepared:
     zeroshot_templates: tuple[str, ...]
     tokenizer: Any
     model_cfg: ModelConfig
+    resize: Resize | None = None  # resumed on another number of ranks than the checkpoint's
 
 
 def _accelerator_dtypes() -> tuple[str, list[str]]:
@@ -61,7 +62,8 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     if cfg.output_dir is not None:  # before any work: the default directory is checked once it is known
         check_output_dir(cfg.output_dir, "--output-dir", create=False)
     ds_config, max_steps = with_total_steps(load_ds_config(cfg.ds_config), cfg.max_steps)
-    plan = batch_plan(ds_config, env.world_size, source=f"--ds_config {cfg.ds_config}")
+    source = f"--ds_config {cfg.ds_config}"
+    plan = None if cfg.resume else batch_plan(ds_config, env.world_size, source=source)  # resumed: the checkpoint's
     check_skips_non_finite_steps(ds_config)
     device, dtypes = _accelerator_dtypes()
     check_precision_supported(ds_config, device, dtypes)
@@ -89,15 +91,17 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     run = RunDir(cfg.output_dir or f"runs/{Path(cfg.preset).stem}-ctx{model_cfg.context_length}-seed{cfg.seed}")
     if cfg.resume == "auto":
         cfg = _resolve_auto_resume(cfg, run)
+    resize = None
     if cfg.resume:
-        check_resumable(run, model_cfg, ds_config, plan, max_steps)
+        ds_config, plan, resize = plan_resume(run, model_cfg, ds_config, env.world_size, max_steps, cfg.accumulation)
     else:
+        plan = plan or batch_plan(ds_config, env.world_size, source=source)
         _check_new_run_dir(run, cfg.overwrite)
     _check_memory(cfg, env, device, model_cfg, ds_config)  # last: its probe takes seconds
     cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, zeroshot, templates, tokenizer,
-                    model_cfg)
+                    model_cfg, resize)
 
 
 def _resolve_auto_resume(cfg: TrainConfig, run: RunDir) -> TrainConfig:

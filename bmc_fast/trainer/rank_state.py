@@ -1,9 +1,10 @@
 """What a checkpoint holds per rank beside DeepSpeed's files: everything the rest of the run depends on.
 
 ``checkpoints/<tag>/trainer_rank<r>.pt``: the data stream's place (the loader's ``state_dict``: DALI's
-pipeline checkpoint, or torchdata's ``StatefulDataLoader`` state over ``ShardStream``), the seed the
-stream was built with, the Python, NumPy and torch (CPU and CUDA) RNG states, the samples this rank
-skipped and the steps the NaN guard skipped so far. Plain types and tensors only: read back with
+pipeline checkpoint, or torchdata's ``StatefulDataLoader`` state over ``ShardStream``), how the stream was
+cut and the run's batch plan, the seed the stream was built with, the Python, NumPy and torch (CPU and CUDA)
+RNG states, the samples this rank skipped and the steps the NaN guard skipped so far (``stream_resume`` reads
+them back). Plain types and tensors only: read back with
 ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -29,9 +30,9 @@ def saved_world_size(tag_dir: Path) -> int | None:
 
 def capture(loader, *, data_seed: int, skipped: Counter, skipped_steps: list[int]) -> dict[str, Any]:
     """This rank's state now (``Checkpointer.save`` adds ``split``: how the stream was cut, kind, ranks, workers,
-    batch)."""
+    micro batch; and ``batch``: the run's batch plan). ``epoch_samples``: a DALI loader's samples an epoch."""
     return {"loader": loader.state_dict(), "data_seed": data_seed, "rng": rng_states(), "skipped": dict(skipped),
-            "skipped_steps": list(skipped_steps)}
+            "skipped_steps": list(skipped_steps), "epoch_samples": getattr(loader, "epoch_samples", None)}
 
 
 def write(path: Path, state: dict[str, Any]) -> None:
