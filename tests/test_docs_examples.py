@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bmc_fast.trainer.sample_audit import read_audit
 from helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -193,5 +194,10 @@ def test_every_example_runs_in_order(workdir):
             _run("\n".join(runnable), "bash", workdir, where)
             ran.append(where)
     assert len(ran) >= 15, ran  # the README's demo and quick start, and the pages' commands
-    assert (workdir / "runs" / "quickstart" / "checkpoints" / "latest").read_text().strip() == "step0000060"  # resumed
+    # resumed on 2 ranks to step 60 (training.md), then on 1 rank to 64, auditing its samples (cluster.md)
+    quickstart = workdir / "runs" / "quickstart"
+    assert (quickstart / "checkpoints" / "latest").read_text().strip() == "step0000064"
+    audit = read_audit(quickstart / "audit")
+    assert list(audit) == [0] and list(audit[0]) == [61, 62, 63, 64]
+    assert all(len(line["keys"]) == 64 for line in audit[0].values())  # the global batch of zero2.json
     assert (workdir / "exports" / "quickstart" / "open_clip_config.json").is_file()

@@ -73,8 +73,10 @@ def stream_start(tag_dir: Path, split: dict[str, Any], fresh_seed: int, global_b
                          tag, changed, len(places))
         return StreamStart(states[0]["data_seed"], None, places, None, skipped, steps)
     if rank == 0:
-        _logger.warning("resumed run: the data stream of %s was cut differently (%s) and a %s stream's state cannot "
-                        "be re-split: it starts a new epoch with seed %d%s", tag, changed, old["loader"], fresh_seed,
+        why = (f"{split['loader']} cannot continue a {old['loader']} stream" if old["loader"] != split["loader"] else
+               "a dali stream's state cannot be re-split")
+        _logger.warning("resumed run: the data stream of %s was cut differently (%s) and %s: it starts a new epoch "
+                        "with seed %d%s", tag, changed, why, fresh_seed,
                         _unread(old, tag_dir, global_batch) if old["loader"] == "dali" else "")
     return StreamStart(fresh_seed, None, None, None, skipped, steps)
 
