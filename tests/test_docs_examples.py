@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,9 +167,11 @@ def _check_flags_exist(command: str, root: Path, where: str) -> None:
 
 def _run(script: str, lang: str, root: Path, where: str) -> None:
     argv = ["bash", "-euo", "pipefail", "-c", script] if lang == "bash" else [sys.executable, "-"]
+    started = time.perf_counter()
     proc = subprocess.run(argv, input=None if lang == "bash" else script, cwd=root, env=_env(root),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{where} failed (exit {proc.returncode}):\n{script}\n{proc.stderr[-4000:]}"
+    print(f"{where}: {time.perf_counter() - started:.1f} s")  # shown with pytest -rP: where the suite's time goes
 
 
 def test_every_example_runs_in_order(workdir):
