@@ -22,7 +22,7 @@ sys.exit(0 if v >= (2, 11) else f'NGC_TAG: torch {torch.__version__} in this con
       '^(torch|torchvision|torchaudio|triton|pytorch-triton|transformer[-_]engine[-_a-z0-9]*|nvidia[-_]dali[-_a-z0-9]*|flash[-_]attn[-_0-9]*|apex)==' \
       > /tmp/container-constraints.txt \
  && DS_BUILD_OPS=0 PIP_CONSTRAINT=/tmp/container-constraints.txt pip install --no-cache-dir \
-      "transformers>=5.25" "tokenizers>=0.23" safetensors "deepspeed>=0.19" "webdataset>=1.0" "torchdata>=0.11" \
+      "transformers>=5.25" "tokenizers>=0.23" ftfy safetensors "deepspeed>=0.19" "webdataset>=1.0" "torchdata>=0.11" \
       braceexpand tqdm tensorboard filelock matplotlib "open-clip-torch>=3.3" \
  && pip install --no-cache-dir --no-deps --no-build-isolation -e .
 

@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     # `kernels`, whose top-level name the repository's kernels/ folder must never shadow (tests/test_package.py).
     "transformers>=5.25",
     "tokenizers>=0.23",
+    "ftfy",  # captions cleaned as open_clip's HFTokenizer cleans them (bmc_fast/data/text_tokenizer.py)
     "safetensors",
     "pillow",
     "numpy",
@@ -38,7 +39,8 @@ TRAIN = ["deepspeed>=0.19", "webdataset>=1.0", "torchdata>=0.11", "braceexpand",
 EXTRAS_REQUIRE = {
     "train": TRAIN,
     "eval": ["matplotlib", "open-clip-torch>=3.3"],  # confusion plots; open_clip models in zero-shot
-    "test": ["pytest>=8", "pytest-xdist>=3", "open-clip-torch>=3.3", "ruff"],
+    "test": ["pytest>=8", "pytest-xdist>=3", "open-clip-torch>=3.3", "ruff", "wandb>=0.31"],
+    "wandb": ["wandb>=0.31"],  # --report-to wandb
     "bench": ["matplotlib", "open-clip-torch>=3.3"],
     # A GPU node, from wheels alone (deepspeed's pure-Python source archive, built with DS_BUILD_OPS=0, is the
     # one exception): the trainer's stack and FlashAttention-4, which torch switches to on compute capability

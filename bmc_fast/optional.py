@@ -44,6 +44,11 @@ def fa4_installed() -> bool:
     return distribution_installed("flash-attn-4")
 
 
+def wandb_installed() -> bool:
+    """Weights & Biases (``pip install wandb``): ``--report-to wandb``."""
+    return installed("wandb")
+
+
 def transformer_engine_installed() -> bool:
     """NVIDIA Transformer Engine (``transformer-engine[pytorch]``): ``te_precision`` bf16 / fp8."""
     return installed("transformer_engine")

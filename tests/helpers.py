@@ -174,3 +174,41 @@ def caption_batch(lengths: list[int], vocab: int = 300):
         ids[i, :n] = torch.randint(3, vocab, (n,))
         mask[i, :n] = 1
     return ids, mask
+
+
+def wandb_offline_history(run_dir) -> dict[str, list[dict]]:
+    """{offline run folder: its logged rows} of the W&B offline runs under ``run_dir/wandb``, read from their
+    ``.wandb`` files: a LevelDB-style log (a 7-byte ``:W&B`` header; 32 KiB blocks of records, each a CRC, a length,
+    a type: full, first, middle, last) of ``wandb_internal_pb2.Record`` protobufs, whose ``history`` items are JSON."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    def raw_records(data: bytes):
+        assert data[:4] == b":W&B", data[:7]
+        pos, pending = 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0 and length == 0:
+                break
+            pending += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # full, last
+                yield pending
+                pending = b""
+
+    history = {}
+    for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        rows = []
+        for raw in raw_records(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+        history[path.parent.name] = rows
+    return history

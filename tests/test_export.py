@@ -11,7 +11,7 @@ from bmc_fast.checkpoint.export import CONFIG_NAME, WEIGHTS_NAME, export, export
 from bmc_fast.errors import ConfigError
 from bmc_fast.model.clip import BMCLongCLIP
 from bmc_fast.model.config import load_model_config
-from helpers import RunsCode
+from helpers import SHARED_DATA, RunsCode
 
 CAPTIONS = ["Axial CT of the chest: a 2 cm spiculated nodule in the right upper lobe.",
             "H&E stain, x40: sheets of atypical cells with mitoses."]
@@ -33,11 +33,11 @@ def _open_clip(out):
     return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{out}")
 
 
-def _compare(model, tokenizer, cfg, out, image_size):
+def _compare(model, tokenizer, cfg, out, image_size, captions=CAPTIONS):
     """open_clip's tokens, image and text embeddings (fp32) against bmc-fast's, within 1e-5 relative."""
     oc_model, preprocess, oc_tokenizer = _open_clip(out)
-    ids = oc_tokenizer(CAPTIONS)  # (2, context), padded to the context as open_clip does
-    ours = tokenizer(CAPTIONS, padding="max_length", max_length=cfg.context_length, truncation=True,
+    ids = oc_tokenizer(captions)  # (n, context), padded to the context as open_clip does
+    ours = tokenizer(captions, padding="max_length", max_length=cfg.context_length, truncation=True,
                      return_tensors="pt")
     assert torch.equal(ids, ours["input_ids"])
     pixels = torch.randn(2, 3, image_size, image_size)
@@ -51,21 +51,80 @@ def _compare(model, tokenizer, cfg, out, image_size):
     return oc_model, preprocess
 
 
-def test_tiny_export_loads_in_open_clip_offline_with_the_same_embeddings(modernbert_tokenizer, tmp_path):
+# What real captions hold and open_clip's tokenizer cleans: runs of spaces, tabs, newlines, edges, HTML entities
+# (once and twice escaped), curly quotes, mojibake (UTF-8 read as cp1252), a non-breaking space.
+MESSY = ["  Axial CT of the chest:\ta 2 cm   spiculated nodule\n in the right upper lobe.  ",
+         "H&amp;E stain, x40: sheets of atypical cells &amp;amp; mitoses &lt;5 per HPF&gt;.",
+         "The \u201cground-glass\u201d opacity \u2018resolved\u2019 on follow-up.",
+         "Caf\u00c3\u00a9-au-lait macules \u00e2\u0080\u0094 neurofibromatosis type 1",
+         "\n\nT2-weighted MRI\r\n\twith\t\tgadolinium\u00a0enhancement\n"]
+
+
+def _shared_captions(n: int) -> list[str]:
+    path = SHARED_DATA / "captions" / "biomed_captions.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line)["text"] for line in lines[::len(lines) // n][:n]]
+
+
+def test_tiny_export_moved_elsewhere_loads_in_open_clip_offline_with_the_same_embeddings(modernbert_tokenizer,
+                                                                                       tmp_path):
+    """Exported, copied to another folder and the original deleted, offline: open_clip (with the shim) and
+    bmc_fast.load_model tokenise every caption alike (messy ones, and ../shared/data's real ones when present)
+    and embed images and texts within 1e-5; no path is written in the export."""
+    import shutil
+
+    import bmc_fast
+    from bmc_fast.data.text_tokenizer import CaptionTokenizer
     from bmc_fast.data.transforms import image_transform
 
     cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    assert cfg.text_clean == "whitespace"  # the presets clean as open_clip does
+    tokenizer = CaptionTokenizer(modernbert_tokenizer.tokenizer, cfg.text_clean, cfg.context_length)
     model = BMCLongCLIP(cfg).eval()
     with torch.no_grad():
         model.logit_scale.fill_(3.1)  # not the init: the value must travel
-    out = export(model, modernbert_tokenizer, cfg, tmp_path / "export")
+    out = export(model, tokenizer, cfg, tmp_path / "first" / "export")
     assert {p.name for p in out.iterdir()} >= {CONFIG_NAME, WEIGHTS_NAME, "config.json", "tokenizer.json"}
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # safetensors only
-    oc_model, preprocess = _compare(model, modernbert_tokenizer, cfg, out, cfg.vision.image_size)
+    assert str(tmp_path) not in "".join(p.read_text() for p in out.glob("*.json"))  # no path anywhere
+    moved = shutil.copytree(out, tmp_path / "elsewhere" / "bmc-tiny")
+    shutil.rmtree(tmp_path / "first")
+
+    captions = MESSY + _shared_captions(43)
+    oc_model, preprocess = _compare(model, tokenizer, cfg, moved, cfg.vision.image_size, captions)
     assert type(oc_model.text).__name__ == "HFTextEncoder"
+    loaded, loaded_tokenizer, _ = bmc_fast.load_model(moved)
+    ids = loaded_tokenizer(captions)  # open_clip's way: texts only -> (n, context_length)
+    import open_clip
+
+    assert torch.equal(ids, open_clip.get_tokenizer(f"local-dir:{moved}")(captions))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(ids, ids != loaded_tokenizer.pad_token_id, normalize=True),
+                                   oc_model.encode_text(ids, normalize=True), rtol=1e-5, atol=1e-6)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8))
     torch.testing.assert_close(preprocess(image), image_transform(cfg.vision.image_size, train=False)(image))
+
+
+def test_captions_are_cleaned_as_open_clips_tokenizer_cleans_them():
+    """``clean_caption(.., "whitespace")`` against open_clip 3.3's own cleaning function; "none" keeps the text;
+    the tokenizer wrapper survives pickling (DataLoader workers)."""
+    import pickle
+
+    from open_clip.tokenizer import get_clean_fn
+
+    from bmc_fast.data.text_tokenizer import CaptionTokenizer, clean_caption
+
+    theirs = get_clean_fn("whitespace")
+    assert [clean_caption(text, "whitespace") for text in MESSY] == [theirs(text) for text in MESSY]
+    assert [clean_caption(text, "none") for text in MESSY] == MESSY
+    assert clean_caption(MESSY[1], "whitespace") == "H&E stain, x40: sheets of atypical cells & mitoses <5 per HPF>."
+    with pytest.raises(ConfigError, match="text_clean must be 'none' or 'whitespace', got 'lower'"):
+        CaptionTokenizer(None, "lower")
+    wrapped = pickle.loads(pickle.dumps(CaptionTokenizer("a stand-in", "whitespace", 77)))
+    assert (wrapped.clean, wrapped.context_length, wrapped.tokenizer) == ("whitespace", 77, "a stand-in")
 
 
 @pytest.mark.slow  # ~0.45 B parameters built twice
@@ -169,3 +228,64 @@ def test_a_run_trained_on_transformer_engine_layers_exports_its_torch_weights(mo
     out = export_run(run, tmp_path / "export")
     assert json.loads((out / "bmc_fast_config.json").read_text())["te_precision"] == "none"
     _compare(original, modernbert_tokenizer, cfg, out, cfg.vision.image_size)
+
+
+class RecordingHfApi:
+    """``huggingface_hub.HfApi`` as the push calls it, recording what would be sent: the repository made, and each
+    uploaded folder's files as they were at upload time."""
+
+    def __init__(self):
+        self.repos, self.uploads = [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append((repo_id, kwargs))
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        from pathlib import Path
+
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
+        self.uploads.append((repo_id, files, kwargs))
+        return f"https://huggingface.co/{repo_id}/commit/0123abc"
+
+
+def test_push_to_hub_uploads_the_export_with_its_model_card(modernbert_tokenizer, tmp_path, monkeypatch):
+    """--push-to-hub ORG/NAME: the export (its open_clip config naming that repository, so hf-hub: reads the text
+    config and tokenizer there) plus a model card with the context length, the run's data and logged evaluation,
+    and the usage lines, sent through HfApi's create_repo and upload_folder. A malformed id stops before any
+    weight is read."""
+    import dataclasses
+
+    import bmc_fast.checkpoint.zero_weights
+    from bmc_fast.checkpoint.export import main
+
+    cfg = load_model_config("tiny").with_tokenizer(modernbert_tokenizer)
+    model = BMCLongCLIP(cfg)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step0000003").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step0000003")
+    (run / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {
+        "train_data": "shards/train/shard-{000000..000009}.tar", "max_steps": 3}, "batch": {"global_batch": 64}}))
+    (run / "summary.json").write_text(json.dumps({"eval": {"t2i_r1": 67.5, "i2t_r1": 61.25}, "n_eval": 200}))
+    modernbert_tokenizer.save_pretrained(run / "tokenizer")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(bmc_fast.checkpoint.zero_weights, "fp32_state_dict", lambda checkpoints, tag: state)
+    with pytest.raises(ConfigError, match=r"--push-to-hub 'bmc-tiny' is not a Hub repository id: pass ORG/NAME"):
+        main([str(run), str(tmp_path / "refused"), "--push-to-hub", "bmc-tiny"])
+    assert not (tmp_path / "refused").exists()
+
+    api = RecordingHfApi()
+    out = export_run(run, tmp_path / "export", hub_id="my-lab/bmc-tiny", private=True, api=api)
+    assert api.repos == [("my-lab/bmc-tiny", {"repo_type": "model", "private": True, "exist_ok": True})]
+    [(repo, files, _)] = api.uploads
+    assert repo == "my-lab/bmc-tiny"
+    assert {CONFIG_NAME, WEIGHTS_NAME, "config.json", "tokenizer.json", "bmc_fast_config.json", "README.md"} <= set(
+        files)
+    text_cfg = json.loads(files[CONFIG_NAME])["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "my-lab/bmc-tiny"
+    card = files["README.md"].decode()
+    assert card == (out / "README.md").read_text()
+    for expected in ("library_name: open_clip", "2510.03978", "**512 tokens**",
+                     "shards/train/shard-{000000..000009}.tar", "| 67.5 | 61.2 |", "N = 200", "register_modernbert()",
+                     'open_clip.create_model_and_transforms("hf-hub:my-lab/bmc-tiny")', "bmc_fast.load_model("):
+        assert expected in card, expected
+    assert dataclasses.asdict(cfg) == json.loads(files["bmc_fast_config.json"])

@@ -307,11 +307,14 @@ def test_resume_accepts_runtime_switches_and_refuses_a_finished_run(small_data, 
     (run / "checkpoints" / "latest").write_text("step0000050")
     tokenizer = load_tokenizer(small_data["tokenizer_dir"])
     saved = load_model_config("tiny", text_unpad=False, attn_backend="eager").with_tokenizer(tokenizer).to_dict()
+    del saved["text_clean"]  # a run from before caption cleaning existed
     (run / "config.json").write_text(json.dumps({"model": saved}))
     args = _args(small_data, tmp_path) + ["--resume", "--preset", "tiny"]
     monkeypatch.setattr(bmc_fast.trainer.loop, "run", lambda prepared: prepared)  # stop after every check
     prepared = train.main(args + ["--grad-checkpointing", "--max-steps", "60"])
     assert prepared.cfg.resume and prepared.model_cfg.text.grad_checkpointing and prepared.model_cfg.text_unpad
+    # its captions stay uncleaned to the end, though the preset now cleans them
+    assert prepared.model_cfg.text_clean == prepared.tokenizer.clean == "none"
     with pytest.raises(ConfigError, match="--resume: the checkpoint .step0000050. is at step 50 and --max-steps "
                                           "is 50: nothing is left"):
         train.main(args + ["--max-steps", "50"])
@@ -422,3 +425,16 @@ def test_latest_moves_atomically_and_pruning_keeps_it(tmp_path, monkeypatch):
     assert run.prune_checkpoints(2) == ["step0000005"]  # step 10 is older than the newest 2 but latest
     assert run.checkpoint_tags() == ["step0000010", "step0000015", "step0000020"]
     assert (run.checkpoints / "not-ours").is_dir() and run.prune_checkpoints(0) == []
+
+
+@pytest.mark.parametrize("value,ok", [("tensorboard", True), ("tensorboard,wandb", True), ("wandb", True),
+                                      ("none", True), ("comet", False), ("tensorboard,", False), ("", False)])
+def test_report_to_takes_tensorboard_wandb_both_or_none(value, ok):
+    from bmc_fast.trainer.config import TrainConfig
+
+    if ok:
+        assert TrainConfig(report_to=value).reporters == (() if value == "none" else tuple(value.split(",")))
+    else:
+        with pytest.raises(ConfigError, match=f"--report-to {value!r}: each of its comma-separated parts must be one"):
+            TrainConfig(report_to=value)
+

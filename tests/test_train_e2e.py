@@ -12,7 +12,15 @@ import torch
 from bmc_fast.errors import ConfigError
 from bmc_fast.eval import retrieval as eval_retrieval
 from bmc_fast.eval import zeroshot
-from helpers import REPO, RunsCode, assert_same_tensors, deepspeed_config, free_port, launch_deepspeed
+from helpers import (
+    REPO,
+    RunsCode,
+    assert_same_tensors,
+    deepspeed_config,
+    free_port,
+    launch_deepspeed,
+    wandb_offline_history,
+)
 
 pytestmark = pytest.mark.slow  # real processes: mp.spawn or the deepspeed launcher
 
@@ -207,7 +215,8 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
     lr 0 show the updates). The ZeRO-1 run then resumes on 1 rank (8 micro × 4 accum) through DeepSpeed's universal
     checkpoint, its Adam moments as saved (ZeRO 2 and 3: test_deepspeed_launcher_trains_and_checkpoints)."""
     steps = ["--max-steps", "5", "--loader", "pil", "--eval-every", "0", "--save-every", "0"]
-    moments = {"BMC_FAST_TEST_MOMENTS": str(tmp_path / "moments")}
+    # ZeRO-1 also logs to Weights & Biases, offline
+    zero_1 = {"BMC_FAST_TEST_MOMENTS": str(tmp_path / "moments"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
     def train(stage, accumulation, ranks=2, *extra):
         ds_config = deepspeed_config(tmp_path, stage, steps=5, batch=32, accumulation=accumulation)
@@ -215,7 +224,8 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
         args = _train_args(small_data, ds_config, run_dir, ranks, *steps, *extra)
         if stage == 1:
             args[args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
-        proc = launch_deepspeed(args, tmp_path, env=moments if stage == 1 else None)
+            args += ["--report-to", "tensorboard,wandb"]
+        proc = launch_deepspeed(args, tmp_path, env=zero_1 if stage == 1 else None)
         return _per_step(run_dir, "train/loss"), _per_step(run_dir, "train/grad_norm"), proc.stdout + proc.stderr
 
     big_losses, big_norms, _ = train(2, 1)
@@ -236,6 +246,15 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
     assert saved.keys() == loaded.keys() and len(saved) > 50
     for name in saved:
         assert_same_tensors(loaded[name], saved[name])
+    # W&B: the resumed run logged to the first one's run id, its steps after the first's, the losses of metrics.jsonl
+    run_dir = tmp_path / "run-zero1-k2"
+    run_id = (run_dir / "wandb_run_id").read_text()
+    history = wandb_offline_history(run_dir)
+    assert len(history) == 2 and all(name.endswith(f"-{run_id}") for name in history), history.keys()
+    logged = [{row["trainer/step"]: row["train/loss"] for row in rows if "train/loss" in row} for rows in
+              history.values()]
+    assert [sorted(steps) for steps in logged] == [[1, 2, 3, 4, 5], [6]]
+    assert {**logged[0], **logged[1]} == pytest.approx(_last_per_step(run_dir, "train/loss"), rel=1e-6)
 
 
 def _check_weights_only_consolidation(run_dir):

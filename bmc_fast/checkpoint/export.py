@@ -15,9 +15,14 @@
 Names map one to one (bmc-fast keeps open_clip's ViT names and HF's ModernBERT names); ``logit_scale``
 is () in open_clip and (1,) here; open_clip has no ``max_logit_scale`` clamp (CLIP's 100 holds in both
 unless training pushed the scale past it). open_clip 3.3 does not know ModernBERT:
-``bmc_fast.checkpoint.open_clip_compat.register_modernbert()`` must run before open_clip loads the directory. The
-HF config is found through ``text_cfg.hf_model_name``, the directory's absolute path: after moving the
-directory, re-export or edit that field (``bmc_fast.load_model`` does not read it).
+``bmc_fast.checkpoint.open_clip_compat.register_modernbert()`` must run before open_clip loads the directory.
+
+No path is written: ``text_cfg.hf_model_name`` and ``hf_tokenizer_name`` name the Hub repository the export is
+pushed to (``hub_id``), else ``LOCAL_TEXT_CONFIG``; open_clip reads the tokenizer from a ``local-dir:`` folder
+itself, and ``register_modernbert()`` reads the text config from the folder's ``config.json``. The directory
+therefore loads wherever it is copied, offline. Captions are cleaned as the model was trained
+(``ModelConfig.text_clean``): open_clip's ``HFTokenizer`` always cleans ``"whitespace"``, so a model trained
+without cleaning (runs from before it existed) tokenises some captions differently in open_clip (logged).
 """
 from __future__ import annotations
 
@@ -36,10 +41,13 @@ from bmc_fast.model.state_dict_adapters import OpenClip
 
 _logger = logging.getLogger(__name__)
 
+# text_cfg.hf_model_name of an export not (yet) on the Hub: the text config is the folder's own config.json
+LOCAL_TEXT_CONFIG = "bmc-fast/text-config-in-this-folder"
 
 
-def open_clip_config(cfg: ModelConfig, text_dir: Path) -> dict[str, Any]:
-    """``open_clip_config.json`` for a model of ``cfg`` whose HF text config lives in ``text_dir``."""
+def open_clip_config(cfg: ModelConfig, text_name: str = LOCAL_TEXT_CONFIG) -> dict[str, Any]:
+    """``open_clip_config.json`` for a model of ``cfg``; ``text_name``: where open_clip finds the text config and
+    tokenizer outside a ``local-dir:`` folder (the export's Hub repository)."""
     from bmc_fast.data.transforms import CLIP_MEAN, CLIP_STD
 
     vision, text = cfg.vision, cfg.text
@@ -55,7 +63,7 @@ def open_clip_config(cfg: ModelConfig, text_dir: Path) -> dict[str, Any]:
         "vision_cfg": {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.width,
                        "layers": vision.layers, "head_width": vision.width // vision.heads,
                        "mlp_ratio": vision.mlp_ratio},
-        "text_cfg": {"hf_model_name": str(text_dir.resolve()), "hf_tokenizer_name": str(text_dir.resolve()),
+        "text_cfg": {"hf_model_name": text_name, "hf_tokenizer_name": text_name,
                      "hf_model_pretrained": False, "hf_proj_type": "mlp", "hf_pooler_type": "mean_pooler",
                      "context_length": cfg.context_length},
     }
@@ -64,14 +72,19 @@ def open_clip_config(cfg: ModelConfig, text_dir: Path) -> dict[str, Any]:
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-def export(model, tokenizer, cfg: ModelConfig, out_dir: str | Path) -> Path:
-    """Write ``model`` (a ``BMCLongCLIP`` on torch layers) and ``tokenizer`` as an open_clip directory."""
+def export(model, tokenizer, cfg: ModelConfig, out_dir: str | Path, hub_id: str | None = None) -> Path:
+    """Write ``model`` (a ``BMCLongCLIP`` on torch layers) and ``tokenizer`` as an open_clip directory; ``hub_id``:
+    the Hub repository it will be pushed to (``hf-hub:`` then reads its text config and tokenizer there)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = open_clip_config(cfg, out)
+    config = open_clip_config(cfg, hub_id or LOCAL_TEXT_CONFIG)
+    if cfg.text_clean != "whitespace":
+        _logger.warning("export: this model was trained on captions cleaned %r; open_clip's tokenizer cleans "
+                        "'whitespace' (ftfy, HTML entities, spaces), so captions those change tokenise differently "
+                        "there than in bmc_fast.load_model", cfg.text_clean)
     tokenizer.save_pretrained(str(out))
     model.text.transformer.config.save_pretrained(str(out))  # config.json: what AutoConfig reads
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in OpenClip.to_open_clip(model.state_dict()).items()}
@@ -91,12 +104,23 @@ def check_out_dir(out: Path) -> None:
         raise ConfigError(f"out_dir {str(out)!r} exists and holds no export: pass a new or empty directory")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Export the checkpoint ``tag`` (default: ``latest``) of a training run directory."""
-    check_run(run_dir, tag, flag="run_dir")  # both arguments before the weights are consolidated
+def export_run(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, hub_id: str | None = None,
+               private: bool = False, api=None) -> Path:
+    """Export the checkpoint ``tag`` (default: ``latest``) of a training run directory; with ``hub_id``, with a
+    model card, pushed to that Hub repository (``bmc_fast.checkpoint.hub``; ``api``: an ``HfApi``)."""
+    from bmc_fast.checkpoint import hub
+
+    run = check_run(run_dir, tag, flag="run_dir")  # every argument before the weights are consolidated
     check_out_dir(Path(out_dir))
+    if hub_id is not None:
+        hub.check_hub_id(hub_id)
     model, tokenizer, cfg = load_run(run_dir, tag=tag, flag="run_dir")
-    return export(model, tokenizer, cfg, out_dir)
+    out = export(model, tokenizer, cfg, out_dir, hub_id)
+    if hub_id is not None:
+        summary = json.loads(run.summary.read_text()) if run.summary.is_file() else None
+        hub.write_card(out, cfg, hub_id, run.read_config(), summary)
+        hub.push_export(out, hub_id, private, api)
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -107,7 +131,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("run_dir", help="a training run directory (config.json, checkpoints/latest)")
     parser.add_argument("out_dir", help="the directory to write (new or empty)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one checkpoints/latest names)")
+    parser.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                        help="also write a model card and upload the export to this Hugging Face model repository")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return export_run(args.run_dir, args.out_dir, args.tag)
+    return export_run(args.run_dir, args.out_dir, args.tag, args.push_to_hub, args.private)
 

@@ -31,8 +31,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Callabl
     """(model in eval mode, tokenizer, eval image transform) from ``python -m bmc_fast.export``'s directory or
     a training run directory (its ``checkpoints/latest``).
 
-    The tokenizer pads and truncates to the model's context: ``tokenizer(texts, padding="max_length",
-    max_length=model.cfg.context_length, truncation=True, return_tensors="pt")``."""
+    The tokenizer is open_clip's kind: ``tokenizer(list[str]) -> LongTensor(n, context_length)``, captions cleaned as
+    the model was trained (``bmc_fast.data.text_tokenizer.CaptionTokenizer``); with keyword arguments it is the
+    Hugging Face tokenizer, e.g. ``tokenizer(texts, padding="longest", return_tensors="pt")`` for the attention
+    mask too."""
     from bmc_fast.data.transforms import image_transform
 
     path = Path(path)
@@ -73,7 +75,7 @@ def load_export(path: Path):
                           "a renamed pickle is never unpickled") from error
     model = BMCLongCLIP(cfg)
     model.load_state_dict(OpenClip.from_open_clip(state), strict=True)
-    return model, load_tokenizer(path, flag="load_model")
+    return model, load_tokenizer(path, flag="load_model", clean=cfg.text_clean, context_length=cfg.context_length)
 
 
 def check_run(run_dir: str | Path, tag: str | None = None, flag: str = "run_dir") -> RunDir:
@@ -101,7 +103,8 @@ def load_run(run_dir: str | Path, tag: str | None = None, flag: str = "run_dir")
 
     run = check_run(run_dir, tag, flag)
     model_cfg = ModelConfig.from_dict(run.read_config()["model"], source=str(run.config))
-    tokenizer = load_tokenizer(run.tokenizer, flag=flag)
+    tokenizer = load_tokenizer(run.tokenizer, flag=flag, clean=model_cfg.text_clean,
+                               context_length=model_cfg.context_length)
     state = fp32_state_dict(run.checkpoints, tag or run.latest_tag())
     if model_cfg.te_precision != "none":  # trained on TE layers: evaluate the same weights on torch layers
         state = TransformerEngine.from_te(state)

@@ -31,6 +31,7 @@ from itertools import count
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from bmc_fast.data.mixture import Mixture
 from bmc_fast.data.samples import SampleError, check_sample
 from bmc_fast.data.stream_places import Cut, Place, resplit, start_place
 from bmc_fast.data.tar_samples import wds_tar_samples
@@ -86,9 +87,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, collate: Collate, transform: Callable, batch_size: int, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 shuffle_buffer: int = 1000, resplit_from: list[Place] | None = None):
+                 shuffle_buffer: int = 1000, resplit_from: list[Place] | None = None, mixture: Mixture | None = None):
         super().__init__()
         self.urls, self.collate, self.transform, self.batch_size = list(urls), collate, transform, batch_size
+        self.mixture = mixture if train else None
         self.train, self.seed = train, seed
         self.rank, self.world_size = (rank, world_size) if train else (0, 1)  # eval: every rank sees all
         self.epochs = epochs if train else 1
@@ -180,7 +182,8 @@ class ShardStream(IterableDataset):
         return batch
 
     def _shards(self, cut: Cut, epoch: int) -> list[str]:
-        return epoch_shards(self.urls, epoch, rank=cut.rank, world_size=cut.world_size, worker=cut.worker,
+        urls = self.mixture.epoch_shards(epoch, self.seed) if self.mixture else self.urls
+        return epoch_shards(urls, epoch, rank=cut.rank, world_size=cut.world_size, worker=cut.worker,
                             workers=cut.workers, seed=self.seed, shuffle=self.train)
 
     def _epoch_samples(self, cut: Cut, epoch: int, first: int) -> Iterator[tuple[int, dict]]:
@@ -212,23 +215,26 @@ def sample_id(sample: dict) -> str:
 def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: int, batch_size: int,
                 train: bool, rank: int = 0, world_size: int = 1, workers: int = 1, seed: int = 0,
                 shuffle_buffer: int = 1000, epochs: int | None = None,
-                transform: Callable | None = None, resplit_from: list[Place] | None = None):
+                transform: Callable | None = None, resplit_from: list[Place] | None = None,
+                mixture: Mixture | None = None):
     """A torchdata ``StatefulDataLoader`` of batch dicts (see ``Collate``) over a ``ShardStream``.
 
     Train batches are always full and the stream repeats forever, unless ``epochs`` bounds it (then the
     last batch may be partial); eval batches keep the remainder and every rank sees all samples.
     ``transform`` (RGB PIL image -> (3, S, S) tensor) replaces ``image_transform(image_size, train)``;
-    ``resplit_from``: see ``ShardStream``.
+    ``resplit_from``: see ``ShardStream``; ``mixture``: train on these weighted sources (``bmc_fast.data.mixture``)
+    instead of ``urls`` alone.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    if train and len(urls) < world_size * max(workers, 1):
-        raise ConfigError(f"--train-data has {len(urls)} shard(s) but {world_size} rank(s) × {max(workers, 1)} "
+    shards = len(mixture.epoch_shards(0, seed)) if train and mixture else len(urls)
+    if train and shards < world_size * max(workers, 1):
+        raise ConfigError(f"--train-data has {shards} shard(s) an epoch but {world_size} rank(s) × {max(workers, 1)} "
                           "worker(s) each need one: write more, smaller shards or lower --workers")
     stream = ShardStream(urls, collate=Collate(tokenizer, context_length), batch_size=batch_size, train=train,
                          transform=transform or image_transform(image_size, train), rank=rank,
                          world_size=world_size, seed=seed, epochs=epochs, shuffle_buffer=shuffle_buffer,
-                         resplit_from=resplit_from)
+                         resplit_from=resplit_from, mixture=mixture)
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
         warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
         return StatefulDataLoader(stream, batch_size=None, num_workers=workers,

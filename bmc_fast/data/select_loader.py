@@ -54,15 +54,19 @@ def ensure_indexes(urls: list[str]) -> None:
 
 def build_loader(urls: list[str], *, kind: str, tokenizer, train: bool, context_length: int, image_size: int,
                  batch_size: int, workers: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device_id: int | None = None, half: bool = False, resplit_from: list[dict] | None = None):
+                 device_id: int | None = None, half: bool = False, resplit_from: list[dict] | None = None,
+                 mixture=None):
     """A loader of batch dicts. ``kind``: a resolved ``dali`` or ``pil``; ``workers``: PIL processes or DALI threads;
-    ``resplit_from``: the PIL stream's places under another cut (``pil_loader.ShardStream``)."""
+    ``resplit_from``: the PIL stream's places under another cut (``pil_loader.ShardStream``); ``mixture``: weighted
+    training sources (``bmc_fast.data.mixture``; DALI reads the run's first epoch's shard list every epoch)."""
     common = dict(context_length=context_length, image_size=image_size, batch_size=batch_size, train=train,
                   rank=rank, world_size=world_size, seed=seed)
     if kind == "dali":
         from bmc_fast.dali_pipelines.dali_loader import DaliLoader
 
+        if train and mixture is not None:
+            urls = mixture.epoch_shards(0, seed)
         return DaliLoader(urls, tokenizer, device_id=device_id, num_threads=max(workers, 1), half=half, **common)
     from bmc_fast.data.pil_loader import make_loader
 
-    return make_loader(urls, tokenizer, workers=workers, resplit_from=resplit_from, **common)
+    return make_loader(urls, tokenizer, workers=workers, resplit_from=resplit_from, mixture=mixture, **common)

@@ -118,6 +118,9 @@ class TextConfig:
         return kwargs
 
 
+TEXT_CLEANS = ("none", "whitespace")  # bmc_fast.data.text_tokenizer.clean_caption
+
+
 @dataclass
 class ModelConfig:
     """BMC-LongCLIP: ViT image tower + ModernBERT text tower, mean-pooled, projected to embed_dim."""
@@ -127,6 +130,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     text_pooling: str = "mean"  # masked mean over real tokens (the paper's choice)
+    # caption cleaning before tokenisation: "whitespace" as open_clip's HFTokenizer (ftfy, HTML entities, spaces;
+    # the presets'), "none" (runs before it existed: a config without the field keeps its behaviour)
+    text_clean: str = "none"
     init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init
     max_logit_scale: float = math.log(100)  # clamp: exp(logit_scale) <= 100
     text_unpad: bool = True  # pack the batch's real tokens (no compute on padding); False: padded SDPA
@@ -149,7 +155,7 @@ class ModelConfig:
         if self.text_pooling != "mean":
             raise ConfigError(f"text_pooling must be 'mean', got {self.text_pooling!r}")
         for name, allowed in (("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
-                              ("image_proj", IMAGE_PROJECTIONS)):
+                              ("image_proj", IMAGE_PROJECTIONS), ("text_clean", TEXT_CLEANS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.init_logit_scale > self.max_logit_scale:

@@ -13,6 +13,7 @@ from bmc_fast.errors import ConfigError
 from bmc_fast.kernels import BACKENDS as LOSS_BACKENDS
 from bmc_fast.model.config import ATTN_BACKENDS, IMAGE_PROJECTIONS, TE_PRECISIONS
 from bmc_fast.trainer.grad_norm import GRAD_NORM_DTYPES
+from bmc_fast.trainer.metrics import REPORTERS
 
 # With gradient_accumulation_steps K > 1: one loss over all K micro batches (GradCache), or K losses.
 ACCUMULATIONS = ("contrastive", "independent")
@@ -26,8 +27,11 @@ class TrainConfig:
                             "ZeRO stage", flags=("--ds_config", "--ds-config"))
     preset: str = option("tiny", "model preset name (bmc_fast/model/presets) or JSON path")
     train_data: str | None = option(None, "WebDataset shards; omit (with --eval-data) for the embedded synthetic data")
+    train_data_weights: str | None = option(None, "with --train-data 'A::B': each source's upsampling factor, '1::3' "
+                                            "(open_clip's --train-data-upsampling-factors; docs/data.md)")
     eval_data: str | None = option(None, "WebDataset shards for retrieval evaluation (>= 2 pairs)")
-    tokenizer: str | None = option(None, "Hugging Face tokenizer directory (required with --train-data)")
+    tokenizer: str | None = option(None, "Hugging Face tokenizer directory or Hub id ORG/NAME[@REVISION] (required "
+                                   "with --train-data)")
     context_length: int | None = option(None, "text tokens kept per caption (77, 154, 512); default: the preset's")
     max_steps: int | None = option(None, "optimizer steps; default: the DeepSpeed scheduler's total_num_steps")
     eval_every: int = option(100, "steps between evaluations (retrieval, zero-shot), and always at the end (0: only "
@@ -42,6 +46,10 @@ class TrainConfig:
                                             "the label goes; default: the label alone")
     save_every: int = option(500, "steps between DeepSpeed checkpoints, and always at the end (0: only at the end)")
     log_every: int = option(10, "steps between metric lines")
+    report_to: str = option("tensorboard", "where metrics go besides metrics.jsonl: tensorboard, wandb, both "
+                            "('tensorboard,wandb') or none (W&B: pip install wandb; WANDB_MODE=offline needs no "
+                            "account)")
+    wandb_project: str = option("bmc-fast", "with --report-to wandb: the W&B project (WANDB_ENTITY picks the entity)")
     keep_checkpoints: int = option(0, "keep the newest N checkpoints, delete older ones (0: keep all)")
     output_dir: str | None = option(None, "run directory; default runs/<preset>-ctx<context>-seed<seed>")
     overwrite: bool = option(False, "replace an existing run directory")
@@ -54,8 +62,10 @@ class TrainConfig:
                          "auto: dali when installed", choices=LOADERS)
     loss_backend: str = option("auto", "fused contrastive loss kernels (auto: Triton on CUDA, torch on CPU)",
                                choices=LOSS_BACKENDS)
-    image_weights: str | None = option(None, "open_clip (visual.*) or timm ViT checkpoint file for the image tower")
-    text_weights: str | None = option(None, "Hugging Face ModernBERT directory (config.json + safetensors)")
+    image_weights: str | None = option(None, "open_clip (visual.*) or timm ViT checkpoint file for the image tower, or "
+                                       "its Hub id (hf-hub:ORG/NAME, timm/NAME; @REVISION pins one)")
+    text_weights: str | None = option(None, "Hugging Face ModernBERT directory (config.json + safetensors) or Hub id "
+                                      "ORG/NAME[@REVISION]")
     image_proj: str | None = option(None, "with --image-weights: keep the checkpoint's image projection or start a "
                                     "fresh linear one; default: the preset's", choices=IMAGE_PROJECTIONS)
     attn_backend: str | None = option(None, "attention kernels; default: the preset's", choices=ATTN_BACKENDS)
@@ -80,6 +90,11 @@ class TrainConfig:
     skip_memory_check: bool = option(False, "on CUDA, launch without the memory preflight (bmc_fast.plan): the "
                                      "planner's estimate is computed, not measured; pass this to launch anyway")
 
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """``--report-to`` as a tuple: ``('tensorboard', 'wandb')``; ``()`` for none."""
+        return () if self.report_to == "none" else tuple(part.strip() for part in self.report_to.split(","))
+
     def __post_init__(self) -> None:
         self.zeroshot_data = tuple(self.zeroshot_data or ())  # argparse gives None or a list
         self.zeroshot_label_key = tuple(self.zeroshot_label_key or ())
@@ -102,11 +117,18 @@ class TrainConfig:
                               ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES),
                               ("grad_norm_dtype", GRAD_NORM_DTYPES)):
             check_choice(self, name, allowed)
+        unknown = [part for part in self.reporters if part not in REPORTERS]
+        if unknown or not self.report_to:
+            raise ConfigError(f"--report-to {self.report_to!r}: each of its comma-separated parts must be one of "
+                              f"{REPORTERS} (or 'none' alone)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one")
         if self.train_data is None and self.eval_data is not None:
             raise ConfigError("--eval-data was given without --train-data: pass both, or neither for the "
                               "embedded synthetic data")
+        if self.train_data_weights is not None and self.train_data is None:
+            raise ConfigError("--train-data-weights was given without --train-data 'A::B' (its sources, joined by "
+                              "'::')")
         if self.train_data is not None and self.tokenizer is None:
             raise ConfigError("--train-data needs --tokenizer DIR (a Hugging Face tokenizer directory, e.g. "
                               "../shared/data/tokenizers/modernbert)")

@@ -32,7 +32,7 @@ from bmc_fast.trainer.nan_guard import Diverged, NanGuard, finite_weights, guard
 from bmc_fast.trainer.preemption import StopSignals
 from bmc_fast.trainer.prepare import Prepared
 from bmc_fast.trainer.run_data import TrainStream, log_token_waste, open_train_stream, total_skips
-from bmc_fast.trainer.run_record import write_run_dir, write_summary
+from bmc_fast.trainer.run_record import resolved_config, write_run_dir, write_summary
 from bmc_fast.trainer.step_profile import NoProfile
 
 _logger = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ def start(p: Prepared, hooks: StepHooks | None = None) -> Session:
                               else None)
     progress = tqdm(total=p.max_steps, initial=first_step - 1, desc="train", disable=env.rank != 0,
                     dynamic_ncols=True)
-    out = Outputs(MetricsWriter(p.run, enabled=env.rank == 0), window, progress)
+    writer = MetricsWriter(p.run, enabled=env.rank == 0, report_to=cfg.reporters,
+                           wandb_init={"project": cfg.wandb_project, "config": resolved_config(p)})
+    out = Outputs(writer, window, progress)
     if hooks.batches is not None:
         stream.batches = hooks.batches(stream.batches)
     return Session(p=p, engine=engine, device=device, dtype=dtype, first_step=first_step,

@@ -1,4 +1,10 @@
-"""Run output: console logging set up once per process, metrics to JSONL and TensorBoard on rank 0."""
+"""Run output: console logging set up once per process, metrics to JSONL and to TensorBoard and/or Weights & Biases
+(``--report-to``) on rank 0.
+
+A W&B run's id is kept in the run directory (``wandb_run_id``), so a resumed run logs to the same W&B run; its
+charts use the training step (``trainer/step``) as x axis, so the steps a resume repeats are logged again, not
+dropped as out of order.
+"""
 from __future__ import annotations
 
 import json
@@ -19,18 +25,27 @@ def setup_logging(rank: int, verbose_all_ranks: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-class MetricsWriter:
-    """Appends ``{"step": s, "time": t, **scalars}`` to ``metrics.jsonl`` and TensorBoard; no-op off rank 0."""
+REPORTERS = ("tensorboard", "wandb")  # the legal parts of --report-to
 
-    def __init__(self, run: RunDir, enabled: bool):
+
+class MetricsWriter:
+    """Appends ``{"step": s, "time": t, **scalars}`` to ``metrics.jsonl`` and logs them to the ``report_to`` trackers;
+    no-op off rank 0. ``wandb_init``: keyword arguments of ``wandb.init`` (project, config)."""
+
+    def __init__(self, run: RunDir, enabled: bool, report_to: tuple[str, ...] = ("tensorboard",),
+                 wandb_init: dict | None = None):
         self.enabled = enabled
         self._tb = None
         self._file = None
+        self._wandb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._file = open(run.metrics, "a")
-            self._tb = SummaryWriter(str(run.tensorboard))
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run.tensorboard))
+            if "wandb" in report_to:
+                self._wandb = _start_wandb(run, wandb_init or {})
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -38,14 +53,37 @@ class MetricsWriter:
         record = {"step": step, "time": time.time(), **{f"{prefix}/{k}": v for k, v in scalars.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in scalars.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        finite = {f"{prefix}/{k}": v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({**finite, "trainer/step": step})
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _start_wandb(run: RunDir, init: dict):
+    """``wandb.init`` of this run directory's W&B run: W&B's new id the first time, kept in ``wandb_run_id``; that id
+    again (``resume="allow"``) when the run is resumed."""
+    import wandb
+
+    id_file = run.path / "wandb_run_id"
+    known = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.is_file() else {}
+    wandb_run = wandb.init(dir=str(run.path), name=run.path.name, **known, **init)
+    id_file.write_text(wandb_run.id)
+    run_id = wandb_run.id
+    wandb_run.define_metric("trainer/step")
+    wandb_run.define_metric("*", step_metric="trainer/step")
+    logging.getLogger(__name__).info("Weights & Biases: run %s (project %s, mode %s)", run_id, wandb_run.project,
+                                     wandb_run.settings.mode)
+    return wandb_run
 
 
 class ThroughputWindow:

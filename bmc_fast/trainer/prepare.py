@@ -12,12 +12,13 @@ from typing import Any
 
 from bmc_fast.checkpoint.run_dir import RunDir
 from bmc_fast.cli import check_output_dir
+from bmc_fast.data.mixture import Mixture, expected_shares, parse_weights
 from bmc_fast.data.select_loader import resolve_loader
-from bmc_fast.data.shards import count_samples, expand_shards
+from bmc_fast.data.shards import REMOTE_PREFIXES, count_samples, expand_shards
 from bmc_fast.ds_json import BatchPlan, batch_plan, load_ds_config
 from bmc_fast.errors import ConfigError
 from bmc_fast.model.config import ModelConfig, load_model_config
-from bmc_fast.optional import transformer_engine_installed, triton_installed
+from bmc_fast.optional import transformer_engine_installed, triton_installed, wandb_installed
 from bmc_fast.trainer.config import TrainConfig
 from bmc_fast.trainer.distributed import DistEnv
 from bmc_fast.trainer.ds_config import check_precision_supported, check_skips_non_finite_steps, with_total_steps
@@ -43,6 +44,7 @@ class Prepared:
     tokenizer: Any
     model_cfg: ModelConfig
     resize: Resize | None = None  # resumed on another number of ranks than the checkpoint's
+    mixture: Mixture | None = None  # --train-data-weights: the weighted sources of train_urls
 
 
 def _accelerator_dtypes() -> tuple[str, list[str]]:
@@ -67,6 +69,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     check_skips_non_finite_steps(ds_config)
     device, dtypes = _accelerator_dtypes()
     check_precision_supported(ds_config, device, dtypes)
+    cfg = _fetch_hub_ids(cfg)
     _check_weights(cfg)
     checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
     model_cfg = load_model_config(  # validates the preset and the overrides early
@@ -82,9 +85,10 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
                                   tokenizer=cfg.tokenizer or default.tokenizer)
         _logger.info("no --train-data: using the embedded synthetic dataset %s", Path(default.train).parent.parent)
     train_urls = expand_shards(cfg.train_data, "--train-data")
+    mixture = _mixture(cfg.train_data, cfg.train_data_weights) if cfg.train_data_weights else None
     eval_urls = _eval_shards(cfg.eval_data)
     zeroshot, templates = _zeroshot_sets(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer, clean=model_cfg.text_clean, context_length=model_cfg.context_length)
     model_cfg = model_cfg.with_tokenizer(tokenizer)
     cfg = dataclasses.replace(cfg, loader=resolve_loader(cfg.loader, train_urls + eval_urls))
 
@@ -93,6 +97,9 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
         cfg = _resolve_auto_resume(cfg, run)
     resize = None
     if cfg.resume:
+        # a run's captions are cleaned as they were from its start (runs from before text_clean: not at all)
+        clean = run.read_config()["model"].get("text_clean", "none") if run.is_run() else model_cfg.text_clean
+        model_cfg, tokenizer.clean = dataclasses.replace(model_cfg, text_clean=clean), clean
         ds_config, plan, resize = plan_resume(run, model_cfg, ds_config, env.world_size, max_steps, cfg.accumulation)
     else:
         plan = plan or batch_plan(ds_config, env.world_size, source=source)
@@ -101,7 +108,20 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, zeroshot, templates, tokenizer,
-                    model_cfg, resize)
+                    model_cfg, resize, mixture)
+
+
+def _mixture(pattern: str, weights: str) -> Mixture:
+    """The weighted sources of ``--train-data`` (its ``::`` parts), their expected shares logged."""
+    sources = [expand_shards(part, "--train-data") for part in pattern.split("::")]
+    mixture = Mixture(tuple(map(tuple, sources)), parse_weights(weights, len(sources)))
+    if not any(url.startswith(REMOTE_PREFIXES) for urls in sources for url in urls):
+        samples = [sum(count_samples(url, "--train-data") for url in urls) for urls in sources]
+        shares = expected_shares(mixture, samples)
+        _logger.info("--train-data-weights %s: expected shares of the training samples %s", weights, ", ".join(
+            f"{part!r} {100 * share:.1f}% ({n} samples × {factor:g})" for part, share, n, factor in
+            zip(pattern.split("::"), shares, samples, mixture.factors)))
+    return mixture
 
 
 def _resolve_auto_resume(cfg: TrainConfig, run: RunDir) -> TrainConfig:
@@ -115,6 +135,17 @@ def _resolve_auto_resume(cfg: TrainConfig, run: RunDir) -> TrainConfig:
         return dataclasses.replace(cfg, resume=None, overwrite=True)
     _logger.info("--resume auto: no checkpoint in %s, starting a new run", run.path)
     return dataclasses.replace(cfg, resume=None)
+
+
+def _fetch_hub_ids(cfg: TrainConfig) -> TrainConfig:
+    """``--image-weights``, ``--text-weights`` and ``--tokenizer`` given as Hub ids (``ORG/NAME[@REVISION]``), fetched
+    into huggingface_hub's cache: the run records the cached paths, whose snapshot names the commit."""
+    from bmc_fast.checkpoint.hub import resolve
+
+    fetched = {name: resolve(getattr(cfg, name), kind, f"--{name.replace('_', '-')}")
+               for name, kind in (("image_weights", "image"), ("text_weights", "text"), ("tokenizer", "tokenizer"))
+               if getattr(cfg, name) is not None}
+    return dataclasses.replace(cfg, **fetched)
 
 
 def _check_weights(cfg: TrainConfig) -> None:
@@ -131,6 +162,9 @@ def _check_packages(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     if cfg.loss_backend == "triton" and not triton_installed():
         raise ConfigError("--loss-backend triton needs the triton package (pip install triton): pass "
                           "--loss-backend auto or torch")
+    if "wandb" in cfg.reporters and not wandb_installed():
+        raise ConfigError("--report-to wandb needs Weights & Biases: pip install wandb (or bmc-fast[wandb]), or "
+                          "leave wandb out of --report-to")
     if model_cfg.te_precision != "none" and not transformer_engine_installed():
         raise ConfigError(f"--te-precision {model_cfg.te_precision} needs NVIDIA Transformer Engine on a CUDA machine "
                           "(pip install 'transformer-engine[pytorch]'): pass --te-precision none")

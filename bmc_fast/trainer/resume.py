@@ -46,7 +46,9 @@ def plan_resume(run: RunDir, model_cfg: ModelConfig, ds_config: dict[str, Any], 
         raise ConfigError(f"--resume: the checkpoint {tag!r} is at step {done} and --max-steps is "
                           f"{max_steps}: nothing is left to train; raise --max-steps")
     saved = run.read_config()
-    differs = sorted(set(differing_keys(saved.get("model", {}), model_cfg.to_dict())) - RUNTIME_SWITCHES)
+    # with the defaults of fields added since the run began (text_clean: "none", as the run was)
+    saved_model = ModelConfig.from_dict(saved["model"], source=str(run.config)).to_dict() if "model" in saved else {}
+    differs = sorted(set(differing_keys(saved_model, model_cfg.to_dict())) - RUNTIME_SWITCHES)
     if differs:
         raise ConfigError(f"--resume: the run in {str(run.path)!r} used a different model ({differs} differ); "
                           "resume with the same --preset, --context-length and --tokenizer")

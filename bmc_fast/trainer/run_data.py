@@ -82,7 +82,7 @@ def make_loaders(p: Prepared, device: torch.device, half: bool, seed: int, respl
                   image_size=p.model_cfg.vision.image_size, batch_size=p.plan.micro_batch, workers=cfg.workers,
                   device_id=None if device.type == "cpu" else env.local_rank, half=half)
     train = build_loader(p.train_urls, train=True, rank=env.rank, world_size=env.world_size, seed=seed,
-                         resplit_from=resplit_from, **common)
+                         resplit_from=resplit_from, mixture=p.mixture, **common)
     evaluation = build_loader(p.eval_urls, train=False, **common) if p.eval_urls else None
     if cfg.loader == "dali":  # as the pipeline was built
         placement = f"DALI shard_id {train.split['rank']} of {train.split['world_size']}, device_id {train.device_id}"
