@@ -3,7 +3,7 @@
 The examples are the fenced ``bash`` and ``python`` blocks. They run in document order (the README's quick
 start uses the demo's run, the evaluation page uses the quick start's) in a scratch copy of the repository
 root: a directory of links to the repository's files, with ``../shared`` beside it, where their outputs
-(``runs/``, ``shards/``, ``exports/`` ...) land. ``make demo`` runs its recipe with 50 steps a context, on a
+(``runs/``, ``shards/``, ``exports/`` ...) land. ``make demo`` runs its recipe with 42 steps a context, on a
 tenth of the embedded data. A command that cannot run here (GPUs, several nodes, the real weights, the suite
 itself, a benchmark of many minutes) is listed in ``NOT_HERE`` with the reason; each of those that runs a
 program of ours is still checked against that program's ``--help``: every flag it passes must exist.
@@ -49,9 +49,9 @@ NOT_HERE = {
 # Whole commands (not parts of one) that run nowhere in the suite, for the reason given.
 NOT_HERE_EXACT = {"make gpu-check": "needs a CUDA GPU; tests/test_gpu_check.py runs its refusal here, and the "
                                     "dry run above runs"}
-# `make demo` runs this recipe (checked against the Makefile); here with 50 steps a context.
+# `make demo` runs this recipe (checked against the Makefile); here with 42 steps a context.
 DEMO_RECIPE = "python -m bmc_fast.trainer.demo --out runs/demo"
-SMALL = {"make demo": DEMO_RECIPE + " --max-steps 50"}  # the JSON warms up for 40
+SMALL = {"make demo": DEMO_RECIPE + " --max-steps 42"}  # the JSON warms up for 40
 # The environment the examples' `.venv/` means, by its own path: a python run through the scratch root's link
 # would see DeepSpeed's sources under another path than every other test's processes, and the JIT ops they
 # share (TORCH_EXTENSIONS_DIR) would be rebuilt by g++ (~1 min of both cores) each time either side loads them.
@@ -127,7 +127,7 @@ def workdir(tmp_path_factory):
 
 def _small_embedded_data(cache: Path) -> None:
     """The embedded dataset where ``ensure_default_data`` looks for it (``$BMC_FAST_CACHE``), at 1/10 of its
-    size: the demo trains 50 steps of 64 pairs, and evaluates on what it finds."""
+    size: the demo trains 42 steps of 64 pairs, and evaluates on what it finds."""
     from bmc_fast.data.default_data import ensure_default_data
 
     ensure_default_data(seed=0, root=cache, n_train=1024, n_eval=64)
@@ -197,10 +197,10 @@ def test_every_example_runs_in_order(workdir):
             _run("\n".join(runnable), "bash", workdir, where)
             ran.append(where)
     assert len(ran) >= 15, ran  # the README's demo and quick start, and the pages' commands
-    # resumed on 2 ranks to step 60 (training.md), then on 1 rank to 64, auditing its samples (cluster.md)
+    # resumed on 2 ranks to step 60 (training.md), then on 1 rank to 62, auditing its samples (cluster.md)
     quickstart = workdir / "runs" / "quickstart"
-    assert (quickstart / "checkpoints" / "latest").read_text().strip() == "step0000064"
+    assert (quickstart / "checkpoints" / "latest").read_text().strip() == "step0000062"
     audit = read_audit(quickstart / "audit")
-    assert list(audit) == [0] and list(audit[0]) == [61, 62, 63, 64]
+    assert list(audit) == [0] and list(audit[0]) == [61, 62]
     assert all(len(line["keys"]) == 64 for line in audit[0].values())  # the global batch of zero2.json
     assert (workdir / "exports" / "quickstart" / "open_clip_config.json").is_file()
