@@ -438,3 +438,19 @@ def test_report_to_takes_tensorboard_wandb_both_or_none(value, ok):
         with pytest.raises(ConfigError, match=f"--report-to {value!r}: each of its comma-separated parts must be one"):
             TrainConfig(report_to=value)
 
+
+
+def test_train_data_weights_make_a_mixture_of_the_sources(small_data, tmp_path, monkeypatch, capfd):
+    """'A::B' with '1::3': the loaders get the two sources with their factors, the expected shares are logged;
+    a count of factors that does not match the sources is refused naming the flag."""
+    from bmc_fast.data.shards import expand_shards
+
+    urls = expand_shards(small_data["train"], "--train-data")
+    sources = f"{urls[0]}::{urls[1]}"
+    monkeypatch.setattr(bmc_fast.trainer.loop, "run", lambda prepared: prepared)
+    prepared = train.main(_args(small_data, tmp_path, **{"--train-data": sources, "--train-data-weights": "1::3"}))
+    assert prepared.mixture.sources == ((urls[0],), (urls[1],)) and prepared.mixture.factors == (1.0, 3.0)
+    log = capfd.readouterr().err  # the trainer's logging goes to stderr
+    assert "expected shares of the training samples" in log and "75.0% (64 samples × 3)" in log
+    with pytest.raises(ConfigError, match=r"--train-data-weights '1::2::3' gives 3 factor\(s\) for 2"):
+        train.main(_args(small_data, tmp_path, **{"--train-data": sources, "--train-data-weights": "1::2::3"}))

@@ -91,9 +91,9 @@ def model_card(cfg: ModelConfig, hub_id: str, run: dict[str, Any] | None, summar
     lines = [
         "---", "library_name: open_clip", "tags: [clip, biomedical, bmc-fast, modernbert]", "---", "",
         f"# {hub_id.split('/')[1]}", "",
-        f"A long-context biomedical CLIP (BMC-LongCLIP, [No Tokens Wasted]({PAPER})) trained with "
-        "[bmc-fast](https://github.com/): a ViT image tower and a ModernBERT text tower, mean-pooled text, both "
-        f"projected to {cfg.embed_dim}, captions of up to **{cfg.context_length} tokens**.", "",
+        f"A long-context biomedical CLIP (BMC-LongCLIP, [No Tokens Wasted]({PAPER})) trained with bmc-fast: a ViT "
+        "image tower and a ModernBERT text tower, mean-pooled text, both projected to "
+        f"{cfg.embed_dim}, captions of up to **{cfg.context_length} tokens**.", "",
         "| | |", "|---|---|",
         f"| image tower | ViT {cfg.vision.layers} layers, width {cfg.vision.width}, patch {cfg.vision.patch_size}, "
         f"{cfg.vision.image_size} px |",
