@@ -117,6 +117,7 @@ def _worker(rank, world, port, path, out_dir):
         dist.all_reduce(grad)  # DeepSpeed's gradient averaging
         grad /= world
     torch.save({"loss": loss, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank closes its gloo pairs while another still has a send in flight
     dist.destroy_process_group()
 
 

@@ -64,6 +64,7 @@ def _worker(rank, world, port, inputs, out_dir):
     theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(image, text, scale)
     torch.save({"loss": loss.detach(), "grads": grads, "ours": ours_on_features.detach(),
                 "open_clip": theirs.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank closes its gloo pairs while another still has a send in flight
     dist.destroy_process_group()
 
 
@@ -114,6 +115,7 @@ def _eval_worker(rank, world, port, inputs, out_dir):
     zeroshot_images = encoder.encode_images(data["images"], batch_size=2)
     torch.save({"image": image, "text": text, "zeroshot": zeroshot_images}, os.path.join(out_dir, f"eval{rank}.pt"))
     if world > 1:
+        dist.barrier()  # no rank closes its gloo pairs while another still has a send in flight
         dist.destroy_process_group()
 
 

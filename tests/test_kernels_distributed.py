@@ -86,6 +86,7 @@ def _worker(rank, world, port, out_dir, backend_string, collective):
         _run(SigLipLoss(rank=rank, world_size=world), leaves(B_TILE, D_TILE, True)))
     results["reduce_scatter_calls"] = len(reduce_scatters)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank closes its gloo pairs while another still has a send in flight
     dist.destroy_process_group()
 
 
