@@ -57,6 +57,16 @@ def decode_train_crop(encoded, *, decoder_device: str, seed: int = -1):
                                          num_attempts=10, seed=seed, adjust_orientation=False)
 
 
+def decode_window(encoded, anchor, shape, *, decoder_device: str):
+    """The window at ``anchor`` (x, y) of ``shape`` (width, height), in pixels, fused into the decoder: HWC uint8
+    RGB. The stream reader's twin of ``decode_train_crop``: the window was drawn on the host."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                   normalized_anchor=False, normalized_shape=False, axis_names="WH",
+                                   adjust_orientation=False)
+
+
 def resize_cubic(images, *, width, height):
     """Antialiased bicubic resize to (height, width), as torchvision's BICUBIC with ``antialias=True``."""
     from nvidia.dali import fn, types
@@ -65,12 +75,14 @@ def resize_cubic(images, *, width, height):
 
 
 def clip_augment(encoded, *, image_size: int, train: bool, decoder_device: str, flip: bool = False,
-                 half: bool = False, seed: int = -1):
-    """``encoded``: DALI node of image bytes -> (3, image_size, image_size) float (fp16 with ``half``)."""
+                 half: bool = False, seed: int = -1, window=None):
+    """``encoded``: DALI node of image bytes -> (3, image_size, image_size) float (fp16 with ``half``).
+    ``window``: (anchor, shape) nodes of each image's train crop, drawn by the caller instead of by the decoder."""
     from nvidia.dali import fn, types
 
     if train:
-        images = decode_train_crop(encoded, decoder_device=decoder_device, seed=seed)
+        images = (decode_train_crop(encoded, decoder_device=decoder_device, seed=seed) if window is None else
+                  decode_window(encoded, *window, decoder_device=decoder_device))
         images = resize_cubic(images, width=image_size, height=image_size)
         crop_pos = (0.5, 0.5)  # already image_size square: the crop is the whole image
     else:

@@ -45,3 +45,23 @@ def build_pipeline(shards: list[str], index_paths: list[str], *, image_size: int
     pipe = clip_pipeline(checkpoint=checkpoint)
     pipe.build()
     return pipe
+
+
+def build_stream_pipeline(source, *, image_size: int, train: bool, batch_size: int, num_threads: int,
+                          device_id: int | None, half: bool = False):
+    """A built pipeline that decodes and augments what ``source`` hands it (``stream_loader``): each call of
+    ``source()`` returns a batch as (encoded images, crop anchors (x, y), crop shapes (width, height)), each a list
+    of numpy arrays, and raises ``StopIteration`` at the end. The crop windows come from the stream (train: its
+    RandomResizedCrop; eval: the whole image), so the graph holds no random state of its own."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=2)
+    def stream_pipeline():
+        encoded, anchor, shape = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                    dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+        return clip_augment(encoded, image_size=image_size, train=train, half=half, window=(anchor, shape),
+                            decoder_device="cpu" if device_id is None else "mixed")
+
+    pipe = stream_pipeline()
+    pipe.build()
+    return pipe

@@ -1,5 +1,6 @@
 """Paths and small utilities shared by the tests (tests/ is on sys.path under pytest; the repo root is
 deliberately not, so that the ``kernels/`` folder can never be imported as a top-level ``kernels``)."""
+import json
 import socket
 from pathlib import Path
 
@@ -212,3 +213,65 @@ def wandb_offline_history(run_dir) -> dict[str, list[dict]]:
                              for item in record.history.item})
         history[path.parent.name] = rows
     return history
+
+
+class ShardServer:
+    """A local stand-in for a shard host and the Hugging Face Hub on 127.0.0.1, serving the files under ``root``.
+
+    ``GET /PATH``: the file. As the Hub answers webdataset's ``hf://`` calls: ``GET /api/datasets/ORG/NAME[/revision/
+    REV]`` (repo info) and ``GET /datasets/ORG/NAME/resolve/REV/PATH`` (the file ``PATH``). ``fail[PATH]``: HTTP
+    statuses to answer the next requests for ``PATH`` with, one each, before the file; ``requests``: (path,
+    Authorization header) of every request. ``stop()``: the server goes away (every later connection is closed
+    unanswered, in whichever process connects; a closed socket would live on in forked loader workers, which
+    inherit it, and time out instead); ``close()`` shuts it down."""
+
+    def __init__(self, root):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self):
+                if server.down:
+                    self.close_connection = True
+                    return
+                path = self.path.split("?")[0]
+                server.requests.append((path, self.headers.get("Authorization")))
+                if server.fail.get(path):
+                    self.send_error(server.fail[path].pop(0))
+                    return
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "datasets"]:
+                    body = json.dumps({"id": "/".join(parts[2:4]), "sha": "0" * 40, "siblings": []}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if parts[:1] == ["datasets"] and parts[3:4] == ["resolve"]:
+                    self.path = "/" + "/".join(parts[5:])
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.root, self.fail, self.requests, self.down = Path(root), {}, [], False
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def urls(self, paths, scheme: str = "http") -> list[str]:
+        """The URLs of local files under ``root``: ``http`` or ``hf`` (as ``hf://datasets/test/shards/PATH``)."""
+        rel = [Path(p).resolve().relative_to(self.root.resolve()).as_posix() for p in paths]
+        return [f"{self.url}/{r}" if scheme == "http" else f"hf://datasets/test/shards/{r}" for r in rel]
+
+    def stop(self) -> None:
+        self.down = True
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

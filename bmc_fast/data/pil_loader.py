@@ -7,7 +7,10 @@ buffer seeded by (seed, epoch, rank, worker), are checked and decoded (``bmc_fas
 image kind to RGB; a broken sample is skipped and counted by kind, never raised) and augmented with a
 generator seeded by their place in that order (RandomResizedCrop, scale (0.9, 1.0) as open_clip; no
 flip, because captions state laterality), then batched and tokenised in the workers. Evaluation: every
-sample once, in order.
+sample once, in order. Remote shards (``http(s)://``, ``hf://``, ``s3://``, ``pipe:``) are fetched ahead into a
+bounded local cache (``shard_fetch``); one that cannot be fetched is skipped and counted (``unreachable_shard``).
+With ``decode=False`` the same stream hands encoded images and their crop windows to a DALI graph instead
+(``bmc_fast.dali_pipelines.stream_loader``).
 
 The order is therefore a function of (seed, epoch, rank, worker) alone, and a worker's place in it is
 two numbers: its epoch and the samples of that epoch it has consumed (``stream_places``). ``ShardStream`` is
@@ -32,11 +35,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bmc_fast.data.mixture import Mixture
-from bmc_fast.data.samples import SampleError, check_sample
+from bmc_fast.data.samples import SampleError, check_encoded, check_sample
+from bmc_fast.data.shard_fetch import FetchPolicy, fetched
 from bmc_fast.data.stream_places import Cut, Place, resplit, start_place
 from bmc_fast.data.tar_samples import wds_tar_samples
 from bmc_fast.data.text_tokenizer import tokenize_captions
-from bmc_fast.data.transforms import image_transform
+from bmc_fast.data.transforms import TRAIN_RATIO, TRAIN_SCALE, image_transform
 from bmc_fast.errors import ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
@@ -63,6 +67,19 @@ class Collate:
         }
 
 
+@dataclass
+class EncodedCollate(Collate):
+    """``Collate`` for rows a DALI graph decodes (``ShardStream(decode=False)``): the images stay encoded, each with
+    its RandomResizedCrop window (``"encoded"``: bytes, ``"windows"``: (left, top, width, height) each)."""
+
+    def __call__(self, samples: list[tuple[tuple[bytes, tuple], str, str, int]],
+                 skipped: dict[str, int] | None = None) -> dict:
+        rows, captions, ids, epochs = zip(*samples)
+        return {"encoded": [data for data, _ in rows], "windows": [window for _, window in rows],
+                **tokenize_captions(self.tokenizer, captions, self.context_length), "skipped": dict(skipped or {}),
+                "keys": list(ids), "epochs": list(epochs)}
+
+
 def epoch_shards(urls: list[str], epoch: int, *, rank: int, world_size: int, worker: int, workers: int, seed: int,
                  shuffle: bool) -> list[str]:
     """The shards one worker of one rank reads in ``epoch``: the epoch's order (the same on every rank),
@@ -87,7 +104,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, collate: Collate, transform: Callable, batch_size: int, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None,
-                 shuffle_buffer: int = 1000, resplit_from: list[Place] | None = None, mixture: Mixture | None = None):
+                 shuffle_buffer: int = 1000, resplit_from: list[Place] | None = None, mixture: Mixture | None = None,
+                 fetch: FetchPolicy | None = None, decode: bool = True):
         super().__init__()
         self.urls, self.collate, self.transform, self.batch_size = list(urls), collate, transform, batch_size
         self.mixture = mixture if train else None
@@ -98,6 +116,9 @@ class ShardStream(IterableDataset):
         self._state: Place | None = None  # the place after the last batch this worker yielded
         self._resume: Place | None = None  # a place to continue from, set by load_state_dict
         self._resplit_from = resplit_from
+        self.fetch = fetch or FetchPolicy()  # remote shards (shard_fetch)
+        self.decode = decode  # False: rows keep the encoded image and its crop window, for DALI (EncodedCollate)
+        self._shard_skips = Counter()  # shards that could not be fetched, counted by shard_fetch
 
     def _cut(self) -> Cut:
         return Cut(self.rank, self.world_size, *_worker())
@@ -135,14 +156,16 @@ class ShardStream(IterableDataset):
                                     "shards hold no usable sample; python -m bmc_fast.data.index SHARDS --report "
                                     "REPORT.json shows why")
                 continue
+            skipped.update(self._shard_skips)
+            self._shard_skips.clear()
             try:
-                image, caption = check_sample(sample)
+                row = self._row(sample, origin)
             except SampleError as error:
                 skipped[error.kind] += 1
                 _logger.debug("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), error)
                 continue
             delivered += 1
-            rows.append((self._augment(image, origin), caption, sample_id(sample), origin[0]))
+            rows.append((*row, sample_id(sample), origin[0]))
             if len(rows) == self.batch_size:
                 if held is not None:
                     yield self._deliver(held)
@@ -155,8 +178,32 @@ class ShardStream(IterableDataset):
                                                    "inherited": []})
             skipped = Counter()
         if held is not None:
-            held[0]["skipped"] = dict(Counter(held[0]["skipped"]) + skipped)
+            held[0]["skipped"] = dict(Counter(held[0]["skipped"]) + skipped + self._shard_skips)
+            self._shard_skips.clear()
             yield self._deliver(held)
+
+    def _row(self, sample: dict, origin: tuple[int, int, int, int]) -> tuple:
+        """(pixels, caption), or with ``decode=False`` ((image bytes, crop window), caption); ``SampleError`` for a
+        sample to skip."""
+        if self.decode:
+            image, caption = check_sample(sample)
+            return self._augment(image, origin), caption
+        data, caption, size = check_encoded(sample)
+        return (data, self._crop_window(size, origin)), caption
+
+    def _crop_window(self, size: tuple[int, int], origin: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of the sample's RandomResizedCrop (torchvision's ``get_params`` under the
+        generator ``_augment`` seeds); the whole image for evaluation."""
+        from torchvision import transforms as T
+
+        width, height = size
+        if not self.train:
+            return 0, 0, width, height
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, *origin)) & 0xFFFF_FFFF_FFFF)
+            shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the shape alone
+            top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(TRAIN_SCALE), list(TRAIN_RATIO))
+        return left, top, w, h
 
     def _samples_from(self, place: Place) -> Iterator[tuple[dict | None, tuple, Place]]:
         """(raw sample, its origin (epoch, rank, worker, index), the place after it) from ``place`` on: the inherited
@@ -191,7 +238,7 @@ class ShardStream(IterableDataset):
         seeded buffer; the samples before ``first`` are read (the buffer needs them), never decoded."""
         import webdataset as wds
 
-        samples = wds_tar_samples({"url": url} for url in self._shards(cut, epoch))
+        samples = wds_tar_samples(fetched(self._shards(cut, epoch), self.fetch, self._shard_skips))
         if self.train:
             rng = random.Random(hash((self.seed, epoch, cut.rank, cut.worker)))  # ints hash the same in every process
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
@@ -216,14 +263,15 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
                 train: bool, rank: int = 0, world_size: int = 1, workers: int = 1, seed: int = 0,
                 shuffle_buffer: int = 1000, epochs: int | None = None,
                 transform: Callable | None = None, resplit_from: list[Place] | None = None,
-                mixture: Mixture | None = None):
+                mixture: Mixture | None = None, fetch: FetchPolicy | None = None, decode: bool = True):
     """A torchdata ``StatefulDataLoader`` of batch dicts (see ``Collate``) over a ``ShardStream``.
 
     Train batches are always full and the stream repeats forever, unless ``epochs`` bounds it (then the
     last batch may be partial); eval batches keep the remainder and every rank sees all samples.
     ``transform`` (RGB PIL image -> (3, S, S) tensor) replaces ``image_transform(image_size, train)``;
     ``resplit_from``: see ``ShardStream``; ``mixture``: train on these weighted sources (``bmc_fast.data.mixture``)
-    instead of ``urls`` alone.
+    instead of ``urls`` alone; ``fetch``: how remote shards are fetched (``shard_fetch``); ``decode=False``: batches of
+    encoded images and crop windows for a DALI graph (``EncodedCollate``).
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -231,10 +279,11 @@ def make_loader(urls: list[str], tokenizer, *, context_length: int, image_size: 
     if train and shards < world_size * max(workers, 1):
         raise ConfigError(f"--train-data has {shards} shard(s) an epoch but {world_size} rank(s) × {max(workers, 1)} "
                           "worker(s) each need one: write more, smaller shards or lower --workers")
-    stream = ShardStream(urls, collate=Collate(tokenizer, context_length), batch_size=batch_size, train=train,
+    collate = (Collate if decode else EncodedCollate)(tokenizer, context_length)
+    stream = ShardStream(urls, collate=collate, batch_size=batch_size, train=train,
                          transform=transform or image_transform(image_size, train), rank=rank,
                          world_size=world_size, seed=seed, epochs=epochs, shuffle_buffer=shuffle_buffer,
-                         resplit_from=resplit_from, mixture=mixture)
+                         resplit_from=resplit_from, mixture=mixture, fetch=fetch, decode=decode)
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
         warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
         return StatefulDataLoader(stream, batch_size=None, num_workers=workers,

@@ -2,7 +2,8 @@
 
 A pattern is brace notation (``dir/shard-{000000..000099}.tar``), a glob (``dir/*.tar``) or several of
 those joined by ``::`` (open_clip's convention). Local shards must exist and hold at least one sample;
-remote URLs (``pipe:``, ``s3://``, ``http(s)://``) are passed through unchecked.
+remote URLs (``http(s)://``, ``hf://``, ``s3://``, ``pipe:``; ``bmc_fast.data.shard_fetch`` reads them) are passed
+through unchecked.
 """
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import braceexpand
 
+from bmc_fast.data.shard_fetch import REMOTE_PREFIXES
 from bmc_fast.data.tar_samples import read_tar_samples
 from bmc_fast.errors import ConfigError
-
-REMOTE_PREFIXES = ("pipe:", "s3://", "gs://", "http://", "https://")
 
 
 def expand_shards(pattern: str, flag: str) -> list[str]:

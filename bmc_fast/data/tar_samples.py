@@ -9,11 +9,12 @@ and ending the stream.
 
 - ``read_tar_samples(path)``: samples of a local tar, each member's data offset and size kept for DALI's
   index; ``read=False`` reads headers only (for counting).
-- ``wds_tar_samples(shards)``: the same grouping over webdataset's own tar streams (local or remote), a
-  stage of the PIL loader's pipeline.
+- ``wds_tar_samples(shards)``: the same grouping over webdataset's own tar iterator, from shards opened by
+  webdataset (``{"url"}``) or by ``bmc_fast.data.shard_fetch`` (``{"url", "stream"}``); a stage of the PIL loader.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -97,8 +98,14 @@ def read_tar_samples(path: str | Path, *, read: bool = True, plain: bool = False
 
 
 def wds_tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
-    """Shard dicts (``{"url": ...}``) -> samples, as ``wds.tarfile_to_samples`` but grouped by
-    ``group_samples`` (a repeated member skips one sample, not the run). Local or remote shards."""
+    """Shard dicts -> samples, as ``wds.tarfile_to_samples`` but grouped by ``group_samples`` (a repeated member
+    skips one sample, not the run). ``{"url"}`` is opened by webdataset's ``gopen``; ``{"url", "stream"}`` is read
+    from the open stream."""
     from webdataset.tariterators import tar_file_expander, url_opener
 
-    return group_samples(tar_file_expander(url_opener(shards)))
+    shards = iter(shards)
+    first = next(shards, None)
+    if first is None:
+        return iter(())
+    shards = itertools.chain([first], shards)
+    return group_samples(tar_file_expander(shards if "stream" in first else url_opener(shards)))

@@ -95,9 +95,11 @@ def gather_rows(local: torch.Tensor, n: int, world_size: int) -> torch.Tensor:
 
 def eval_shards(data: str, flag: str = "--data") -> list[str]:
     """The shards named by ``data``, checked: they exist and hold at least 2 samples between them."""
-    from bmc_fast.data.shards import count_samples, expand_shards
+    from bmc_fast.data.shards import REMOTE_PREFIXES, count_samples, expand_shards
 
     urls = expand_shards(data, flag)
+    if any(url.startswith(REMOTE_PREFIXES) for url in urls):  # counted as they are read
+        return urls
     n = sum(count_samples(u, flag) for u in urls)
     if n < 2:
         raise ConfigError(f"{flag} {data!r} holds {n} sample(s); retrieval needs at least 2")

@@ -57,9 +57,10 @@ class TrainConfig:
                                 "a checkpoint exists, else start a new run (for schedulers that requeue a command)",
                                 choices=RESUME_MODES, const="latest")
     seed: int = option(0, "model init and data order; also picks the embedded dataset")
-    workers: int = option(1, "data loader processes (pil) or DALI threads (dali) per rank")
+    workers: int = option(1, "data loader processes (pil) or DALI threads (dali, dali-stream) per rank")
     loader: str = option("auto", "image decode + augmentation: DALI (GPU mixed / CPU) or webdataset + PIL; "
-                         "auto: dali when installed", choices=LOADERS)
+                         "auto: dali when installed; dali-stream: DALI decodes the PIL loader's stream (what dali "
+                         "becomes with remote shards)", choices=LOADERS)
     loss_backend: str = option("auto", "fused contrastive loss kernels (auto: Triton on CUDA, torch on CPU)",
                                choices=LOSS_BACKENDS)
     image_weights: str | None = option(None, "open_clip (visual.*) or timm ViT checkpoint file for the image tower, or "

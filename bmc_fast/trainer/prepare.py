@@ -208,6 +208,8 @@ def _eval_shards(pattern: str | None) -> list[str]:
     if pattern is None:
         return []
     urls = expand_shards(pattern, "--eval-data")
+    if any(url.startswith(REMOTE_PREFIXES) for url in urls):  # counted as they are read
+        return urls
     n_eval = sum(count_samples(url, "--eval-data") for url in urls)
     if n_eval < 2:
         raise ConfigError(f"--eval-data {pattern!r} holds {n_eval} pair(s); retrieval needs at least 2: "

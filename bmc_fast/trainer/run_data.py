@@ -12,7 +12,7 @@ import torch
 
 from bmc_fast.data.samples import SKIP_KINDS
 from bmc_fast.data.select_loader import build_loader
-from bmc_fast.data.shards import REMOTE_PREFIXES
+from bmc_fast.data.shard_fetch import REMOTE_PREFIXES, SHARD_SKIP
 from bmc_fast.trainer import rank_state
 from bmc_fast.trainer.distributed import log_rank_layout
 from bmc_fast.trainer.prepare import Prepared
@@ -86,6 +86,8 @@ def make_loaders(p: Prepared, device: torch.device, half: bool, seed: int, respl
     evaluation = build_loader(p.eval_urls, train=False, **common) if p.eval_urls else None
     if cfg.loader == "dali":  # as the pipeline was built
         placement = f"DALI shard_id {train.split['rank']} of {train.split['world_size']}, device_id {train.device_id}"
+    elif cfg.loader == "dali-stream":
+        placement = f"stream shard {env.rank} of {env.world_size}, DALI device_id {train.device_id}"
     else:
         placement = f"PIL shard {env.rank} of {env.world_size}"
     log_rank_layout(env, device, placement)
@@ -109,11 +111,13 @@ def log_token_waste(p: Prepared) -> None:
 
 
 def total_skips(skipped: Counter, loader: str, urls: list[str], device: torch.device) -> dict[str, int]:
-    """Samples skipped by kind, summed over ranks (PIL: counted while reading; DALI: by the index scan)."""
+    """Samples skipped by kind, summed over ranks (PIL and dali-stream: counted while reading, with the shards that
+    could not be fetched; DALI: by the index scan)."""
     if loader == "dali":
         from bmc_fast.data.index import index_skips
 
         return index_skips(urls)
-    counts = torch.tensor([skipped[kind] for kind in SKIP_KINDS], dtype=torch.int64, device=device)
+    kinds = (*SKIP_KINDS, SHARD_SKIP)
+    counts = torch.tensor([skipped[kind] for kind in kinds], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(counts)  # on the training device: NCCL takes no CPU tensors
-    return {kind: int(n) for kind, n in zip(SKIP_KINDS, counts.tolist()) if n}
+    return {kind: int(n) for kind, n in zip(kinds, counts.tolist()) if n}

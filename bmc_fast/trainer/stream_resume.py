@@ -2,7 +2,8 @@
 
 - The same cut (loader, ranks, workers, micro batch): every rank loads its own saved loader state and RNG states, and
   the run continues exactly as if never stopped.
-- Another cut with the PIL loader (resumed on another number of ranks, or with other ``--workers``): every rank reads
+- Another cut with the PIL or dali-stream loader (the same stream; resumed on another number of ranks, or with other
+  ``--workers``): every rank reads
   all the old ranks' states and the stream finishes the old workers' epoch over the new cut
   (``bmc_fast.data.stream_places.resplit``): no sample of it is repeated or skipped. RNG states are seeded anew.
 - Another cut with DALI: a DALI reader's saved state belongs to its own shard of the data and cannot be re-split, so
@@ -20,6 +21,15 @@ from typing import Any
 from bmc_fast.trainer import rank_state
 
 _logger = logging.getLogger(__name__)
+
+STREAM_LOADERS = ("pil", "dali-stream")  # loaders whose state is a ShardStream's places (re-split on a new cut)
+
+
+def _stream_workers(split: dict) -> int:
+    """The ShardStream workers of a rank: --workers for PIL; dali-stream's one feeder (--workers are DALI threads)."""
+    from bmc_fast.dali_pipelines.stream_loader import FEEDER_WORKERS
+
+    return split["workers"] if split["loader"] == "pil" else FEEDER_WORKERS
 
 
 @dataclass
@@ -62,11 +72,11 @@ def stream_start(tag_dir: Path, split: dict[str, Any], fresh_seed: int, global_b
     # skip counts stay whole: rank 0 carries the old ranks' sum
     skipped = sum((Counter(s["skipped"]) for s in states), Counter()) if rank == 0 else Counter()
     steps = list(states[0]["skipped_steps"])
-    if old["loader"] == split["loader"] == "pil":
+    if old["loader"] == split["loader"] and split["loader"] in STREAM_LOADERS:
         from bmc_fast.data.stream_places import loader_places
 
-        places = [place for s in states for place in loader_places(s["loader"], s["split"]["rank"],
-                                                                   s["split"]["world_size"], s["split"]["workers"])]
+        places = [place for s in states for place in loader_places(
+            s["loader"], s["split"]["rank"], s["split"]["world_size"], _stream_workers(s["split"]))]
         if rank == 0:
             _logger.info("resumed the data stream of %s under a new cut (%s): the %d old stream(s) finish their epoch "
                          "over the new ranks and workers, no sample repeated or skipped; RNG states seeded anew",
