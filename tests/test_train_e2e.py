@@ -15,6 +15,7 @@ from bmc_fast.eval import zeroshot
 from helpers import (
     REPO,
     RunsCode,
+    ShardServer,
     assert_same_tensors,
     deepspeed_config,
     free_port,
@@ -54,13 +55,24 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, resize_t
                       "lesions.0.colour", "--zeroshot-choices", "2"]
     args = _train_args(small_data, ds_config, run_dir, 2, "--loader", loader, *keep, *extra, *zeroshot_flags,
                        *(("--audit-samples",) if resize_to else ()))
+    server = None
+    if bf16:  # the training shards over http from a local server: the DALI loader reads them as dali-stream
+        server = ShardServer(small_data["root"])
+        args[args.index("--train-data") + 1] = small_data["train"].replace(str(small_data["root"]), server.url)
     if resize_to:  # DeepSpeed's Adam moments at each checkpoint, for the resumed runs to compare
         args[args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
-    proc = launch_deepspeed(args, tmp_path, env={"BMC_FAST_TEST_MOMENTS": str(tmp_path / "moments")})
+    try:
+        proc = launch_deepspeed(args, tmp_path, env={"BMC_FAST_TEST_MOMENTS": str(tmp_path / "moments")})
+    finally:
+        if server is not None:
+            server.close()
     port = args[args.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no 66 MiB left per rank
     assert f"ZeRO stage {stage}, torch.{'bfloat16' if bf16 else 'float32'}" in proc.stdout + proc.stderr
-    assert f"data loader: {loader} (requested {loader}: as requested)" in proc.stdout + proc.stderr
+    resolved = "dali-stream" if server is not None else loader
+    why = "DALI's reader reads local shards only and 'http://" if server is not None else "as requested"
+    assert f"data loader: {resolved} (requested {loader}: {why}" in proc.stdout + proc.stderr
+    assert server is None or len({path for path, _ in server.requests if path.endswith(".tar")}) == 4
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -89,7 +101,7 @@ def test_deepspeed_launcher_trains_and_checkpoints(stage, bf16, loader, resize_t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["tokens_per_s"] > 0 and 0 <= summary["train"]["padding_fraction"] < 1
     assert summary["train"]["tflops"] > 0 and "mfu" not in summary["train"]  # no peak is known for a CPU
-    assert summary["loader"] == loader and summary["skipped"] == {}
+    assert summary["loader"] == resolved and summary["skipped"] == {}
 
     # The evaluate CLI rebuilds fp32 weights from the ZeRO checkpoint; in fp32 it reproduces the final
     # evaluation exactly (a bf16 run evaluated in bf16 during training, so only the fp32 runs compare).
@@ -212,7 +224,8 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
     """2 ranks, 5 steps, PIL loader (the same samples in the same order for any micro batch): K = 2 micro
     batches of 8 per rank give the losses and gradient norms of one micro batch of 16, on ZeRO 1, 2 and 3
     (the norm, before clipping, would show DeepSpeed's 1/K scaling; the losses after the warm-up steps at
-    lr 0 show the updates). The ZeRO-1 run then resumes on 1 rank (8 micro × 4 accum) through DeepSpeed's universal
+    lr 0 show the updates). The ZeRO-3 run reads its shards over http from a local server: streamed shards give the
+    local files' losses. The ZeRO-1 run then resumes on 1 rank (8 micro × 4 accum) through DeepSpeed's universal
     checkpoint, its Adam moments as saved (ZeRO 2 and 3: test_deepspeed_launcher_trains_and_checkpoints)."""
     steps = ["--max-steps", "5", "--loader", "pil", "--eval-every", "0", "--save-every", "0"]
     # ZeRO-1 also logs to Weights & Biases, offline
@@ -225,17 +238,22 @@ def test_contrastive_accumulation_matches_one_big_micro_batch_on_every_zero_stag
         if stage == 1:
             args[args.index("bmc_fast/train.py")] = "tests/faulty_train.py"
             args += ["--report-to", "tensorboard,wandb"]
+        if stage == 3:  # the same shards over http from a local server: the same samples, so the same losses
+            args[args.index("--train-data") + 1] = small_data["train"].replace(str(small_data["root"]), server.url)
         proc = launch_deepspeed(args, tmp_path, env=zero_1 if stage == 1 else None)
+        assert stage != 3 or len({path for path, _ in server.requests if path.endswith(".tar")}) == 4
         return _per_step(run_dir, "train/loss"), _per_step(run_dir, "train/grad_norm"), proc.stdout + proc.stderr
 
     big_losses, big_norms, _ = train(2, 1)
     assert len(big_losses) == len(big_norms) == 5 and min(big_norms) > 0
+    server = ShardServer(small_data["root"])  # a daemon thread of this process: it ends with it in any case
     for stage in (1, 2, 3):
         losses, norms, log = train(stage, 2)
         assert "contrastive accumulation 2: each loss contrasts all 32 pairs" in log
         assert losses == pytest.approx(big_losses, rel=1e-5), (stage, losses, big_losses)
         assert norms == pytest.approx(big_norms, rel=1e-4), (stage, norms, big_norms)
         _check_weights_only_consolidation(tmp_path / f"run-zero{stage}-k2")
+    server.close()
     records = [json.loads(line) for line in (tmp_path / "run-zero3-k2" / "metrics.jsonl").read_text().splitlines()]
     assert {r["train/pairs_per_loss"] for r in records if "train/pairs_per_loss" in r} == {32}
 
