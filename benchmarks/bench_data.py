@@ -9,12 +9,15 @@ whole batch dicts delivered. Datasets: generated 512×512 JPEG shards, and ../sh
 (real X-rays, mixed JPEG/PNG, RGB/RGBA/L; skipped with a reason when absent). Each repeat runs the
 three loaders back to back; the first 3 batches (worker spawn, pipeline build, shuffle-buffer fill) are
 timed apart, then ≥ 1,000 images. A one-thread profile splits each image's cost into decode, resize and
-normalise for PIL and DALI on the same images. ``--device cuda`` runs the DALI graph with mixed decode
-on GPU 0 (pixels stay on the GPU; the PIL loaders are unchanged). Writes
-benchmarks/results/data_<device>.{json,md}.
+normalise for PIL and DALI on the same images. The remote case streams the same shards over http from a
+local server (``python -m http.server`` in its own process) through the PIL loader and ``dali-stream`` (the PIL
+stream decoded by DALI), each beside the same loader on the local files, in the same interleaved repeats.
+``--device cuda`` runs the DALI graph with mixed decode on GPU 0 (pixels stay on the GPU; the PIL loaders are
+unchanged). Writes benchmarks/results/data_<device>.{json,md}.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -65,9 +68,20 @@ def generated_shards(out: Path, shards: int = 4, per_shard: int = 128, side: int
     return urls
 
 
-def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, device_id: int | None):
-    """The endless training stream the trainer draws from (train mode, no ``epochs`` bound)."""
+KINDS = ("dali", "pil", "open_clip", "pil_http", "dali_stream", "dali_stream_http")
+
+
+def make(kind: str, urls: list[str], tokenizer, threads: int, batch: int, device_id: int | None,
+         served: str | None = None):
+    """The endless training stream the trainer draws from (train mode, no ``epochs`` bound); ``*_http`` kinds read
+    the shards from the server at ``served`` (the URL of their folder)."""
     common = dict(context_length=512, image_size=IMAGE_SIZE, batch_size=batch, train=True)
+    if kind.endswith("_http"):
+        kind, urls = kind.removesuffix("_http"), [f"{served}/{Path(url).name}" for url in urls]
+    if kind == "dali_stream":
+        from bmc_fast.dali_pipelines.stream_loader import DaliStreamLoader
+
+        return DaliStreamLoader(urls, tokenizer, num_threads=threads, device_id=device_id, **common)
     if kind == "dali":
         from bmc_fast.dali_pipelines.dali_loader import DaliLoader
 
@@ -102,17 +116,49 @@ def bench(urls: list[str], tokenizer, threads: int, batch: int, repeats: int, de
     from bmc_fast.data.index import build_indexes
 
     build_indexes(urls)
-    runs = {kind: [] for kind in ("dali", "pil", "open_clip")}
-    for _ in range(repeats):
-        for kind in runs:  # side by side, interleaved: drifts in machine load hit all three alike
-            runs[kind].append(run_stream(make(kind, urls, tokenizer, threads, batch, device_id), min_images))
-            gc.collect()  # the finished loader's worker processes exit before the next one starts
+    runs = {kind: [] for kind in KINDS}
+    with shard_server(Path(urls[0]).parent) as served:
+        for _ in range(repeats):
+            for kind in runs:  # side by side, interleaved: drifts in machine load hit every kind alike
+                loader = make(kind, urls, tokenizer, threads, batch, device_id, served)
+                runs[kind].append(run_stream(loader, min_images))
+                del loader
+                gc.collect()  # the finished loader's worker processes exit before the next one starts
     out = {kind: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
                   "startup_s": statistics.median(r["startup_s"] for r in rs), "images": rs[0]["images"]}
            for kind, rs in runs.items()}
     out["dali_over_pil"] = out["dali"]["images_per_s"] / out["pil"]["images_per_s"]
     out["dali_over_open_clip"] = out["dali"]["images_per_s"] / out["open_clip"]["images_per_s"]
+    out["pil_http_over_local"] = out["pil_http"]["images_per_s"] / out["pil"]["images_per_s"]
+    out["dali_stream_http_over_local"] = out["dali_stream_http"]["images_per_s"] / out["dali_stream"]["images_per_s"]
+    out["dali_stream_over_dali"] = out["dali_stream"]["images_per_s"] / out["dali"]["images_per_s"]
     return out
+
+
+@contextlib.contextmanager
+def shard_server(folder: Path):
+    """``python -m http.server`` on 127.0.0.1 serving ``folder``, in its own process; yields its URL."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):  # until it answers
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def first_images(urls: list[str], count: int) -> list[bytes]:
@@ -238,7 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
             sys.stderr.write(f"{name}: DALI {cases[name]['dali']['images_per_s']:.1f} img/s, PIL "
                              f"{cases[name]['pil']['images_per_s']:.1f}, open_clip "
                              f"{cases[name]['open_clip']['images_per_s']:.1f} (DALI/PIL "
-                             f"{cases[name]['dali_over_pil']:.2f})\n")
+                             f"{cases[name]['dali_over_pil']:.2f}); over http / local: PIL "
+                             f"{cases[name]['pil_http_over_local']:.2f}, dali-stream "
+                             f"{cases[name]['dali_stream_http_over_local']:.2f}\n")
     import nvidia.dali
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
@@ -266,6 +314,16 @@ def main(argv: list[str] | None = None) -> dict:
             lines.append(f"| {name} | {stage} | {profile['pil'][stage]:.2f} | {profile['dali'][stage]:.2f} |")
         lines.append(f"| {name} | **total** | {sum(profile['pil'].values()):.2f} | "
                      f"{sum(profile['dali'].values()):.2f} |")
+    lines += ["", "Remote shards: the same shards over http from a local server (its own process) against the local "
+              "files, same loader, same threads, in the same interleaved runs (dali-stream: the PIL loader's stream, "
+              "fetched ahead into a local cache, decoded by DALI):", "",
+              "| shards | PIL local img/s | PIL http img/s | http / local | dali-stream local img/s | "
+              "dali-stream http img/s | http / local | dali-stream / dali |", "|---|---|---|---|---|---|---|---|"]
+    for name, c in cases.items():
+        lines.append(f"| {name} | {c['pil']['images_per_s']:.1f} | {c['pil_http']['images_per_s']:.1f} | "
+                     f"{c['pil_http_over_local']:.2f} | {c['dali_stream']['images_per_s']:.1f} | "
+                     f"{c['dali_stream_http']['images_per_s']:.1f} | {c['dali_stream_http_over_local']:.2f} | "
+                     f"{c['dali_stream_over_dali']:.2f} |")
     lines += [f"\n{note}" for note in notes.values()]
     (RESULTS / f"data_{args.device}.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")

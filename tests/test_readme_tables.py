@@ -14,7 +14,7 @@ _spec.loader.exec_module(readme_tables)
 MARKED = {
     "README.md": {"context_ablation.md", "loss_cpu.md#2"},
     "docs/cluster.md": {"paper_gpus.md"},
-    "docs/data.md": {"token_waste.md", "data_cpu.md", "data_cpu.md#2"},
+    "docs/data.md": {"token_waste.md", "data_cpu.md", "data_cpu.md#2", "data_cpu.md#3"},
     "docs/evaluation.md": {"context_ablation.md#2"},
     "docs/gpu.md": {"gpu_*.md"},  # the latest make gpu-check, or none yet
     "docs/kernels.md": {"loss_cpu.md#2"},
