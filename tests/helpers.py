@@ -1,7 +1,9 @@
 """Paths and small utilities shared by the tests (tests/ is on sys.path under pytest; the repo root is
 deliberately not, so that the ``kernels/`` folder can never be imported as a top-level ``kernels``)."""
+import hashlib
 import json
 import socket
+import urllib.parse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,7 +221,10 @@ class ShardServer:
     """A local stand-in for a shard host and the Hugging Face Hub on 127.0.0.1, serving the files under ``root``.
 
     ``GET /PATH``: the file. As the Hub answers webdataset's ``hf://`` calls: ``GET /api/datasets/ORG/NAME[/revision/
-    REV]`` (repo info) and ``GET /datasets/ORG/NAME/resolve/REV/PATH`` (the file ``PATH``). ``fail[PATH]``: HTTP
+    REV]`` (repo info) and ``GET /datasets/ORG/NAME/resolve/REV/PATH`` (the file ``PATH``); for the model
+    repositories of ``models`` (id -> (commit, folder)), what ``hf_hub_download`` and ``snapshot_download`` call:
+    ``/api/models/ORG/NAME[/revision/REV]`` and ``HEAD``/``GET /ORG/NAME/resolve/REV/PATH``, with the Hub's
+    ``X-Repo-Commit``, ``ETag`` and ``X-Error-Code`` headers. ``fail[PATH]``: HTTP
     statuses to answer the next requests for ``PATH`` with, one each, before the file; ``requests``: (path,
     Authorization header) of every request. ``stop()``: the server goes away (every later connection is closed
     unanswered, in whichever process connects; a closed socket would live on in forked loader workers, which
@@ -233,16 +238,18 @@ class ShardServer:
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self):
+            def do_GET(self, head: bool = False):
                 if server.down:
                     self.close_connection = True
                     return
-                path = self.path.split("?")[0]
+                path = urllib.parse.unquote(self.path.split("?")[0])
                 server.requests.append((path, self.headers.get("Authorization")))
                 if server.fail.get(path):
                     self.send_error(server.fail[path].pop(0))
                     return
                 parts = path.strip("/").split("/")
+                if self.model_repo(parts, head):
+                    return
                 if parts[:2] == ["api", "datasets"]:
                     body = json.dumps({"id": "/".join(parts[2:4]), "sha": "0" * 40, "siblings": []}).encode()
                     self.send_response(200)
@@ -255,10 +262,61 @@ class ShardServer:
                     self.path = "/" + "/".join(parts[5:])
                 super().do_GET()
 
+            def do_HEAD(self):
+                self.do_GET(head=True)
+
             def log_message(self, *args):
                 pass
 
+            def model_repo(self, parts: list[str], head: bool) -> bool:
+                """Answer a call about a model repository of ``server.models``; False when it is none."""
+                if parts[:2] == ["api", "models"]:
+                    repo = "/".join(parts[2:4])
+                    if repo not in server.models:
+                        self.send_hub_error(404, "RepoNotFound")
+                        return True
+                    commit, folder = server.models[repo]
+                    files = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+                    if parts[4:5] == ["tree"]:  # list_repo_tree, as snapshot_download lists a revision
+                        body = [{"type": "file", "path": name, "size": Path(folder, name).stat().st_size,
+                                 "oid": hashlib.sha1(Path(folder, name).read_bytes()).hexdigest()} for name in files]
+                    else:
+                        body = {"id": repo, "sha": commit, "siblings": [{"rfilename": name} for name in files]}
+                    self.send_bytes(json.dumps(body).encode(), "application/json", head)
+                    return True
+                if len(parts) > 4 and parts[2] == "resolve" and "/".join(parts[:2]) in server.models:
+                    commit, folder = server.models["/".join(parts[:2])]
+                    file = Path(folder, *parts[4:])
+                    if not file.is_file():
+                        self.send_hub_error(404, "EntryNotFound", commit)
+                        return True
+                    data = file.read_bytes()
+                    self.send_bytes(data, "application/octet-stream", head, {
+                        "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": commit})
+                    return True
+                if len(parts) > 4 and parts[2] == "resolve":
+                    self.send_hub_error(404, "RepoNotFound")
+                    return True
+                return False
+
+            def send_bytes(self, body: bytes, kind: str, head: bool, headers: dict | None = None):
+                self.send_response(200)
+                for key, value in {"Content-Type": kind, "Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def send_hub_error(self, status: int, code: str, commit: str | None = None):
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                if commit:
+                    self.send_header("X-Repo-Commit", commit)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
         self.root, self.fail, self.requests, self.down = Path(root), {}, [], False
+        self.models: dict[str, tuple[str, Path]] = {}  # model repo id -> (commit, folder of its files)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -1,5 +1,6 @@
 """Weights and tokenizers named by Hub id (``ORG/NAME``, ``@REVISION``, open_clip's ``hf-hub:``), read from a
-huggingface_hub cache filled beforehand, with ``HF_HUB_OFFLINE=1``: no network. The cache is laid out as
+huggingface_hub cache filled beforehand, with ``HF_HUB_OFFLINE=1``, and fetched into an empty cache from a local
+stand-in of the Hub at ``HF_ENDPOINT`` (``helpers.ShardServer``): no network. The cache is laid out as
 huggingface_hub writes it (``models--ORG--NAME/snapshots/<commit>/``, ``refs/main``); the models are random inits
 of the real classes (``ModernBertModel``, bmc-fast's ViT in open_clip's names)."""
 import hashlib
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, ShardServer
 
 TEXT = {"vocab_size": 1024, "pad_token_id": 3, "cls_token_id": 1, "sep_token_id": 2}
 
@@ -54,7 +55,7 @@ print(json.dumps(paths))
 """
 
 
-def test_hub_ids_load_the_weights_of_their_local_files_from_the_cache_offline(small_data, tmp_path):
+def test_hub_ids_load_the_weights_of_their_local_files_offline_and_from_hf_endpoint(small_data, tmp_path):
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -77,19 +78,41 @@ def test_hub_ids_load_the_weights_of_their_local_files_from_the_cache_offline(sm
     commit = _snapshot(cache, "lab/tiny-text", text_dir)
     image_commit = _snapshot(cache, "lab/tiny-clip", image_dir)
 
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    offline = {"HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    _check_resolved(_resolve_in_child(offline, text_dir, image_dir, commit, tmp_path), cache, commit, image_commit,
+                    text_dir, offline=True)
+
+    # The same ids from a local server at HF_ENDPOINT into an empty cache, as huggingface_hub fetches them
+    server = ShardServer(tmp_path)
+    server.models = {"lab/tiny-text": (commit, text_dir), "lab/tiny-clip": (image_commit, image_dir)}
+    online = {"HF_HUB_CACHE": str(tmp_path / "hub-online"), "HF_HOME": str(tmp_path / "hf-home"),
+              "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        got = _resolve_in_child(online, text_dir, image_dir, commit, tmp_path)
+    finally:
+        server.close()
+    _check_resolved(got, tmp_path / "hub-online", commit, image_commit, text_dir, offline=False)
+    assert ("/api/models/lab/tiny-text/revision/main", None) in server.requests
+
+
+def _resolve_in_child(env: dict, text_dir, image_dir, commit: str, cwd) -> dict:
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, **env}
     proc = subprocess.run([sys.executable, "-c", RESOLVE, json.dumps(TEXT), str(text_dir),
-                           str(image_dir / "open_clip_model.safetensors"), commit], cwd=tmp_path, env=env,
+                           str(image_dir / "open_clip_model.safetensors"), commit], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _check_resolved(got: dict, cache, commit: str, image_commit: str, text_dir, offline: bool) -> None:
     snapshot = str(cache / "models--lab--tiny-text" / "snapshots" / commit)
     assert got["text"] == got["pinned"] == got["tokenizer"] == snapshot
     assert got["image"] == str(cache / "models--lab--tiny-clip" / "snapshots" / image_commit /
                                "open_clip_model.safetensors")
     assert got["local"] == str(text_dir)  # a path that exists is a path
     assert got["same"]  # by id, the weights of the same files by path
-    assert "--text-weights 'lab/absent' could not be fetched" in got["error"] and "HF_HUB_OFFLINE=1" in got["error"]
+    assert "--text-weights 'lab/absent' could not be fetched" in got["error"]
+    assert ("HF_HUB_OFFLINE=1" in got["error"]) == offline, got["error"]
 
 
 @pytest.mark.parametrize("spec,is_id", [("org/name", True), ("org/name@v1.0", True), ("hf-hub:timm/vit_b.x", True),
