@@ -221,8 +221,9 @@ class ShardServer:
     """A local stand-in for a shard host and the Hugging Face Hub on 127.0.0.1, serving the files under ``root``.
 
     ``GET /PATH``: the file. As the Hub answers webdataset's ``hf://`` calls: ``GET /api/datasets/ORG/NAME[/revision/
-    REV]`` (repo info) and ``GET /datasets/ORG/NAME/resolve/REV/PATH`` (the file ``PATH``); for the model
-    repositories of ``models`` (id -> (commit, folder)), what ``hf_hub_download`` and ``snapshot_download`` call:
+    REV]`` (repo info) and ``GET /datasets/ORG/NAME/resolve/REV/PATH`` (a redirect to ``/cdn/PATH``, the file); for
+    the model repositories of ``models`` (id -> (commit, folder)), what ``hf_hub_download`` and
+    ``snapshot_download`` call:
     ``/api/models/ORG/NAME[/revision/REV]`` and ``HEAD``/``GET /ORG/NAME/resolve/REV/PATH``, with the Hub's
     ``X-Repo-Commit``, ``ETag`` and ``X-Error-Code`` headers. ``fail[PATH]``: HTTP
     statuses to answer the next requests for ``PATH`` with, one each, before the file; ``requests``: (path,
@@ -258,8 +259,14 @@ class ShardServer:
                     self.end_headers()
                     self.wfile.write(body)
                     return
-                if parts[:1] == ["datasets"] and parts[3:4] == ["resolve"]:
-                    self.path = "/" + "/".join(parts[5:])
+                if parts[:1] == ["datasets"] and parts[3:4] == ["resolve"]:  # to the "CDN", as the Hub redirects
+                    self.send_response(302)
+                    self.send_header("Location", "/cdn/" + "/".join(parts[5:]))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if parts[:1] == ["cdn"]:
+                    self.path = "/" + "/".join(parts[1:])
                 super().do_GET()
 
             def do_HEAD(self):

@@ -125,7 +125,9 @@ def fetch_once(url: str, dest: Path, timeout_s: float) -> None:
 
 
 def _fetch_http(url: str, dest: Path, timeout_s: float) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": "bmc-fast", **hub_headers(url)})
+    request = urllib.request.Request(url, headers={"User-Agent": "bmc-fast"})
+    for key, value in hub_headers(url).items():  # not sent on to where the Hub redirects (its CDN's signed URLs)
+        request.add_unredirected_header(key, value)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 20)
