@@ -1,5 +1,6 @@
 """Streamed shards on both loaders, against a local HTTP server that also answers as the Hugging Face Hub: the
 batches of the local files, retries, counted skips, one clear error when the server goes away, the bounded cache."""
+import dataclasses
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from bmc_fast.dali_pipelines.stream_loader import DaliStreamLoader
 from bmc_fast.data.pil_loader import make_loader
 from bmc_fast.data.samples import SampleError, check_encoded
 from bmc_fast.data.select_loader import resolve_loader
-from bmc_fast.data.shard_fetch import SHARD_SKIP, FetchPolicy, fetched
+from bmc_fast.data.shard_fetch import SHARD_SKIP, FetchPolicy, FetchTally, fetched
 from bmc_fast.errors import DataError
 from helpers import ShardServer
 
@@ -88,8 +89,8 @@ def test_s3_goes_through_the_aws_cli(small_data, tmp_path, monkeypatch):
     remote = _loader("pil", [f"s3://bucket/eval/{Path(eval_shard).name}"], small_data["tokenizer"], train=False,
                      workers=0)
     _assert_same_batches(local, remote, 10)
-    skipped = Counter()  # a key the CLI cannot copy: a failed pipe, retried, then skipped and counted
-    assert list(fetched(["s3://bucket/eval/missing.tar"], FAST, skipped)) == [] and skipped == {SHARD_SKIP: 1}
+    tally = FetchTally()  # a key the CLI cannot copy: a failed pipe, retried, then skipped and counted
+    assert list(fetched(["s3://bucket/eval/missing.tar"], FAST, tally)) == [] and tally.skipped == {SHARD_SKIP: 1}
 
 
 def test_transient_errors_are_retried_and_a_shard_that_still_fails_is_counted(server, small_data, caplog):
@@ -119,15 +120,16 @@ def test_transient_errors_are_retried_and_a_shard_that_still_fails_is_counted(se
 @pytest.mark.parametrize("kind", ["pil", "dali-stream"])
 def test_a_server_that_goes_away_ends_the_stream_with_one_clear_error(kind, server, small_data):
     """The endless training stream, the server stopped after a few batches: the shards already fetched are read,
-    then every connection is closed unanswered and, give_up_after shards in a row later, one DataError names the
-    URL (no hang)."""
+    then every connection is closed unanswered and, give_up_after shards in a row later (more than one epoch has),
+    one DataError names the URL (no hang)."""
     urls = server.urls(_train(small_data))
-    batches = iter(_loader(kind, urls, small_data["tokenizer"], train=True, workers=0))
+    patient = dataclasses.replace(FAST, give_up_after=6)  # more than an epoch's 4 shards: counted across epochs
+    batches = iter(_loader(kind, urls, small_data["tokenizer"], train=True, workers=0, fetch=patient))
     for _ in range(3):
         next(batches)
     server.stop()
     start = time.monotonic()
-    with pytest.raises(DataError, match=r"3 shards in a row could not be fetched; the last, http://127\.0\.0\.1:\d+/"
+    with pytest.raises(DataError, match=r"6 shards in a row could not be fetched; the last, http://127\.0\.0\.1:\d+/"
                                         r"train/shard-\d+\.tar: .*Remote end closed connection"):
         for _ in range(1000):
             next(batches)

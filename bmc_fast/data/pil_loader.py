@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from bmc_fast.data.mixture import Mixture
 from bmc_fast.data.samples import SampleError, check_encoded, check_sample
-from bmc_fast.data.shard_fetch import FetchPolicy, fetched
+from bmc_fast.data.shard_fetch import FetchPolicy, FetchTally, fetched
 from bmc_fast.data.stream_places import Cut, Place, resplit, start_place
 from bmc_fast.data.tar_samples import wds_tar_samples
 from bmc_fast.data.text_tokenizer import tokenize_captions
@@ -118,7 +118,7 @@ class ShardStream(IterableDataset):
         self._resplit_from = resplit_from
         self.fetch = fetch or FetchPolicy()  # remote shards (shard_fetch)
         self.decode = decode  # False: rows keep the encoded image and its crop window, for DALI (EncodedCollate)
-        self._shard_skips = Counter()  # shards that could not be fetched, counted by shard_fetch
+        self._fetches = FetchTally()  # shards that could not be fetched, counted by shard_fetch
 
     def _cut(self) -> Cut:
         return Cut(self.rank, self.world_size, *_worker())
@@ -156,8 +156,8 @@ class ShardStream(IterableDataset):
                                     "shards hold no usable sample; python -m bmc_fast.data.index SHARDS --report "
                                     "REPORT.json shows why")
                 continue
-            skipped.update(self._shard_skips)
-            self._shard_skips.clear()
+            skipped.update(self._fetches.skipped)
+            self._fetches.skipped.clear()
             try:
                 row = self._row(sample, origin)
             except SampleError as error:
@@ -178,8 +178,8 @@ class ShardStream(IterableDataset):
                                                    "inherited": []})
             skipped = Counter()
         if held is not None:
-            held[0]["skipped"] = dict(Counter(held[0]["skipped"]) + skipped + self._shard_skips)
-            self._shard_skips.clear()
+            held[0]["skipped"] = dict(Counter(held[0]["skipped"]) + skipped + self._fetches.skipped)
+            self._fetches.skipped.clear()
             yield self._deliver(held)
 
     def _row(self, sample: dict, origin: tuple[int, int, int, int]) -> tuple:
@@ -238,7 +238,7 @@ class ShardStream(IterableDataset):
         seeded buffer; the samples before ``first`` are read (the buffer needs them), never decoded."""
         import webdataset as wds
 
-        samples = wds_tar_samples(fetched(self._shards(cut, epoch), self.fetch, self._shard_skips))
+        samples = wds_tar_samples(fetched(self._shards(cut, epoch), self.fetch, self._fetches))
         if self.train:
             rng = random.Random(hash((self.seed, epoch, cut.rank, cut.worker)))  # ints hash the same in every process
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)

@@ -23,8 +23,8 @@ Failures: a failed attempt (refused or reset connection, timeout, HTTP 408/425/4
 that exits non-zero) is retried after ``backoff_s``, then twice that, and so on, ``policy.retries`` times; other
 HTTP errors (401, 403, 404) are not retried. A shard that still fails is skipped: it is counted under
 ``unreachable_shard`` (a count of shards, beside the sample skip kinds) and logged with its error. When
-``policy.give_up_after`` shards in a row fail, ``DataError`` names the last one and why: a server that went away
-ends the run with one clear error instead of a stream that skips forever.
+``policy.give_up_after`` shards in a row fail (counted across epochs, ``FetchTally``), ``DataError`` names the last
+one and why: a server that went away ends the run with one clear error instead of a stream that skips forever.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 
@@ -204,10 +204,19 @@ def _remove_orphans(base: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def fetched(urls: Iterable[str], policy: FetchPolicy, skipped: Counter,
+@dataclass
+class FetchTally:
+    """What one reader's fetches came to, across its calls of ``fetched`` (one per epoch): the shards skipped, and
+    the failures in a row so far (a reader with fewer shards an epoch than ``give_up_after`` still gives up)."""
+
+    skipped: Counter = field(default_factory=Counter)  # {SHARD_SKIP: shards}
+    failed_in_a_row: int = 0
+
+
+def fetched(urls: Iterable[str], policy: FetchPolicy, tally: FetchTally,
             cache_root: str | None = None) -> Iterator[dict]:
     """``{"url", "stream"}`` of each shard in order (see the module docstring); unreachable shards are left out and
-    counted in ``skipped[SHARD_SKIP]``. The stream of a remote shard is its local copy, deleted once read."""
+    counted in ``tally``. The stream of a remote shard is its local copy, deleted once read."""
     urls = list(urls)
     if not any(map(is_remote, urls)):
         for url in urls:
@@ -218,7 +227,6 @@ def fetched(urls: Iterable[str], policy: FetchPolicy, skipped: Counter,
     pool = ThreadPoolExecutor(max_workers=policy.ahead, thread_name_prefix="shard-fetch")
     pending: list[tuple[str, Path | None, Future | None]] = []
     queued = iter(urls)
-    failed_in_a_row = 0
 
     def queue_next() -> None:
         url = next(queued, None)
@@ -238,14 +246,14 @@ def fetched(urls: Iterable[str], policy: FetchPolicy, skipped: Counter,
             queue_next()
             error = future.result() if future is not None else None
             if error is not None:
-                skipped[SHARD_SKIP] += 1
-                failed_in_a_row += 1
+                tally.skipped[SHARD_SKIP] += 1
+                tally.failed_in_a_row += 1
                 _logger.warning("skipping shard %s: %s", url, error)
-                if failed_in_a_row >= policy.give_up_after:
-                    raise DataError(f"{failed_in_a_row} shards in a row could not be fetched; the last, {url}: "
+                if tally.failed_in_a_row >= policy.give_up_after:
+                    raise DataError(f"{tally.failed_in_a_row} shards in a row could not be fetched; the last, {url}: "
                                     f"{error}. Check the URL and the network (or the server), then resume the run")
                 continue
-            failed_in_a_row = 0
+            tally.failed_in_a_row = 0
             try:
                 with open(dest or url, "rb") as stream:
                     yield {"url": url, "stream": stream}
