@@ -33,7 +33,7 @@ class DaliLoader:
                  train: bool, rank: int = 0, world_size: int = 1, device_id: int | None = None, num_threads: int = 2,
                  seed: int = 0, epochs: int | None = None, flip: bool = False, half: bool = False):
         try:
-            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+            import nvidia.dali.plugin.pytorch  # noqa: F401
         except ImportError as error:
             raise ImportError("the DALI loader needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or use "
                               "--loader pil)") from error
@@ -45,22 +45,28 @@ class DaliLoader:
         self.split = {"rank": rank, "world_size": world_size, "batch_size": batch_size}  # rank = the shard_id
         self.device_id = device_id  # None: CPU; on a GPU node, the local rank
 
-        def build(checkpoint: bytes | None = None):
-            pipe = build_pipeline(shards, [str(index_path(s)) for s in shards], image_size=image_size, train=train,
-                                  batch_size=batch_size, num_threads=num_threads, device_id=device_id, rank=rank,
-                                  world_size=world_size, seed=seed, pad_last_batch=not self.endless, flip=flip,
-                                  half=half, checkpoint=checkpoint)
-            policy = LastBatchPolicy.FILL if self.endless else LastBatchPolicy.PARTIAL
-            return DALIGenericIterator(pipe, ["pixels", "caption", "caption_len", "source", "source_len"],
-                                       reader_name=READER_NAME,
-                                       last_batch_policy=policy, auto_reset=True)
-
-        self._build = build
-        self._iterator = build()
+        self._pipeline = dict(shards=shards, index_paths=[str(index_path(s)) for s in shards], image_size=image_size,
+                              train=train, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                              rank=rank, world_size=world_size, seed=seed, pad_last_batch=not self.endless, flip=flip,
+                              half=half)
+        self._iterator = self._build()
         self._state: list[bytes] | None = None  # the pipeline's checkpoint as of the last batch handed out
         _logger.info("DALI loader on %s: %d shard(s), rank %d of %d, %s", "cpu" if device_id is None else
                      f"cuda:{device_id} (mixed decode)", len(shards), rank, world_size,
                      "train (endless, shuffled)" if self.endless else "one pass per epoch")
+
+    def _build(self, checkpoint: bytes | None = None):
+        """The pipeline's iterator. A method, not a closure over ``self``: a loader in a reference cycle would keep its
+        pipeline until the garbage collector ran, and a DataLoader worker forked meanwhile that collects its copy
+        aborts (DALI's threads do not exist there)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        shards, index_paths = self._pipeline["shards"], self._pipeline["index_paths"]
+        pipe = build_pipeline(shards, index_paths, checkpoint=checkpoint,
+                              **{k: v for k, v in self._pipeline.items() if k not in ("shards", "index_paths")})
+        policy = LastBatchPolicy.FILL if self.endless else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator(pipe, ["pixels", "caption", "caption_len", "source", "source_len"],
+                                   reader_name=READER_NAME, last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
         return len(self._iterator)

@@ -469,3 +469,31 @@ def test_a_dali_stream_state_refuses_another_split(small_data):
     state = DaliLoader(urls, small_data["tokenizer"], rank=0, **kwargs).state_dict()
     with pytest.raises(ConfigError, match=r"'rank': 0.*cannot continue as .*'rank': 1.*same ranks"):
         DaliLoader(urls, small_data["tokenizer"], rank=1, **kwargs).load_state_dict(state)
+
+
+@pytest.mark.parametrize("kind", ["dali", "dali-stream"])
+def test_a_dropped_dali_loader_frees_its_pipeline_without_the_garbage_collector(kind, small_data, monkeypatch):
+    """A loader left in a reference cycle keeps its DALI pipeline until the collector runs; a DataLoader worker forked
+    meanwhile that collects its copy aborts (SIGABRT: DALI's threads do not exist there). Dropping the loader and its
+    iterator must free the pipeline at once."""
+    import weakref
+
+    from bmc_fast.dali_pipelines import dali_loader, stream_loader
+    from bmc_fast.data.select_loader import build_loader
+
+    module, name = (dali_loader, "build_pipeline") if kind == "dali" else (stream_loader, "build_stream_pipeline")
+    built, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    urls = expand_shards(small_data["train"], "--train-data")
+    ensure_indexes(urls)
+    loader = build_loader(urls, kind=kind, tokenizer=small_data["tokenizer"], train=True, context_length=16,
+                          image_size=32, batch_size=8)
+    batches = iter(loader)
+    next(batches)
+    pipeline = weakref.ref(built.pop())
+    gc.disable()
+    try:
+        del batches, loader
+        assert pipeline() is None
+    finally:
+        gc.enable()
