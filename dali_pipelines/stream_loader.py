@@ -15,6 +15,7 @@ Batches are the PIL loader's dicts (``pixels`` from DALI).
 """
 from __future__ import annotations
 
+import gc
 import logging
 from collections import deque
 
@@ -61,6 +62,10 @@ class DaliStreamLoader:
         self._state = None
 
     def __iter__(self):
+        # The feeder forks its worker here. A DALI pipeline left for the garbage collector (one in a reference cycle,
+        # e.g. held by an exception's traceback) must go first: a forked process that collects its copy of one hangs
+        # or aborts in the pipeline's shutdown, as DALI's threads do not exist there.
+        gc.collect()
         batches, fed = iter(self.feeder), deque()  # fed: (batch, feeder state) in the order DALI takes them
 
         def source():

@@ -1,5 +1,6 @@
 """Shared fixtures. Triton kernels run in the interpreter here: TRITON_INTERPRET must be set before any
 ``@triton.jit`` function is defined, so it is set at import time of this file."""
+import gc
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,6 +43,15 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def free_dali_pipelines():
+    """After the test, collect what it left in reference cycles (a loader held by an exception's traceback): a DALI
+    pipeline among it would otherwise be collected in a later test's forked DataLoader worker, whose copy has no
+    DALI threads, and hang or abort it there."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from bmc_fast.data.transforms import CLIP_MEAN, CLIP_STD
 from bmc_fast.errors import ConfigError, DataError
 from helpers import SHARED_DATA, corrupt_samples, encode_image, image_kinds, write_shard
 
+pytestmark = pytest.mark.usefixtures("free_dali_pipelines")  # DALI pipelines: see conftest
 COVID = SHARED_DATA / "covid_cxr"
 
 

@@ -215,6 +215,7 @@ def test_step_b_runs_here_on_the_varlen_stand_ins(monkeypatch):
         "b. packed fa4"]["figure"]
 
 
+@pytest.mark.usefixtures("free_dali_pipelines")
 def test_steps_data_and_c_run_here_on_the_cpu_graph_twice(tmp_path):
     """The data step (small embedded set, indexes) and step c's code, whose GPU side is the CPU graph here:
     two passes of the evaluation graph agree exactly, every image read once."""

@@ -12,6 +12,8 @@ from bmc_fast.data.pil_loader import make_loader
 from bmc_fast.data.shards import expand_shards
 from bmc_fast.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("free_dali_pipelines")  # DALI pipelines: see conftest
+
 
 def _sources(small_data) -> tuple[list[str], list[str]]:
     urls = expand_shards(small_data["train"], "--train-data")  # 4 shards of 64

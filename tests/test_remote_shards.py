@@ -18,6 +18,7 @@ from bmc_fast.data.shard_fetch import SHARD_SKIP, FetchPolicy, FetchTally, fetch
 from bmc_fast.errors import DataError
 from helpers import ShardServer
 
+pytestmark = pytest.mark.usefixtures("free_dali_pipelines")  # DALI pipelines: see conftest
 FAST = FetchPolicy(retries=2, backoff_s=0.05, timeout_s=10, give_up_after=3)
 
 
