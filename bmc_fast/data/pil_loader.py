@@ -23,6 +23,7 @@ until the next one is full, so skips at the end of a bounded stream are not lost
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import warnings
@@ -199,8 +200,7 @@ class ShardStream(IterableDataset):
         width, height = size
         if not self.train:
             return 0, 0, width, height
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, *origin)) & 0xFFFF_FFFF_FFFF)
+        with self._seeded(origin):
             shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads the shape alone
             top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(TRAIN_SCALE), list(TRAIN_RATIO))
         return left, top, w, h
@@ -249,9 +249,15 @@ class ShardStream(IterableDataset):
         crop whatever ran before (a resumed stream), and the caller's RNG untouched."""
         if not self.train:
             return self.transform(image)
+        with self._seeded(origin):
+            return self.transform(image)
+
+    @contextlib.contextmanager
+    def _seeded(self, origin: tuple[int, int, int, int]):
+        """torch's generator seeded by the sample's origin for the block, the caller's RNG state restored after."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, *origin)) & 0xFFFF_FFFF_FFFF)
-            return self.transform(image)
+            yield
 
 
 def sample_id(sample: dict) -> str:

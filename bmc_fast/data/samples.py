@@ -51,8 +51,9 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(data: bytes):
-    """Image bytes -> RGB PIL image, or ``SampleError`` (empty_file, not_an_image, truncated_image, too_large_image)."""
+def open_image(data: bytes):
+    """The lazily opened PIL image of ``data`` (its header read, no pixel decoded), or ``SampleError`` (empty_file,
+    not_an_image, too_large_image)."""
     from PIL import Image
 
     if not data:
@@ -60,11 +61,18 @@ def decode_image(data: bytes):
     # Decoder plugins raise many types on malformed files (OSError, SyntaxError, struct.error, ...);
     # any of them means this one sample is unusable, never that the run must stop.
     try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         raise SampleError("too_large_image", str(error)) from None
     except Exception as error:
         raise SampleError("not_an_image", f"{type(error).__name__}: {error}") from None
+
+
+def decode_image(data: bytes):
+    """Image bytes -> RGB PIL image, or ``SampleError`` (empty_file, not_an_image, truncated_image, too_large_image)."""
+    from PIL import Image
+
+    image = open_image(data)
     try:
         if image.format == "PNG":  # load() skips chunk checksums; libpng (DALI) stops on a bad one
             Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).verify()
@@ -86,15 +94,8 @@ def check_encoded(sample: dict) -> tuple[bytes, str, tuple[int, int]]:
 
     check_names([member["fname"] for member in sample["__members__"]], repeated=bool(sample.get("__duplicate__")))
     data, caption = split_sample({k: v for k, v in sample.items() if not k.startswith("__")})
-    if not data:
-        raise SampleError("empty_file")
-    try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            form, size = image.format, image.size
-    except Image.DecompressionBombError as error:
-        raise SampleError("too_large_image", str(error)) from None
-    except Exception as error:
-        raise SampleError("not_an_image", f"{type(error).__name__}: {error}") from None
+    with open_image(data) as image:
+        form, size = image.format, image.size
     if size[0] * size[1] > 2 * Image.MAX_IMAGE_PIXELS:
         raise SampleError("too_large_image", f"{size[0]}x{size[1]}")
     ends = {"JPEG": lambda: b"\xff\xd9" in data[-1024:], "PNG": lambda: b"IEND" in data[-16:],
