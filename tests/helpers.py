@@ -340,3 +340,32 @@ class ShardServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def timm_vit(cfg, drop_path_rate: float = 0.0):
+    """timm's ``VisionTransformer`` in ``vit_large_patch14_clip_224``'s layout (class token, pre-norm, LayerNorm
+    eps 1e-5, the head as the projection) with ``cfg``'s image-tower shape."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+    from timm.models.vision_transformer import VisionTransformer
+
+    v = cfg.vision
+    return VisionTransformer(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.layers,
+                             num_heads=v.heads, mlp_ratio=v.mlp_ratio, class_token=True, global_pool="token",
+                             pre_norm=True, fc_norm=False, num_classes=cfg.embed_dim,
+                             norm_layer=partial(LayerNorm, eps=v.ln_eps), act_layer=v.act,
+                             drop_path_rate=drop_path_rate)
+
+
+def run_clis(commands: list[list[str]], cwd=REPO, env=None) -> list[dict]:
+    """``python *command`` for each command, from ``cwd``, in one interpreter (tests/cli_driver.py):
+    ``{"code", "stdout", "stderr"}`` of each."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_driver.py")], input=json.dumps(commands),
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -10,7 +10,6 @@ does, from a ``ModernBertModel`` and from a ``ModernBertForMaskedLM`` checkpoint
 seeded generator, so that two swapped LayerNorms or a transposed projection cannot pass.
 """
 import dataclasses
-from functools import partial
 
 import pytest
 import reference_te
@@ -21,7 +20,7 @@ from bmc_fast.model.clip import BMCLongCLIP
 from bmc_fast.model.config import load_model_config
 from bmc_fast.model.state_dict_adapters import ModernBert, OpenClip, Timm, TransformerEngine
 from bmc_fast.model.text_tower import masked_mean
-from helpers import assert_same_tensors, caption_batch
+from helpers import assert_same_tensors, caption_batch, timm_vit
 
 TEXT = {"vocab_size": 300, "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2}
 EXACT = {"vision": {"act": "quick_gelu"}, "text": {**TEXT, "hidden_activation": "gelu_pytorch_tanh"}}  # TE's GELU
@@ -77,19 +76,6 @@ def _open_clip_vit(cfg, text_layers=1):
                 text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=text_layers))
 
 
-def _timm_vit(cfg):
-    """timm's ``VisionTransformer`` in ``vit_large_patch14_clip_224``'s layout (class token, pre-norm, LayerNorm
-    eps 1e-5, the head as the projection) with ``cfg``'s image-tower shape."""
-    from timm.layers import LayerNorm
-    from timm.models.vision_transformer import VisionTransformer
-
-    v = cfg.vision
-    return VisionTransformer(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.layers,
-                             num_heads=v.heads, mlp_ratio=v.mlp_ratio, class_token=True, global_pool="token",
-                             pre_norm=True, fc_norm=False, num_classes=cfg.embed_dim,
-                             norm_layer=partial(LayerNorm, eps=v.ln_eps), act_layer=v.act)
-
-
 def _te_model(cfg):
     return BMCLongCLIP(dataclasses.replace(cfg, te_precision="bf16"), te_layers=reference_te.layers)
 
@@ -101,7 +87,7 @@ def _theirs(name):
     if name == "open_clip":
         state = _perturbed(_open_clip_vit(cfg).state_dict())
     elif name == "timm":
-        state = {**_perturbed(_timm_vit(cfg).state_dict()), "head.bias": torch.zeros(cfg.embed_dim)}
+        state = {**_perturbed(timm_vit(cfg).state_dict()), "head.bias": torch.zeros(cfg.embed_dim)}
     elif name == "modernbert":
         from transformers import ModernBertConfig, ModernBertModel
 
@@ -137,11 +123,48 @@ def test_a_timm_head_bias_that_is_not_zero_comes_back_for_the_loader_to_refuse()
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 def test_timm_loads_our_image_tower_and_computes_what_it_does(act):
     ours = _ours(vision={"act": act})
-    timm_vit = _timm_vit(ours.cfg).eval()
-    timm_vit.load_state_dict(Timm.to_timm(ours.state_dict()), strict=True)
+    theirs = timm_vit(ours.cfg).eval()
+    theirs.load_state_dict(Timm.to_timm(ours.state_dict()), strict=True)
     images = torch.randn(3, 3, ours.cfg.vision.image_size, ours.cfg.vision.image_size)
     with torch.no_grad():
-        assert _relative_error(ours.visual(images), timm_vit(images)) < 1e-5
+        assert _relative_error(ours.visual(images), theirs(images)) < 1e-5
+
+
+def test_drop_path_drops_what_timm_drops_on_the_same_rng_stream():
+    """Stochastic depth at the paper's 0.1: timm's tower (drop_path_rate 0.1, its per-block ramp) and ours draw the
+    same per-sample masks from the same seed in training and embed alike; in eval both are the tower without it.
+    The layer alone against ``timm.layers.DropPath`` too: which samples drop, and 1/(1 - p) on the kept ones."""
+    from timm.layers import DropPath as TimmDropPath
+
+    from bmc_fast.model.vision_tower import DropPath
+
+    x = torch.randn(64, 5, 7)
+    for layer, reference in ((DropPath(0.3), TimmDropPath(0.3)), (DropPath(0.0), TimmDropPath(0.0))):
+        torch.manual_seed(3)
+        got = layer(x)
+        torch.manual_seed(3)
+        assert torch.equal(got, reference(x))
+        assert torch.equal(layer.eval()(x), x)
+    dropped = DropPath(0.3)(x)
+    kept = (dropped != 0).flatten(1).all(1)  # (64,): whole samples are kept or dropped
+    assert 0 < kept.sum() < 64 and not dropped[~kept].any() and torch.allclose(dropped[kept], x[kept] / 0.7)
+
+    ours = _ours(vision={"drop_path": 0.1})
+    theirs = timm_vit(ours.cfg, drop_path_rate=0.1)
+    theirs.load_state_dict(Timm.to_timm(ours.state_dict()), strict=True)
+    rates = [block.drop_path.p for block in ours.visual.transformer.resblocks]
+    assert rates == [getattr(block.drop_path1, "drop_prob", 0.0) for block in theirs.blocks]  # 0: Identity
+    assert rates[-1] == pytest.approx(0.1)
+    images = torch.randn(16, 3, ours.cfg.vision.image_size, ours.cfg.vision.image_size)
+    with torch.no_grad():
+        outputs = {}
+        for mode in ("train", "eval"):
+            for name, model in (("ours", ours.visual), ("timm", theirs)):
+                torch.manual_seed(7)
+                outputs[name, mode] = getattr(model, mode)()(images)
+    assert _relative_error(outputs["ours", "train"], outputs["timm", "train"]) < 1e-5
+    assert _relative_error(outputs["ours", "eval"], outputs["timm", "eval"]) < 1e-5
+    assert _relative_error(outputs["ours", "train"], outputs["ours", "eval"]) > 1e-3  # paths were dropped
 
 
 def test_hf_modernbert_loads_our_text_transformer_and_computes_what_it_does():

@@ -21,10 +21,15 @@ _logger = logging.getLogger(__name__)
 
 
 class BMCLongCLIP(nn.Module):
-    """``forward(pixels, input_ids, attention_mask)`` -> (image (B, E), text (B, E), scale ()).
+    """``forward(pixels, input_ids, attention_mask)`` -> (image (B, E), text (B, E), scale ()), and the logit bias
+    () fourth where ``cfg.init_logit_bias`` is set (the sigmoid loss's; open_clip returns the same tuple).
 
     Features come out L2-normalised; ``scale`` is ``exp(logit_scale)`` clamped to
     ``exp(max_logit_scale)`` (the clamp is in the forward, so it holds under every ZeRO stage).
+
+    ``lock_image`` / ``lock_text`` freeze a tower as open_clip's ``lock_image_tower`` / ``lock_text_tower`` do
+    (``bmc_fast.model.tower_groups``); a tower with nothing left to train runs as in evaluation (no graph, no
+    drop-path), whatever ``train()`` says.
 
     The constructor builds the layers ``cfg`` names and reads no files: torch layers, or Transformer Engine ones
     where ``cfg.te_precision`` is set (``te_layers``: the TE modules to build with, by default TE itself). Weights
@@ -46,6 +51,9 @@ class BMCLongCLIP(nn.Module):
                               te_layers=te_layers, weights_follow=text_weights_follow)
         # Shape (1,), not open_clip's (): DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
+        self.frozen = {"image": False, "text": False}  # a tower without trainable parameters (lock_*)
         self.autocast = contextlib.nullcontext  # FP8: Transformer Engine's autocast (te_layers.use_fp8)
         self.fp8_row_multiple = 1
         if te_layers is not None:
@@ -59,14 +67,14 @@ class BMCLongCLIP(nn.Module):
             raise ValueError(f"FP8 needs batch × tokens ({pixels.shape[0]} × {self.cfg.vision.grid_size ** 2 + 1}) to "
                              f"be a multiple of {self.fp8_row_multiple}: use a batch that is a multiple of "
                              f"{self.fp8_row_multiple}")
-        with self.autocast():
+        with self.autocast(), _no_grad_if(self.frozen["image"]):
             features = self.visual(pixels)  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False,
                     project: bool = True) -> torch.Tensor:
         _check_text_inputs(input_ids, attention_mask, self.cfg)
-        with self.autocast():
+        with self.autocast(), _no_grad_if(self.frozen["text"]):
             features = self.text(input_ids, attention_mask, project=project)  # (B, E) or (B, H) unprojected
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -76,7 +84,40 @@ class BMCLongCLIP(nn.Module):
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         image = self.encode_image(pixels, normalize=True)
         text = self.encode_text(input_ids, attention_mask, normalize=True)
-        return image, text, self.scale()
+        if self.cfg.init_logit_bias is None:
+            return image, text, self.scale()
+        return image, text, self.scale(), self.logit_bias.squeeze(0)
+
+    def lock_image(self, unlocked_groups: int = 0, flag: str = "unlocked_groups") -> None:
+        """Freeze the image tower but its last ``unlocked_groups`` lock groups (open_clip's ``lock_image_tower``,
+        whose groups freeze the projection too: one unlocked group is the projection alone)."""
+        from bmc_fast.model.tower_groups import image_lock_groups, lock
+
+        trainable = lock(image_lock_groups(self.visual), unlocked_groups, flag)
+        self._set_frozen("image", self.visual, trainable == 0)
+
+    def lock_text(self, unlocked_layers: int = 0, flag: str = "unlocked_layers") -> None:
+        """Freeze the text tower but its last ``unlocked_layers`` lock groups: projection, final norm, layers from
+        the top (``bmc_fast.model.tower_groups``)."""
+        from bmc_fast.model.tower_groups import lock, text_lock_groups
+
+        trainable = lock(text_lock_groups(self.text), unlocked_layers, flag)
+        self._set_frozen("text", self.text, trainable == 0)
+
+    def _set_frozen(self, tower: str, module: nn.Module, frozen: bool) -> None:
+        self.frozen[tower] = frozen
+        module.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> BMCLongCLIP:
+        super().train(mode)
+        for tower, module in (("image", self.visual), ("text", self.text)):
+            if self.frozen[tower]:
+                module.eval()  # nothing in it learns: no drop-path either
+        return self
+
+
+def _no_grad_if(frozen: bool):
+    return torch.no_grad() if frozen else contextlib.nullcontext()
 
 
 def _check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: ModelConfig) -> None:

@@ -38,9 +38,14 @@ class VisionConfig:
     act: str = "gelu"  # "gelu" or "quick_gelu" (OpenAI / DFN checkpoints)
     ln_eps: float = 1e-5  # LayerNorm epsilon
     grad_checkpointing: bool = False  # recompute each block's activations in the backward
+    # stochastic depth (timm's drop_path_rate, the paper fork's timm_drop_path): the last block's rate, ramped
+    # linspace(0, drop_path, layers) over the blocks as timm does; training only
+    drop_path: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"vision.drop_path must be in [0, 1), got {self.drop_path}: 0.1 is the paper's")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of "
                               f"vision.patch_size {self.patch_size}")
@@ -52,6 +57,12 @@ class VisionConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    def drop_path_rates(self) -> list[float]:
+        """Each block's drop-path rate: timm's ``calculate_drop_path_rates(drop_path, layers)``."""
+        import torch
+
+        return [x.item() for x in torch.linspace(0, self.drop_path, self.layers)]
 
 
 # ModernBertConfig's defaults, which a text config without token ids gets (ModernBERT's tokenizer's ids).
@@ -133,7 +144,9 @@ class ModelConfig:
     # caption cleaning before tokenisation: "whitespace" as open_clip's HFTokenizer (ftfy, HTML entities, spaces;
     # the presets'), "none" (runs before it existed: a config without the field keeps its behaviour)
     text_clean: str = "none"
-    init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init
+    init_logit_scale: float = math.log(1 / 0.07)  # learnable log temperature, CLIP init (SigLIP: log 10)
+    # a learnable logit bias, open_clip's init_logit_bias: the sigmoid loss's (SigLIP init -10); None: no bias
+    init_logit_bias: float | None = None
     max_logit_scale: float = math.log(100)  # clamp: exp(logit_scale) <= 100
     text_unpad: bool = True  # pack the batch's real tokens (no compute on padding); False: padded SDPA
     attn_backend: str = "auto"  # both towers: one of ATTN_BACKENDS (bmc_fast.model.attn_backend)

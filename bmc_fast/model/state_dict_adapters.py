@@ -6,13 +6,13 @@ bmc-fast's own names are the full model's (``BMCLongCLIP.state_dict()`` on torch
 - ``visual.*``: open_clip's ``VisionTransformer`` names (``conv1``, ``class_embedding``, ``transformer.resblocks.{i}
   .{ln_1,attn.in_proj_*,attn.out_proj,ln_2,mlp.c_fc,mlp.c_proj}``, ``ln_post``, ``proj``);
 - ``text.transformer.*``: a Hugging Face ``ModernBertModel``; ``text.proj.{0,2}.weight``: the MLP projection;
-- ``logit_scale``: shape (1,).
+- ``logit_scale``, and ``logit_bias`` where the model has one (the sigmoid loss's): shape (1,).
 
 Formats:
 
 - ``OpenClip``: open_clip's ``CLIP`` with an ``HFTextEncoder`` text tower, what ``bmc_fast.checkpoint.export``
-  writes (the same names; ``logit_scale`` is () there); an image tower alone (``conv1.weight`` at the top) or a
-  whole open_clip CLIP (DFN-2B ships one) for the image weights.
+  writes (the same names; ``logit_scale`` and ``logit_bias`` are () there); an image tower alone (``conv1.weight``
+  at the top) or a whole open_clip CLIP (DFN-2B ships one) for the image weights.
 - ``Timm``: timm's ``vit_large_patch14_clip_224`` layout (the inverse of timm's ``_convert_openai_clip``).
 - ``ModernBert``: ``ModernBertModel`` names, or ``ModernBertForMaskedLM``'s (``model.``; its MLM head dropped).
 - ``TransformerEngine``: the model with ``te_precision`` set (``bmc_fast.model.te_layers``): each block's norm and
@@ -43,19 +43,21 @@ def _under(state: State, prefix: str) -> State:
 # open_clip
 # --------------------------------------------------------------------------------------------------------
 class OpenClip:
-    """open_clip ``CLIP`` (ViT + ``HFTextEncoder`` over ModernBERT) <-> bmc-fast: the same names, ``logit_scale``
-    () there and (1,) here."""
+    """open_clip ``CLIP`` (ViT + ``HFTextEncoder`` over ModernBERT) <-> bmc-fast: the same names, the logit scale
+    and bias () there and (1,) here."""
+
+    SCALARS = ("logit_scale", "logit_bias")
 
     @staticmethod
     def to_open_clip(state: State) -> State:
-        return {k: v.reshape(()) if k == "logit_scale" else v for k, v in state.items()}
+        return {k: v.reshape(()) if k in OpenClip.SCALARS else v for k, v in state.items()}
 
     @staticmethod
     def from_open_clip(state: State) -> State:
         """A whole open_clip CLIP, or an image tower alone (``conv1.weight`` at the top: prefixed ``visual.``)."""
         if "conv1.weight" in state and not any(k.startswith("visual.") for k in state):
             return _with_prefix(state, "visual.")
-        return {k: v.reshape(1) if k == "logit_scale" else v for k, v in state.items()}
+        return {k: v.reshape(1) if k in OpenClip.SCALARS else v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------------------------

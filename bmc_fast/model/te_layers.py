@@ -86,7 +86,9 @@ class TEResidualAttentionBlock(nn.Module):
 
     Same constructor as ``vision_tower.ResidualAttentionBlock`` plus ``layers``: the tower takes either class."""
 
-    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto", *, layers: TELayers):
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto", drop_path: float = 0.0, *, layers: TELayers):
+        from bmc_fast.model.vision_tower import DropPath
+
         super().__init__()
         width, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
         self.heads, self.backend = cfg.heads, attn_backend
@@ -96,12 +98,13 @@ class TEResidualAttentionBlock(nn.Module):
         self.ln_mlp = layers.new("LayerNormMLP", width, hidden, eps=cfg.ln_eps, bias=True,
                                  activation="qgelu" if cfg.act == "quick_gelu" else "gelu",
                                  init_method=_torch_linear_init, output_layer_init_method=_torch_linear_init)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from bmc_fast.model.vision_tower import attention_core
 
-        x = x + self.out_proj(attention_core(self.ln_qkv(x), self.heads, self.backend))
-        return x + self.ln_mlp(x)
+        x = x + self.drop_path(self.out_proj(attention_core(self.ln_qkv(x), self.heads, self.backend)))
+        return x + self.drop_path(self.ln_mlp(x))
 
 
 class TEModernBertMLP(nn.Module):

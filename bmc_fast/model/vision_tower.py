@@ -42,6 +42,26 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (timm's ``DropPath``): in training, each sample's residual branch is dropped with
+    probability ``p`` and kept ones are scaled by 1/(1 − p); the identity in eval. One ``bernoulli_`` draw of
+    shape (B, 1, 1) per call, as timm draws it, so the same RNG stream drops the same samples."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (B, ...)
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s packed parameter names."""
 
@@ -83,7 +103,9 @@ def attention_core(qkv: torch.Tensor, heads: int, backend: str) -> torch.Tensor:
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto"):
+    """x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x))); ``drop_path``: this block's stochastic-depth rate."""
+
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto", drop_path: float = 0.0):
         super().__init__()
         hidden = int(cfg.width * cfg.mlp_ratio)
         act = QuickGELU() if cfg.act == "quick_gelu" else nn.GELU()
@@ -95,23 +117,28 @@ class ResidualAttentionBlock(nn.Module):
             ("gelu", act),
             ("c_proj", nn.Linear(hidden, cfg.width)),
         ]))
+        self.drop_path = DropPath(drop_path)  # no parameters: the state dict keeps open_clip's keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.drop_path(self.attn(self.ln_1(x)))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
     """``cfg.layers`` blocks of class ``block`` (``ResidualAttentionBlock``, or Transformer Engine's
-    ``te_layers.TEResidualAttentionBlock``: both are built as ``block(cfg, attn_backend)``)."""
+    ``te_layers.TEResidualAttentionBlock``: both are built as ``block(cfg, attn_backend, drop_path)``), block i
+    with drop-path rate ``cfg.drop_path_rates()[i]``."""
 
     def __init__(self, cfg: VisionConfig, attn_backend: str = "auto",
-                 block: Callable[[VisionConfig, str], nn.Module] = ResidualAttentionBlock):
+                 block: Callable[[VisionConfig, str, float], nn.Module] = ResidualAttentionBlock):
         super().__init__()
         self.grad_checkpointing = cfg.grad_checkpointing
         if cfg.grad_checkpointing:
             _logger.info("image tower: activation checkpointing on (%d blocks recomputed in backward)", cfg.layers)
-        self.resblocks = nn.ModuleList(block(cfg, attn_backend) for _ in range(cfg.layers))
+        if cfg.drop_path:
+            _logger.info("image tower: drop-path %.3g at the last block, ramped from 0 over %d blocks", cfg.drop_path,
+                         cfg.layers)
+        self.resblocks = nn.ModuleList(block(cfg, attn_backend, rate) for rate in cfg.drop_path_rates())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -126,7 +153,7 @@ class VisionTransformer(nn.Module):
     """Image (B, 3, H, W) -> embedding (B, output_dim) via the class token."""
 
     def __init__(self, cfg: VisionConfig, output_dim: int, attn_backend: str = "auto",
-                 block: Callable[[VisionConfig, str], nn.Module] = ResidualAttentionBlock):
+                 block: Callable[[VisionConfig, str, float], nn.Module] = ResidualAttentionBlock):
         super().__init__()
         self.cfg = cfg
         scale = cfg.width ** -0.5
