@@ -1,6 +1,5 @@
 """Every command line: a bad flag is one line on stderr naming the flag, exit status 2, no traceback; and
 ``--help`` prints the usage, exits 0 and writes nothing."""
-import json
 import os
 import re
 import subprocess
@@ -11,7 +10,7 @@ import torch
 
 from bmc_fast.cli import check_output_dir, check_output_file, one_line, run_main
 from bmc_fast.errors import ConfigError, DataError
-from helpers import REPO
+from helpers import REPO, run_clis
 
 A_FILE = "pyproject.toml"  # a regular file of the repository: a path under it cannot be created
 A_LIST = "bmc_fast/data/synthetic_modalities.json"  # valid JSON, but a list
@@ -83,15 +82,6 @@ BAD_FLAGS = [
     (["benchmarks/bench_train.py", "--suite", "quick", "--rerender", "--out", "/nowhere/train"], "--rerender"),
 ] + [([script, "--device", "cuda"], "--device cuda") for script in  # a GPU asked for where there is none
      ("benchmarks/bench_data.py", "benchmarks/bench_loss.py", "benchmarks/bench_text.py") if NO_GPU]
-
-
-def run_clis(commands: list[list[str]], cwd=REPO, env=None) -> list[dict]:
-    """``python *command`` for each command, from ``cwd``, in one interpreter (tests/cli_driver.py):
-    ``{"code", "stdout", "stderr"}`` of each."""
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_driver.py")], input=json.dumps(commands),
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def one_error_line(result: dict) -> str | None:

@@ -12,9 +12,10 @@
   layers mapped back to torch ones);
 - the tokenizer files, and the text tower's Hugging Face ``config.json``, so nothing is fetched.
 
-Names map one to one (bmc-fast keeps open_clip's ViT names and HF's ModernBERT names); ``logit_scale``
-is () in open_clip and (1,) here; open_clip has no ``max_logit_scale`` clamp (CLIP's 100 holds in both
-unless training pushed the scale past it). open_clip 3.3 does not know ModernBERT:
+Names map one to one (bmc-fast keeps open_clip's ViT names and HF's ModernBERT names); ``logit_scale``,
+and ``logit_bias`` of a ``--loss siglip`` run (``init_logit_bias`` in the config), are () in open_clip and (1,)
+here; open_clip has no ``max_logit_scale`` clamp (CLIP's 100 holds in both unless training pushed the scale past
+it). open_clip 3.3 does not know ModernBERT:
 ``bmc_fast.checkpoint.open_clip_compat.register_modernbert()`` must run before open_clip loads the directory.
 
 No path is written: ``text_cfg.hf_model_name`` and ``hf_tokenizer_name`` name the Hub repository the export is
@@ -67,6 +68,8 @@ def open_clip_config(cfg: ModelConfig, text_name: str = LOCAL_TEXT_CONFIG) -> di
                      "hf_model_pretrained": False, "hf_proj_type": "mlp", "hf_pooler_type": "mean_pooler",
                      "context_length": cfg.context_length},
     }
+    if cfg.init_logit_bias is not None:  # the sigmoid loss's bias: open_clip builds logit_bias, the weights fill it
+        model_cfg["init_logit_bias"] = cfg.init_logit_bias
     preprocess_cfg = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest", "size": vision.image_size}
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}

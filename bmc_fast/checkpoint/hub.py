@@ -1,10 +1,11 @@
 """The Hugging Face Hub: weights and tokenizers named by Hub id, and an export's model card and upload
 (``python -m bmc_fast.export ... --push-to-hub``).
 
-``resolve(spec, kind, flag)`` turns ``--image-weights``, ``--text-weights`` or ``--tokenizer`` into a local path: a
-path that exists is used as it is; ``ORG/NAME``, ``ORG/NAME@REVISION`` or open_clip's ``hf-hub:ORG/NAME`` is fetched
-into huggingface_hub's cache (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` reads the cache only;
-``HF_ENDPOINT`` and ``HF_TOKEN`` honoured) and the cached path returned. A revision pins a commit, branch or tag.
+``resolve(spec, kind, flag)`` turns ``--image-weights``, ``--text-weights``, ``--tokenizer`` or ``--pretrained`` into
+a local path: a path that exists is used as it is; ``ORG/NAME``, ``ORG/NAME@REVISION`` or open_clip's
+``hf-hub:ORG/NAME`` is fetched into huggingface_hub's cache (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1``
+reads the cache only; ``HF_ENDPOINT`` and ``HF_TOKEN`` honoured) and the cached path returned. A revision pins a
+commit, branch or tag.
 
 The card (``README.md`` in the export) says what the model is, the paper, what it was trained on, its context
 length, the evaluation its run logged last, and how to load it with open_clip and with bmc-fast. The upload is
@@ -30,12 +31,14 @@ HUB_ID = re.compile(r"^(?:hf-hub:)?(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w
 IMAGE_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
 TEXT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
 TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "config.json"]
+# a whole model (--pretrained): an export's files (bmc_fast.checkpoint.export)
+MODEL_PATTERNS = ["open_clip_config.json", "open_clip_model.safetensors", "bmc_fast_config.json", *TOKENIZER_PATTERNS]
 
 
 def resolve(spec: str, kind: str, flag: str) -> str:
-    """The local path of ``spec`` (a path, or a Hub id fetched into the cache); ``kind``: ``image``, ``text`` or
-    ``tokenizer``. A spec that is neither an existing path nor a Hub id comes back unchanged, for the caller's own
-    check to name."""
+    """The local path of ``spec`` (a path, or a Hub id fetched into the cache); ``kind``: ``image``, ``text``,
+    ``tokenizer`` or ``model`` (an export, for ``--pretrained``). A spec that is neither an existing path nor a Hub
+    id comes back unchanged, for the caller's own check to name."""
     match = HUB_ID.match(spec)
     if Path(spec).exists() or match is None:
         return spec
@@ -55,8 +58,8 @@ def resolve(spec: str, kind: str, flag: str) -> str:
                 raise ConfigError(f"{flag} {spec!r}: the repository holds none of {list(IMAGE_FILES)}"
                                   + _offline_hint())
         else:
-            path = snapshot_download(repo, revision=revision,
-                                     allow_patterns=TEXT_PATTERNS if kind == "text" else TOKENIZER_PATTERNS)
+            patterns = {"text": TEXT_PATTERNS, "tokenizer": TOKENIZER_PATTERNS, "model": MODEL_PATTERNS}[kind]
+            path = snapshot_download(repo, revision=revision, allow_patterns=patterns)
     except ConfigError:
         raise
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:

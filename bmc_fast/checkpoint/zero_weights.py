@@ -52,7 +52,8 @@ def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Ten
     tag_dir = Path(checkpoint_dir) / tag
     if not tag_dir.is_dir():
         raise ConfigError(f"checkpoint {str(tag_dir)!r} does not exist")
-    model_states = [_model_state(load_shard(f), f) for f in ds.get_model_state_files(str(tag_dir))]
+    shards = [(load_shard(f), f) for f in ds.get_model_state_files(str(tag_dir))]
+    model_states = [_model_state(state, f) for state, f in shards]
     stage, world_size, flat_groups, paddings = _optimizer_state(tag_dir, ds.get_optim_files(str(tag_dir)))
     _logger.info("consolidating %s: ZeRO-%d, %d rank(s), DeepSpeed %s (weights_only reads)", tag_dir, stage,
                  world_size, model_states[0].ds_version)
@@ -60,7 +61,18 @@ def fp32_state_dict(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Ten
         merged = ds._get_fp32_state_dict_from_zero2_checkpoint(world_size, flat_groups, model_states, False, paddings)
     else:
         merged = ds._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_groups, model_states, False)
+    if stage == 1:  # ZeRO-1 saves no fragments of frozen parameters (--lock-*): every rank's module holds them whole
+        module = shards[0][0]["module"]
+        frozen = {k: v.float() for k, v in module.items() if k not in merged and k in _parameter_names(shards[0][0])}
+        merged.update(frozen)
     return ds.to_torch_tensor(merged)
+
+
+def _parameter_names(state: dict) -> set[str]:
+    """The parameters of a stage-1/2 model-state file's module (its state dict holds buffers too)."""
+    from deepspeed.checkpoint import constants as c
+
+    return set(state["module"]) - set(state[c.BUFFER_NAMES])
 
 
 def _model_state(state: dict, path: str):

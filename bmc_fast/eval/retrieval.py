@@ -1,6 +1,7 @@
 """Zero-shot image-text retrieval, as BMC-LongCLIP reports it.
 
     python -m bmc_fast.eval.retrieval --checkpoint RUN_DIR --data 'DIR/shard-{000000..000001}.tar'
+    python -m bmc_fast.eval.retrieval --checkpoint EXPORT_DIR --data ...   # python -m bmc_fast.export's directory
 
 Recall@k: cosine similarity of L2-normalised embeddings; each text query has exactly one matching
 image (its pair) and vice versa. A query scores a hit at k when fewer than k *other* candidates score
@@ -132,10 +133,11 @@ def format_table(rows: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bmc_fast.checkpoint.load import check_run, load_run
+    from bmc_fast.checkpoint.load import CONFIG_NAME, check_run, load_export, load_run
 
-    parser = ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run.")
-    parser.add_argument("--checkpoint", required=True, help="run directory written by bmc_fast/train.py")
+    parser = ArgumentParser(description="Image-text retrieval Recall@k of a bmc-fast training run or export.")
+    parser.add_argument("--checkpoint", required=True, help="run directory written by bmc_fast/train.py, or an "
+                        "export directory (python -m bmc_fast.export)")
     parser.add_argument("--data", required=True, help="WebDataset shards, e.g. 'DIR/shard-{000000..000001}.tar'")
     parser.add_argument("--json", default=None, help="output JSON (default RUN_DIR/eval.json)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
@@ -149,9 +151,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = (check_output_file(args.json, "--json", example_name="eval.json") if args.json
            else RunDir(args.checkpoint).eval)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_run(args.checkpoint, args.tag, flag="--checkpoint")  # the cheap checks first: the run, then the data
+    export = (Path(args.checkpoint) / CONFIG_NAME).is_file()
+    if export and args.tag is not None:
+        raise ConfigError(f"--tag {args.tag!r}: --checkpoint {args.checkpoint!r} is an export, which holds one model")
+    if not export:
+        check_run(args.checkpoint, args.tag, flag="--checkpoint")  # the cheap checks first: the run, then the data
     urls = eval_shards(args.data)
-    model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag, flag="--checkpoint")
+    if export:
+        model, tokenizer = load_export(Path(args.checkpoint))
+        model_cfg = model.cfg
+    else:
+        model, tokenizer, model_cfg = load_run(args.checkpoint, args.tag, flag="--checkpoint")
     metrics = evaluate_shards(model, tokenizer, model_cfg, urls, args.batch_size, args.workers, loader=args.loader)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **metrics}, indent=2))
     sys.stdout.write(format_table({Path(args.checkpoint).name: metrics}) + f"\n\nwrote {out}\n")

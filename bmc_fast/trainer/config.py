@@ -19,6 +19,11 @@ from bmc_fast.trainer.metrics import REPORTERS
 ACCUMULATIONS = ("contrastive", "independent")
 # --resume (latest): continue from checkpoints/latest; --resume auto: that when it exists, else a new run.
 RESUME_MODES = ("latest", "auto")
+# The contrastive objective: CLIP's softmax (InfoNCE) or SigLIP's sigmoid, both fused (bmc_fast.kernels).
+LOSSES = ("clip", "siglip")
+# The training recipe beyond the JSON: a resumed run keeps the values it started with (trainer/resume.py).
+RECIPE_FLAGS = ("loss", "lock_image", "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_layers",
+                "lr_image_scale", "lr_text_scale", "layer_decay")
 
 
 @dataclass
@@ -67,6 +72,24 @@ class TrainConfig:
                                        "its Hub id (hf-hub:ORG/NAME, timm/NAME; @REVISION pins one)")
     text_weights: str | None = option(None, "Hugging Face ModernBERT directory (config.json + safetensors) or Hub id "
                                       "ORG/NAME[@REVISION]")
+    pretrained: str | None = option(None, "initialise the whole model (towers, projections, logit scale and bias) "
+                                    "from a bmc-fast export or run directory, its Hub id (hf-hub:ORG/NAME), or an "
+                                    "open_clip checkpoint of the same architecture; the optimizer starts fresh and the "
+                                    "run evaluates at step 0 (docs/training.md)")
+    loss: str = option("clip", "contrastive loss: clip (softmax, InfoNCE) or siglip (sigmoid, with a learnable bias: "
+                       "logit scale starts at log 10, bias at -10)", choices=LOSSES)
+    lock_image: bool = option(False, "freeze the image tower, projection included (open_clip's --lock-image)")
+    lock_image_unlocked_groups: int = option(0, "with --lock-image: leave the last N of open_clip's lock groups "
+                                             "trainable (1: the projection alone; 2: also the last block and ln_post)")
+    lock_text: bool = option(False, "freeze the text tower, projection included")
+    lock_text_unlocked_layers: int = option(0, "with --lock-text: leave the last N groups trainable (1: the "
+                                            "projection alone, 2: also the final norm, 3: also the last layer ...)")
+    lr_image_scale: float = option(1.0, "the image tower's learning rate: the schedule's × this")
+    lr_text_scale: float = option(1.0, "the text tower's learning rate: the schedule's × this")
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay (EVA-CLIP): each tower's layer i of L trains at "
+                                "lr × decay^(L + 1 - i), its head at lr; 1: off")
+    drop_path: float | None = option(None, "image tower stochastic depth at the last block (ramped from 0 over the "
+                                     "blocks, as timm); default: the preset's (the paper presets: 0.1)")
     image_proj: str | None = option(None, "with --image-weights: keep the checkpoint's image projection or start a "
                                     "fresh linear one; default: the preset's", choices=IMAGE_PROJECTIONS)
     attn_backend: str | None = option(None, "attention kernels; default: the preset's", choices=ATTN_BACKENDS)
@@ -92,6 +115,13 @@ class TrainConfig:
                                      "planner's estimate is computed, not measured; pass this to launch anyway")
 
     @property
+    def lr_scales(self):
+        """``--lr-image-scale``, ``--lr-text-scale``, ``--layer-decay`` as ``param_groups.LrScales``."""
+        from bmc_fast.trainer.param_groups import LrScales
+
+        return LrScales(self.lr_image_scale, self.lr_text_scale, self.layer_decay)
+
+    @property
     def reporters(self) -> tuple[str, ...]:
         """``--report-to`` as a tuple: ``('tensorboard', 'wandb')``; ``()`` for none."""
         return () if self.report_to == "none" else tuple(part.strip() for part in self.report_to.split(","))
@@ -115,13 +145,32 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, allowed in (("loader", LOADERS), ("loss_backend", LOSS_BACKENDS), ("image_proj", IMAGE_PROJECTIONS),
                               ("attn_backend", ATTN_BACKENDS), ("te_precision", TE_PRECISIONS),
-                              ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES),
+                              ("accumulation", ACCUMULATIONS), ("resume", RESUME_MODES), ("loss", LOSSES),
                               ("grad_norm_dtype", GRAD_NORM_DTYPES)):
             check_choice(self, name, allowed)
         unknown = [part for part in self.reporters if part not in REPORTERS]
         if unknown or not self.report_to:
             raise ConfigError(f"--report-to {self.report_to!r}: each of its comma-separated parts must be one of "
                               f"{REPORTERS} (or 'none' alone)")
+        for name, lock in (("lock_image_unlocked_groups", "lock_image"), ("lock_text_unlocked_layers", "lock_text")):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            if getattr(self, name) and not getattr(self, lock):
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} was given without "
+                                  f"--{lock.replace('_', '-')}: pass both (the count leaves groups of a locked tower "
+                                  "trainable)")
+        for name in ("lr_image_scale", "lr_text_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}: to freeze a "
+                                  f"tower pass --lock-{name.split('_')[1]}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}: EVA-CLIP fine-tunes with "
+                              "0.65-0.9; 1 turns it off")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}: the paper's is 0.1")
+        if self.pretrained is not None and (self.image_weights or self.text_weights):
+            raise ConfigError("--pretrained initialises both towers: drop --image-weights / --text-weights, or drop "
+                              "--pretrained to start from tower checkpoints")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one")
         if self.train_data is None and self.eval_data is not None:

@@ -7,10 +7,10 @@ parameters only through the features, so it is taken in three passes:
 
 1. embed every micro batch without a graph, keeping its features (b, E) and its RNG state;
 2. compute the loss once over the concatenated features (negatives gathered from every rank by the loss
-   function) and its gradients with respect to the features and the logit scale;
+   function) and its gradients with respect to the features and the logit scale (and bias, for the sigmoid loss);
 3. re-embed each micro batch with a graph, its RNG state restored, and backpropagate the surrogate
-   ⟨image_k, ∂L/∂image_k⟩ + ⟨text_k, ∂L/∂text_k⟩ + ⟨scale, ∂L/∂scale⟩ / K, whose parameter gradient is
-   micro batch k's share of ∂L/∂θ. Summed over k (gradient accumulation) they give exactly ∂L/∂θ.
+   ⟨image_k, ∂L/∂image_k⟩ + ⟨text_k, ∂L/∂text_k⟩ + (⟨scale, ∂L/∂scale⟩ + ⟨bias, ∂L/∂bias⟩) / K, whose parameter
+   gradient is micro batch k's share of ∂L/∂θ. Summed over k (gradient accumulation) they give exactly ∂L/∂θ.
 
 Cost: one extra forward per micro batch; memory: one micro batch's activations plus K × b × E features.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image (b, E), text (b, E), logit scale ()
+Features = tuple[torch.Tensor, ...]  # image (b, E), text (b, E), logit scale () [, logit bias ()]
 
 
 class RngState:
@@ -43,30 +43,31 @@ def contrastive_accumulation_step(forward: Callable[[Any], Features], micro_batc
                                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's gradients for the loss over all ``micro_batches``; returns (loss, logit scale), detached.
 
-    ``forward(batch)`` embeds one micro batch; ``loss_fn(image, text, scale)`` is the (distributed)
-    contrastive loss; ``backward(surrogate)`` accumulates parameter gradients (``engine.backward`` without
-    DeepSpeed's 1/K scaling, or ``surrogate.backward()``). Every rank must call this with as many batches.
+    ``forward(batch)`` embeds one micro batch: (image, text, scale) or (image, text, scale, bias);
+    ``loss_fn(image, text, scale[, bias])`` is the (distributed) contrastive loss; ``backward(surrogate)``
+    accumulates parameter gradients (``engine.backward`` without DeepSpeed's 1/K scaling, or
+    ``surrogate.backward()``). Every rank must call this with as many batches.
     """
-    states, images, texts, scale = [], [], [], None
+    states, images, texts, scalars = [], [], [], ()
     with torch.no_grad():
         for batch in micro_batches:
             states.append(RngState(device))
-            image, text, scale = forward(batch)
+            image, text, *scalars = forward(batch)
             images.append(image)
             texts.append(text)
     image_all = torch.cat(images).requires_grad_()  # (K·b, E)
     text_all = torch.cat(texts).requires_grad_()
-    scale_leaf = scale.detach().requires_grad_()
-    loss = loss_fn(image_all, text_all, scale_leaf)
-    grad_image, grad_text, grad_scale = torch.autograd.grad(loss, (image_all, text_all, scale_leaf))
+    scalar_leaves = [scalar.detach().requires_grad_() for scalar in scalars]  # scale () [, bias ()]
+    loss = loss_fn(image_all, text_all, *scalar_leaves)
+    grad_image, grad_text, *grad_scalars = torch.autograd.grad(loss, (image_all, text_all, *scalar_leaves))
     sizes = [image.shape[0] for image in images]
     for batch, state, g_image, g_text in zip(micro_batches, states, grad_image.split(sizes),
                                             grad_text.split(sizes)):
         state.restore()
-        image, text, scale = forward(batch)
+        image, text, *scalars = forward(batch)
         # at least fp32: a bf16 dot product of b·E terms would round the surrogate away
         acc = torch.promote_types(image.dtype, torch.float32)
         surrogate = ((image.to(acc) * g_image.to(acc)).sum() + (text.to(acc) * g_text.to(acc)).sum()
-                     + (scale.to(acc) * grad_scale.to(acc)).sum() / len(micro_batches))
+                     + sum((x.to(acc) * g.to(acc)).sum() for x, g in zip(scalars, grad_scalars)) / len(micro_batches))
         backward(surrogate)
-    return loss.detach(), scale_leaf.detach()
+    return loss.detach(), scalar_leaves[0].detach()

@@ -111,6 +111,8 @@ def run(p: Prepared) -> dict[str, Any]:
     try:
         s = start(p)
         cfg = p.cfg
+        if cfg.pretrained is not None and s.first_step == 1 and (s.eval_loader is not None or p.zeroshot):
+            evaluate(s, 0)  # where the warm start begins
         for step in range(s.first_step, p.max_steps + 1):
             lr, scale = train_step(s, step)
             s.stream.end_step(step)
@@ -140,7 +142,7 @@ def start(p: Prepared, hooks: StepHooks | None = None) -> Session:
     from deepspeed.accelerator import get_accelerator
     from tqdm import tqdm
 
-    from bmc_fast.kernels import FusedClipLoss
+    from bmc_fast.kernels import FusedClipLoss, FusedSigLipLoss
     from bmc_fast.model.flops import peak_flops, train_step_flops
 
     cfg, env = p.cfg, p.env
@@ -157,8 +159,11 @@ def start(p: Prepared, hooks: StepHooks | None = None) -> Session:
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     _log_set_up(p, engine, n_params, device, dtype, accelerator.communication_backend_name())
     # open_clip's scalable setting: each rank's rows against every rank's negatives, fused (no b×N logits).
-    loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size,
-                            backend=cfg.loss_backend)
+    if cfg.loss == "siglip":
+        loss_fn = FusedSigLipLoss(rank=env.rank, world_size=env.world_size, backend=cfg.loss_backend)
+    else:
+        loss_fn = FusedClipLoss(local_loss=True, gather_with_grad=True, rank=env.rank, world_size=env.world_size,
+                                backend=cfg.loss_backend)
     if env.rank == 0:
         log_token_waste(p)
     stream, eval_loader, skipped_steps = open_train_stream(p, device, dtype == torch.float16, first_step,
@@ -195,20 +200,29 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
 
     from bmc_fast.checkpoint.universal import convert_to_universal, remove_universal
     from bmc_fast.model.clip import model_from_config
-    from bmc_fast.trainer.param_groups import param_groups
+    from bmc_fast.trainer.param_groups import log_groups, param_groups, with_group_schedule
+    from bmc_fast.trainer.warm_start import load_pretrained
 
-    torch.manual_seed(p.cfg.seed)
-    model = model_from_config(p.model_cfg, p.cfg.image_weights, p.cfg.text_weights)
+    cfg = p.cfg
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(p.model_cfg, cfg.image_weights, cfg.text_weights)
+    if cfg.pretrained is not None and not cfg.resume:
+        load_pretrained(model, cfg.pretrained)
+    lock_towers(model, cfg)
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
-    config = with_resumable_cpu_adam(p.ds_config, get_accelerator().device_name())
+    base_lr = (p.ds_config.get("optimizer") or {}).get("params", {}).get("lr")
+    groups = param_groups(model, cfg.lr_scales, base_lr)
+    if p.env.rank == 0:
+        log_groups(groups, base_lr)
+    config = with_group_schedule(with_resumable_cpu_adam(p.ds_config, get_accelerator().device_name()), groups)
     set_grad_norm_dtype(p.cfg.grad_norm_dtype, get_accelerator().device_name())
     if p.resize is not None:  # another number of ranks: load DeepSpeed's universal form of the checkpoint
         if p.env.rank == 0:
             convert_to_universal(p.run.checkpoints, p.resize.tag)
         torch.distributed.barrier()
         config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=config)
-    if not p.cfg.resume:
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    if not cfg.resume:
         return engine, 1, n_params
     load_path, client_state = engine.load_checkpoint(str(p.run.checkpoints))  # `latest` (`latest_universal`)
     _logger.info("resumed from %s at step %d", Path(load_path).parent.name, client_state["step"])
@@ -219,6 +233,27 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     return engine, client_state["step"] + 1, n_params
 
 
+def lock_towers(model, cfg) -> None:
+    """``--lock-image`` / ``--lock-text``: freeze the towers before the optimizer sees their parameters (frozen ones
+    join no group, so the optimizer holds no state for them and ZeRO partitions none)."""
+    for tower, locked, unlocked, flag in (
+            ("image", cfg.lock_image, cfg.lock_image_unlocked_groups, "--lock-image-unlocked-groups"),
+            ("text", cfg.lock_text, cfg.lock_text_unlocked_layers, "--lock-text-unlocked-layers")):
+        if not locked:
+            continue
+        getattr(model, f"lock_{tower}")(unlocked, flag)
+        module = model.visual if tower == "image" else model.text
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        _logger.info("%s tower locked: %s", tower, "every parameter frozen, run without a graph" if not trainable
+                     else f"the last {unlocked} group(s) train, {trainable / 1e6:.3f}M parameters")
+
+
+def schedule_lr(engine) -> float:
+    """The schedule's learning rate at this step (a scaled group's rate over its ``lr_scale``)."""
+    group = engine.optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
 def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
     """One optimizer step over ``accumulation`` micro batches; returns (the step's lr, the logit scale).
 
@@ -227,7 +262,7 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
     accumulation, which scales each by 1/K). A step whose loss or gradient norm is non-finite on any rank
     is skipped by every rank (``nan_guard``), counted, and after ``--max-bad-steps`` in a row stops the run."""
     plan = s.p.plan
-    lr = s.engine.get_lr()[0]  # this step's rate: the scheduler moves on inside the boundary engine.step()
+    lr = schedule_lr(s.engine)  # this step's rate: the scheduler moves on inside the boundary engine.step()
     if plan.accumulation > 1 and s.p.cfg.accumulation == "contrastive":
         loss, scale = _contrastive_step(s)
         losses = [loss]
@@ -236,15 +271,16 @@ def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:
         for _ in range(plan.accumulation):
             batch = _next_batch(s)
             with s.profile.part("forward"):
-                image, text, scale = s.engine(*_model_inputs(s, batch))
+                outputs = s.engine(*_model_inputs(s, batch))  # image, text, scale[, bias]
             with s.profile.part("loss"):
-                loss = guard_loss(s.loss_fn(image, text, scale))
+                loss = guard_loss(s.loss_fn(*outputs))
             with s.profile.part("backward"):
                 s.engine.backward(loss)
             with s.profile.part("optimizer"):
                 s.engine.step()
             s.out.window.add_micro_batch(loss, batch["attention_mask"])
             losses.append(loss)
+        scale = outputs[2]
     s.out.window.end_step()
     s.out.progress.update(1)
     s.guard.after_step(s.engine, step, losses, fp16=s.dtype == torch.float16)
@@ -257,7 +293,7 @@ def _contrastive_step(s: Session) -> tuple[torch.Tensor, torch.Tensor]:
 
     batches = [_next_batch(s) for _ in range(s.p.plan.accumulation)]
 
-    def forward(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(batch: dict) -> tuple[torch.Tensor, ...]:
         with s.profile.part("forward"):
             return s.engine(*_model_inputs(s, batch))
 

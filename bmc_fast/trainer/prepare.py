@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,13 @@ from bmc_fast.optional import transformer_engine_installed, triton_installed, wa
 from bmc_fast.trainer.config import TrainConfig
 from bmc_fast.trainer.distributed import DistEnv
 from bmc_fast.trainer.ds_config import check_precision_supported, check_skips_non_finite_steps, with_total_steps
-from bmc_fast.trainer.resume import Resize, plan_resume
+from bmc_fast.trainer.param_groups import check_schedule_takes_scales
+from bmc_fast.trainer.resume import Resize, check_same_recipe, plan_resume
+from bmc_fast.trainer.warm_start import check_architecture, source_config
+
+# SigLIP's initial logit scale and bias (Zhai et al. 2023; open_clip's siglip model configs): t' = log 10, b = -10
+SIGLIP_INIT_LOGIT_SCALE = math.log(10)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 _logger = logging.getLogger(__name__)
 
@@ -69,12 +76,10 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     check_skips_non_finite_steps(ds_config)
     device, dtypes = _accelerator_dtypes()
     check_precision_supported(ds_config, device, dtypes)
+    check_schedule_takes_scales(ds_config, cfg.lr_scales)
     cfg = _fetch_hub_ids(cfg)
     _check_weights(cfg)
-    checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else None
-    model_cfg = load_model_config(  # validates the preset and the overrides early
-        cfg.preset, context_length=cfg.context_length, text_unpad=cfg.text_unpad, attn_backend=cfg.attn_backend,
-        te_precision=cfg.te_precision, image_proj=cfg.image_proj, vision=checkpointing, text=checkpointing)
+    model_cfg = _model_config(cfg)
     _check_packages(cfg, model_cfg)
 
     if cfg.train_data is None:
@@ -100,15 +105,33 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
         # a run's captions are cleaned as they were from its start (runs from before text_clean: not at all)
         clean = run.read_config()["model"].get("text_clean", "none") if run.is_run() else model_cfg.text_clean
         model_cfg, tokenizer.clean = dataclasses.replace(model_cfg, text_clean=clean), clean
+        check_same_recipe(run, cfg)
         ds_config, plan, resize = plan_resume(run, model_cfg, ds_config, env.world_size, max_steps, cfg.accumulation)
     else:
         plan = plan or batch_plan(ds_config, env.world_size, source=source)
         _check_new_run_dir(run, cfg.overwrite)
+        if cfg.pretrained is not None:
+            check_architecture(cfg.pretrained, source_config(cfg.pretrained), model_cfg)
     _check_memory(cfg, env, device, model_cfg, ds_config)  # last: its probe takes seconds
     cfg = dataclasses.replace(cfg, output_dir=str(run.path), max_steps=max_steps,
                               context_length=model_cfg.context_length)
     return Prepared(cfg, env, run, ds_config, plan, max_steps, train_urls, eval_urls, zeroshot, templates, tokenizer,
                     model_cfg, resize, mixture)
+
+
+def _model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset with the flags' overrides, validated; ``--loss siglip`` adds SigLIP's logit bias and scale init
+    (log 10, -10) to a preset without a bias of its own."""
+    checkpointing = {"grad_checkpointing": True} if cfg.grad_checkpointing else {}
+    drop_path = {"drop_path": cfg.drop_path} if cfg.drop_path is not None else {}
+    model_cfg = load_model_config(
+        cfg.preset, context_length=cfg.context_length, text_unpad=cfg.text_unpad, attn_backend=cfg.attn_backend,
+        te_precision=cfg.te_precision, image_proj=cfg.image_proj, vision={**checkpointing, **drop_path} or None,
+        text=checkpointing or None)
+    if cfg.loss == "siglip" and model_cfg.init_logit_bias is None:
+        model_cfg = dataclasses.replace(model_cfg, init_logit_scale=SIGLIP_INIT_LOGIT_SCALE,
+                                        init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
+    return model_cfg
 
 
 def _mixture(pattern: str, weights: str) -> Mixture:
@@ -143,7 +166,8 @@ def _fetch_hub_ids(cfg: TrainConfig) -> TrainConfig:
     from bmc_fast.checkpoint.hub import resolve
 
     fetched = {name: resolve(getattr(cfg, name), kind, f"--{name.replace('_', '-')}")
-               for name, kind in (("image_weights", "image"), ("text_weights", "text"), ("tokenizer", "tokenizer"))
+               for name, kind in (("image_weights", "image"), ("text_weights", "text"), ("tokenizer", "tokenizer"),
+                                  ("pretrained", "model"))
                if getattr(cfg, name) is not None}
     return dataclasses.replace(cfg, **fetched)
 

@@ -71,6 +71,24 @@ def plan_resume(run: RunDir, model_cfg: ModelConfig, ds_config: dict[str, Any], 
     return ds_config, plan, resize
 
 
+def check_same_recipe(run: RunDir, cfg) -> None:
+    """A resumed run keeps its loss, locks and learning-rate scales (``TrainConfig.RECIPE_FLAGS``): they shape the
+    model's outputs and the optimizer's groups, which the checkpoint holds. Runs from before a flag existed had its
+    default."""
+    from bmc_fast.trainer.config import RECIPE_FLAGS, TrainConfig
+
+    if not run.is_run():
+        return
+    saved = run.read_config().get("train", {})
+    defaults = {name: TrainConfig.__dataclass_fields__[name].default for name in RECIPE_FLAGS}
+    differs = {name: (saved.get(name, defaults[name]), getattr(cfg, name)) for name in RECIPE_FLAGS
+               if saved.get(name, defaults[name]) != getattr(cfg, name)}
+    if differs:
+        flags = ", ".join(f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in differs.items())
+        raise ConfigError(f"--resume: the run in {str(run.path)!r} was started with {flags}; resume with the run's "
+                          "values (its config.json 'train'), or start a new run from it with --pretrained")
+
+
 def checkpoint_plan(run: RunDir, tag: str) -> BatchPlan | None:
     """The batch plan of the run that wrote checkpoint ``tag`` (None for a checkpoint without rank states)."""
     tag_dir = run.checkpoints / tag
