@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bmc_fast.kernels import FusedClipLoss
+from bmc_fast.kernels import FusedClipLoss, FusedSigLipLoss
 from bmc_fast.model.clip import BMCLongCLIP
 from bmc_fast.model.config import load_model_config
 from bmc_fast.trainer.contrastive_accumulation import contrastive_accumulation_step
@@ -16,8 +16,9 @@ from helpers import free_port
 N, K = 8, 4  # global batch; micro batches per rank and step
 
 
-def _inputs(tokenizer, n=N):
-    cfg = load_model_config("tiny", text={"num_hidden_layers": 2}, vision={"layers": 2}).with_tokenizer(tokenizer)
+def _inputs(tokenizer, n=N, **overrides):
+    cfg = load_model_config("tiny", text={"num_hidden_layers": 2}, vision={"layers": 2},
+                            **overrides).with_tokenizer(tokenizer)
     model = BMCLongCLIP(cfg).double()
     lengths = torch.randint(3, 48, (n,))  # every micro batch pads to its own longest caption
     mask = (torch.arange(48) < lengths[:, None]).long()
@@ -39,14 +40,14 @@ def _accumulated_grads(model, batches, loss_fn):
     model.zero_grad()
     loss, _ = contrastive_accumulation_step(lambda b: model(*b), batches, loss_fn, lambda s: s.backward(),
                                             torch.device("cpu"))
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _big_batch_grads(model, pixels, ids, mask, loss_fn):
     model.zero_grad()
     loss = loss_fn(*model(pixels, ids, mask))
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_same(ours, reference):
@@ -62,6 +63,19 @@ def test_one_rank_k_micro_batches_equal_one_big_batch(small_data):
     torch.testing.assert_close(loss, big_loss, rtol=1e-12, atol=0)
     _assert_same(grads, big_grads)
     assert loss.item() > 0.1 and any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_the_sigmoid_loss_and_its_bias_accumulate_to_one_big_batch(small_data):
+    """--loss siglip: the bias is a fourth model output, its gradient shared out over the K re-forwards as the
+    scale's is; the image tower half locked, as --lock-image-unlocked-groups leaves it."""
+    model, pixels, ids, mask = _inputs(small_data["tokenizer"], init_logit_bias=-10.0, init_logit_scale=2.3)
+    model.lock_image(2)
+    loss, grads = _accumulated_grads(model, _micro_batches(pixels, ids, mask, list(range(N)), K), FusedSigLipLoss())
+    big_loss, big_grads = _big_batch_grads(model, pixels, ids, mask, FusedSigLipLoss())
+    torch.testing.assert_close(loss, big_loss, rtol=1e-12, atol=0)
+    _assert_same(grads, big_grads)
+    assert big_grads["logit_bias"].abs().item() > 0 and big_grads["visual.proj"].abs().max() > 0
+    assert set(grads) == set(big_grads) and "visual.conv1.weight" not in grads  # locked: no gradient at all
 
 
 def test_one_rank_k_micro_batches_on_the_triton_kernels_equal_one_big_batch(small_data):

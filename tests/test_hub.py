@@ -36,7 +36,7 @@ from bmc_fast.errors import ConfigError
 from bmc_fast.model.clip import create_model
 
 text_cfg = json.loads(sys.argv[1])
-local_text, local_image, commit = sys.argv[2:5]
+local_text, local_image, commit, local_export = sys.argv[2:6]
 paths = {"text": resolve("lab/tiny-text", "text", "--text-weights"),
          "pinned": resolve(f"lab/tiny-text@{commit}", "text", "--text-weights"),
          "image": resolve("hf-hub:lab/tiny-clip", "image", "--image-weights"),
@@ -47,6 +47,10 @@ by_id = create_model("tiny", image_weights=paths["image"], text_weights=paths["p
 torch.manual_seed(0)
 by_path = create_model("tiny", image_weights=local_image, text_weights=local_text, text=text_cfg).state_dict()
 paths["same"] = by_id.keys() == by_path.keys() and all(torch.equal(by_id[k], by_path[k]) for k in by_id)
+from bmc_fast.trainer.warm_start import pretrained_state  # --pretrained hf-hub:ORG/NAME: a whole export
+paths["model"] = resolve("hf-hub:lab/tiny-export", "model", "--pretrained")
+by_id, by_path = pretrained_state(paths["model"]), pretrained_state(local_export)
+paths["model_same"] = by_id.keys() == by_path.keys() and all(torch.equal(by_id[k], by_path[k]) for k in by_id)
 try:
     resolve("lab/absent", "text", "--text-weights")
 except ConfigError as error:
@@ -74,9 +78,14 @@ def test_hub_ids_load_the_weights_of_their_local_files_offline_and_from_hf_endpo
     source = create_model("tiny", text=TEXT)
     save_file({k: v.contiguous() for k, v in OpenClip.to_open_clip(source.state_dict()).items()},
               str(image_dir / "open_clip_model.safetensors"))
+    from bmc_fast.checkpoint.export import export
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+
+    export(source, load_tokenizer(small_data["tokenizer_dir"]), source.cfg, tmp_path / "export")
     cache = tmp_path / "hub"
     commit = _snapshot(cache, "lab/tiny-text", text_dir)
     image_commit = _snapshot(cache, "lab/tiny-clip", image_dir)
+    export_commit = _snapshot(cache, "lab/tiny-export", tmp_path / "export")
 
     offline = {"HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
     _check_resolved(_resolve_in_child(offline, text_dir, image_dir, commit, tmp_path), cache, commit, image_commit,
@@ -84,7 +93,8 @@ def test_hub_ids_load_the_weights_of_their_local_files_offline_and_from_hf_endpo
 
     # The same ids from a local server at HF_ENDPOINT into an empty cache, as huggingface_hub fetches them
     server = ShardServer(tmp_path)
-    server.models = {"lab/tiny-text": (commit, text_dir), "lab/tiny-clip": (image_commit, image_dir)}
+    server.models = {"lab/tiny-text": (commit, text_dir), "lab/tiny-clip": (image_commit, image_dir),
+                     "lab/tiny-export": (export_commit, tmp_path / "export")}
     online = {"HF_HUB_CACHE": str(tmp_path / "hub-online"), "HF_HOME": str(tmp_path / "hf-home"),
               "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
     try:
@@ -98,7 +108,8 @@ def test_hub_ids_load_the_weights_of_their_local_files_offline_and_from_hf_endpo
 def _resolve_in_child(env: dict, text_dir, image_dir, commit: str, cwd) -> dict:
     env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, **env}
     proc = subprocess.run([sys.executable, "-c", RESOLVE, json.dumps(TEXT), str(text_dir),
-                           str(image_dir / "open_clip_model.safetensors"), commit], cwd=cwd, env=env,
+                           str(image_dir / "open_clip_model.safetensors"), commit, str(cwd / "export")], cwd=cwd,
+                          env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
@@ -111,6 +122,7 @@ def _check_resolved(got: dict, cache, commit: str, image_commit: str, text_dir, 
                                "open_clip_model.safetensors")
     assert got["local"] == str(text_dir)  # a path that exists is a path
     assert got["same"]  # by id, the weights of the same files by path
+    assert got["model"].startswith(str(cache / "models--lab--tiny-export" / "snapshots")) and got["model_same"]
     assert "--text-weights 'lab/absent' could not be fetched" in got["error"]
     assert ("HF_HUB_OFFLINE=1" in got["error"]) == offline, got["error"]
 

@@ -173,3 +173,51 @@ def test_a_resume_keeps_the_runs_recipe(tmp_path):
         check_same_recipe(run, TrainConfig())
     (tmp_path / "config.json").write_text(json.dumps({"model": {}, "train": {}}))  # a run from before the flags
     check_same_recipe(run, TrainConfig())
+
+
+def test_pretrained_reads_an_export_and_open_clips_own_checkpoints_alike(small_data, tmp_path):
+    """--pretrained from an export, from the state dict open_clip's model of that export holds (open_clip's
+    safetensors) and from open_clip's training checkpoint layout (epoch_N.pt: state_dict, module. prefixes): the
+    same tensors, which load_pretrained copies into a new model; another architecture or a missing bias is named."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from bmc_fast.checkpoint.export import export
+    from bmc_fast.checkpoint.open_clip_compat import register_modernbert
+    from bmc_fast.data.text_tokenizer import load_tokenizer
+    from bmc_fast.trainer.warm_start import check_architecture, load_pretrained, pretrained_state, source_config
+
+    tokenizer = load_tokenizer(small_data["tokenizer_dir"])
+    cfg = load_model_config("tiny", init_logit_bias=-3.0).with_tokenizer(tokenizer)
+    model = BMCLongCLIP(cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(2.5)
+        model.logit_bias.fill_(-4.5)
+    out = export(model, tokenizer, cfg, tmp_path / "export")
+    register_modernbert()
+    theirs = open_clip.create_model(f"local-dir:{out}").state_dict()  # open_clip's own model of the export
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(tmp_path / "open_clip.safetensors"))
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in theirs.items()}},
+               tmp_path / "epoch_3.pt")
+    ours = model.state_dict()
+    for source in (out, tmp_path / "open_clip.safetensors", tmp_path / "epoch_3.pt"):
+        state = pretrained_state(str(source))
+        assert state.keys() == ours.keys() and all(torch.equal(state[k], ours[k]) for k in ours), source
+    fresh = BMCLongCLIP(cfg)
+    load_pretrained(fresh, str(tmp_path / "epoch_3.pt"))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ours.items())
+
+    assert source_config(str(out)) == cfg and source_config(str(tmp_path / "epoch_3.pt")) is None
+    check_architecture(str(out), cfg, dataclasses.replace(cfg, context_length=77, init_logit_bias=-10.0))
+    other = load_model_config("tiny", vision={"layers": 2}, init_logit_bias=-3.0).with_tokenizer(tokenizer)
+    with pytest.raises(ConfigError, match=r"--pretrained .* is another architecture than --preset's "
+                                          r"\(\['vision.layers'\] differ\)"):
+        check_architecture(str(out), cfg, other)
+    with pytest.raises(ConfigError, match="has a logit bias .*: pass --loss siglip"):
+        check_architecture(str(out), cfg, dataclasses.replace(cfg, init_logit_bias=None))
+    with pytest.raises(ConfigError, match=r"--pretrained '.*epoch_3.pt': the state dict does not fit the model: "
+                                          r"missing \[\], unexpected \['visual.transformer.resblocks.2"):
+        load_pretrained(BMCLongCLIP(other), str(tmp_path / "epoch_3.pt"))
+    with pytest.raises(ConfigError, match="--pretrained '/nowhere' is not an export directory"):
+        pretrained_state("/nowhere")
