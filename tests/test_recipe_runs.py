@@ -43,7 +43,7 @@ for stage, ds_config in args["configs"].items():
 
     cfg = TrainConfig(ds_config=ds_config, train_data=args["train"], tokenizer=args["tokenizer"], loader="pil",
                       workers=0, output_dir=f"{args['out']}/zero{stage}", max_steps=4, report_to="none",
-                      **args["recipe"])
+                      **args["recipes"][stage])
     s = loop.start(prepare(cfg, DistEnv.from_environ()), loop.StepHooks(loss=record))
     groups = s.engine.optimizer.param_groups
     lrs = []
@@ -91,8 +91,8 @@ def _expected_scale(group_name: str) -> float:
 def test_group_rates_locked_state_and_the_sigmoid_loss_in_the_trainers_steps(small_data, tmp_path):
     """ZeRO 1 and 3 under WarmupCosineLR, ZeRO 2 under WarmupDecayLR (per-group bounds): each group's rate at each
     step is DeepSpeed's schedule × its EVA-CLIP scale; AdamW holds moments for the trainable parameters only (the
-    locked ones are in no group); the first loss, SigLIP's at scale 10 and bias -10, is open_clip's SigLipLoss of
-    the same features to fp32 rounding."""
+    locked ones are in no group; on ZeRO-3 the whole image tower is locked and runs without a graph); the first
+    loss, SigLIP's at scale 10 and bias -10, is open_clip's SigLipLoss of the same features to fp32 rounding."""
     from open_clip.loss import SigLipLoss
 
     configs = {}
@@ -105,9 +105,10 @@ def test_group_rates_locked_state_and_the_sigmoid_loss_in_the_trainers_steps(sma
                 "warmup_type": "linear"}}
             path.write_text(json.dumps(config))
         configs[stage] = config
+    recipes = {stage: {**RECIPE, "lock_image_unlocked_groups": 0 if stage == 3 else 2} for stage in configs}
     args = {"configs": {stage: str(tmp_path / f"zero{stage}-accum1.json") for stage in configs},
             "train": small_data["train"], "tokenizer": small_data["tokenizer_dir"], "out": str(tmp_path),
-            "recipe": RECIPE}
+            "recipes": recipes}
     proc = subprocess.run([sys.executable, "-c", STEPS_SCRIPT, json.dumps(args)], capture_output=True, text=True,
                           timeout=600, cwd=REPO, env=_world_of_one())
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -117,7 +118,8 @@ def test_group_rates_locked_state_and_the_sigmoid_loss_in_the_trainers_steps(sma
         got = report[str(stage)]
         schedule = _reference_rates(config, 4)
         assert schedule[-1] > 0 and len(got["names"]) > 10, stage  # a warm rate, and groups per layer
-        assert {name.split(".")[0] for name in got["names"]} == {"image", "text", "other"}
+        towers = {"text", "other"} | ({"image"} if stage != 3 else set())  # ZeRO-3: the image tower fully locked
+        assert {name.split(".")[0] for name in got["names"]} == towers
         for step, rates in enumerate(got["lrs"]):
             for name, rate in zip(got["names"], rates):
                 assert rate == pytest.approx(schedule[step] * _expected_scale(name), rel=1e-6, abs=1e-12), \
@@ -149,8 +151,9 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
 def test_siglip_then_a_warm_start_with_locked_towers(tmp_path):
     """SigLIP trains 50 steps on the demo data and its loss falls; the export keeps the learnt bias (open_clip loads
     it); a run --pretrained from that export evaluates at step 0 exactly as bmc_fast.eval.retrieval evaluates the
-    export; --lock-image leaves every image-tower weight as it was and changes every other; with
-    --lock-image-unlocked-groups 1 the projection alone changes in the image tower."""
+    export; --lock-image leaves every image-tower weight as it was and changes every other (ZeRO-2); with
+    --lock-image-unlocked-groups 1 the projection alone changes in the image tower (ZeRO-3); both still so after
+    a --resume two steps further."""
     from safetensors.torch import load_file
 
     import bmc_fast
@@ -158,17 +161,21 @@ def test_siglip_then_a_warm_start_with_locked_towers(tmp_path):
     from bmc_fast.model.state_dict_adapters import OpenClip
 
     eval_data = ensure_default_data(seed=0).eval
-    config = str(deepspeed_config(tmp_path, 2, steps=50, batch=16))
+    zero2, zero3 = (str(deepspeed_config(tmp_path, stage, steps=50, batch=16)) for stage in (2, 3))
     siglip, export, warm, unlocked = (tmp_path / name for name in ("siglip", "export", "warm", "unlocked"))
-    common = ["bmc_fast/train.py", "--ds_config", config, "--loss", "siglip", "--report-to", "none"]
-    warm_start = [*common, "--pretrained", str(export), "--lock-image", "--max-steps", "5", "--eval-every", "0"]
+    common = ["bmc_fast/train.py", "--loss", "siglip", "--report-to", "none", "--eval-every", "0"]
+    warm_start = [*common, "--pretrained", str(export), "--lock-image", "--max-steps", "5"]
     results = run_clis([
-        [*common, "--max-steps", "50", "--log-every", "5", "--eval-every", "0", "--output-dir", str(siglip)],
+        [*common, "--ds_config", zero2, "--max-steps", "50", "--log-every", "5", "--output-dir", str(siglip)],
         ["-m", "bmc_fast.export", str(siglip), str(export)],
         ["-m", "bmc_fast.eval.retrieval", "--checkpoint", str(export), "--data", eval_data, "--json",
          str(tmp_path / "export_eval.json")],
-        [*warm_start, "--output-dir", str(warm)],
-        [*warm_start, "--lock-image-unlocked-groups", "1", "--output-dir", str(unlocked)],
+        [*warm_start, "--ds_config", zero2, "--output-dir", str(warm)],
+        [*warm_start, "--ds_config", zero3, "--lock-image-unlocked-groups", "1", "--output-dir", str(unlocked)],
+        # each resumed: the locked weights come back from the checkpoint, not from a fresh init
+        [*warm_start, "--ds_config", zero2, "--output-dir", str(warm), "--max-steps", "7", "--resume"],
+        [*warm_start, "--ds_config", zero3, "--lock-image-unlocked-groups", "1", "--output-dir", str(unlocked),
+         "--max-steps", "7", "--resume"],
     ], env=_world_of_one())
     for result in results:
         assert result["code"] == 0, result["stderr"][-3000:]
@@ -194,6 +201,7 @@ def test_siglip_then_a_warm_start_with_locked_towers(tmp_path):
 
     start = OpenClip.from_open_clip(load_file(str(export / "open_clip_model.safetensors")))
     for run, trained in ((warm, set()), (unlocked, {"visual.proj"})):
+        assert (run / "checkpoints" / "latest").read_text() == "step0000007"
         after = _weights(run)
         assert set(after) == set(start)
         same = {k for k in start if torch.equal(start[k], after[k])}

@@ -234,13 +234,14 @@ def test_synthetic_generator_cli(tmp_path):
     assert len(list((tmp_path / "train").glob("*.tar"))) == 3 and len(list((tmp_path / "eval").glob("*.tar"))) == 2
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero1_bf16", "zero1_bf16_cpu_offload", "paper_16k_zero2"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero1_bf16", "zero1_bf16_cpu_offload", "paper_16k_zero2",
+                                  "finetune_zero2"])
 def test_shipped_ds_configs_parse_in_deepspeed_and_follow_the_recipe(name):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
     parsed = DeepSpeedConfig(config)  # DeepSpeed's own validation: unknown keys are errors there
-    expected_stage = int(name[4]) if name.startswith("zero") else 2
+    expected_stage = int(name[4]) if name.startswith("zero") else 2  # paper_*, finetune_*: ZeRO-2
     assert parsed.zero_optimization_stage == expected_stage
     offload = parsed.zero_config.offload_optimizer
     assert (offload is not None and offload.device == "cpu") == name.endswith("cpu_offload")

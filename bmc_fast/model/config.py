@@ -62,7 +62,7 @@ class VisionConfig:
         """Each block's drop-path rate: timm's ``calculate_drop_path_rates(drop_path, layers)``."""
         import torch
 
-        return [x.item() for x in torch.linspace(0, self.drop_path, self.layers)]
+        return [x.item() for x in torch.linspace(0, self.drop_path, self.layers, device="cpu")]  # never on meta
 
 
 # ModernBertConfig's defaults, which a text config without token ids gets (ModernBERT's tokenizer's ids).
