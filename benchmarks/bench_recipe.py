@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - start
 
     seconds = {name: [] for name in RECIPES}
-    for name, (engine, _, _) in engines.items():
+    for engine, _, _ in engines.values():
         step(engine)  # warm-up: thread pools, allocator, the optimizer's state
     for _ in range(args.rounds):
         for name, (engine, _, _) in engines.items():

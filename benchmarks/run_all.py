@@ -39,6 +39,7 @@ BENCHMARKS = {
     "bench_loss": (["--n", "1024", "4096", "16384", "--impls", "fused", "open_clip", "--repeats", "1",
                     "--tag", "quick"], ["--device", "cuda"]),
     "bench_accumulation": ([], []),
+    "bench_recipe": ([], []),
     "bench_data": (["--repeats", "1"], ["--repeats", "3", "--device", "cuda"]),
     "bench_train": (["--suite", "quick"], ["--suite", "full"]),
     "bench_context": (["--seeds", "0", "--max-steps", "60", "--out", f"{RESULTS}/context_ablation_quick"],

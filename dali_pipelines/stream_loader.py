@@ -66,11 +66,12 @@ class DaliStreamLoader:
         # e.g. held by an exception's traceback) must go first: a forked process that collects its copy of one hangs
         # or aborts in the pipeline's shutdown, as DALI's threads do not exist there.
         gc.collect()
-        batches, fed = iter(self.feeder), deque()  # fed: (batch, feeder state) in the order DALI takes them
+        feeder = self.feeder
+        batches, fed = iter(feeder), deque()  # fed: (batch, feeder state) in the order DALI takes them
 
         def source():
             batch = next(batches)  # StopIteration ends DALI's epoch
-            fed.append((batch, self.feeder.state_dict()))
+            fed.append((batch, feeder.state_dict()))
             left_top = [np.array(w[:2], dtype=np.float32) for w in batch["windows"]]
             width_height = [np.array(w[2:], dtype=np.float32) for w in batch["windows"]]
             return [np.frombuffer(data, dtype=np.uint8) for data in batch["encoded"]], left_top, width_height
@@ -79,7 +80,14 @@ class DaliStreamLoader:
 
         pipe = build_stream_pipeline(source, **self.graph)
         outputs = DALIGenericIterator(pipe, ["pixels"], last_batch_policy=LastBatchPolicy.PARTIAL)
-        for out in outputs:
-            batch, self._state = fed.popleft()
-            yield {"pixels": out[0]["pixels"], **{key: value for key, value in batch.items()
-                                                   if key not in ("encoded", "windows")}}
+        try:
+            for out in outputs:
+                batch, self._state = fed.popleft()
+                yield {"pixels": out[0]["pixels"], **{key: value for key, value in batch.items()
+                                                       if key not in ("encoded", "windows")}}
+        finally:
+            # The pipeline reaches the feeder only through `source`'s cells, and is freed by the garbage collector
+            # (DALI's objects hold cycles), which may close the feeder iterator's queues before the iterator itself:
+            # its worker then never hears the shutdown and is killed 5 s later. Cut those references here, so that
+            # the feeder goes with this loader, in order.
+            batches = feeder = None

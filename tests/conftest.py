@@ -32,11 +32,16 @@ import torch  # noqa: E402
 import bmc_fast.kernels.contrastive_triton  # noqa: E402, F401
 from helpers import MODERNBERT_TOKENIZER  # noqa: E402
 
+# The one test far longer than any other (every example of the docs, in order: about 6 minutes of the ~14).
+LONGEST = "test_docs_examples.py::test_every_example_runs_in_order"
+
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests (each launches processes for 30-150 s) first, in file order, then the rest: two xdist
-    workers then start on long tests and end on short ones, instead of one finishing a long test alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest test first, then the other slow tests (each launches processes for 30-150 s) in file order, then
+    the rest: with the tests handed out one at a time (``make test``: ``--maxschedchunk 1``), one xdist worker
+    runs the longest while the other takes the next ones, and both end on short tests instead of one finishing a
+    long test alone."""
+    items.sort(key=lambda item: (not item.nodeid.endswith(LONGEST), item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(autouse=True)

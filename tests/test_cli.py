@@ -154,7 +154,7 @@ CLIS = [[str(REPO / "bmc_fast" / "train.py")]] + [
                                                  "kernels.compile_report")] + [
     [str(REPO / "benchmarks" / name)] for name in ("bench_accumulation.py", "bench_context.py", "bench_data.py",
                                                    "bench_loss.py", "bench_plan.py", "bench_preemption.py",
-                                                   "bench_text.py",
+                                                   "bench_recipe.py", "bench_text.py",
                                                    "bench_tokens.py", "bench_train.py", "paper_gpus.py",
                                                    "run_all.py", "gpu_check.py", "gpu_steps.py", "gpu_wheelhouse.py")]
 HELP_ELSEWHERE = {"readme_tables.py"}  # its --help is tested with its own fixes

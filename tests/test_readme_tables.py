@@ -20,7 +20,7 @@ MARKED = {
     "docs/kernels.md": {"loss_cpu.md#2"},
     "docs/models.md": {"text_cpu.md"},
     "docs/performance.md": {"train_cpu.md", "train_malloc_cpu.md"},
-    "docs/training.md": {"plan_paper.md", "accumulation_cpu.md"},
+    "docs/training.md": {"plan_paper.md", "accumulation_cpu.md", "recipe_cpu.md"},
 }
 
 

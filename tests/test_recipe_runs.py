@@ -161,7 +161,7 @@ def test_siglip_then_a_warm_start_with_locked_towers(tmp_path):
     from bmc_fast.model.state_dict_adapters import OpenClip
 
     eval_data = ensure_default_data(seed=0).eval
-    zero2, zero3 = (str(deepspeed_config(tmp_path, stage, steps=50, batch=16)) for stage in (2, 3))
+    zero2, zero3 = (str(deepspeed_config(tmp_path, stage, steps=50, batch=8)) for stage in (2, 3))
     siglip, export, warm, unlocked = (tmp_path / name for name in ("siglip", "export", "warm", "unlocked"))
     common = ["bmc_fast/train.py", "--loss", "siglip", "--report-to", "none", "--eval-every", "0"]
     warm_start = [*common, "--pretrained", str(export), "--lock-image", "--max-steps", "5"]
@@ -208,3 +208,28 @@ def test_siglip_then_a_warm_start_with_locked_towers(tmp_path):
         assert {k for k in start if k.startswith("visual.")} - same == trained, run.name
         assert not same & {k for k in start if not k.startswith("visual.")}, run.name  # the rest all trained
     assert math.isfinite(_losses(warm)[-1])
+
+
+def test_bench_recipe_times_each_recipe_beside_the_full_model(tmp_path):
+    """The benchmark's quick shape: every recipe's step against the full model's in one process; the trainable
+    parameters and Adam state of each are those its locks leave (the image tower's count from the model itself)."""
+    from bmc_fast.model.clip import BMCLongCLIP
+    from bmc_fast.model.config import load_model_config
+
+    proc = subprocess.run([sys.executable, "benchmarks/bench_recipe.py", "--shape", "tiny", "--rounds", "1", "--out",
+                           str(tmp_path / "recipe")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=_world_of_one())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["recipe"]: row for row in json.loads((tmp_path / "recipe.json").read_text())["rows"]}
+    assert "| lock image | 2 |" in (tmp_path / "recipe.md").read_text()
+    model = BMCLongCLIP(load_model_config("tiny", context_length=128, text={"vocab_size": 1024, "pad_token_id": 0,
+                                                                            "cls_token_id": 1, "sep_token_id": 2}))
+    image = sum(p.numel() for p in model.visual.parameters())
+    full = rows["full"]
+    assert full["ratio_to_full"] == 1.0 and full["trainable"] == sum(p.numel() for p in model.parameters())
+    assert rows["lock image"]["trainable"] == full["trainable"] - image
+    assert rows["lock image, projection trains"]["trainable"] == full["trainable"] - image + model.visual.proj.numel()
+    assert rows["layer decay 0.8, text × 0.5"]["param_groups"] > 10 == full["param_groups"] + 8
+    for row in rows.values():  # Adam's two fp32 moments of every trainable parameter, and of nothing else
+        assert 8 * row["trainable"] <= row["adam_state_bytes"] < 8 * (row["trainable"] + 64 * row["param_groups"])
+        assert row["median_s"] > 0
