@@ -2,7 +2,7 @@
 
     python benchmarks/bench_recipe.py [--rounds 7] [--batch 32] [--out benchmarks/results/recipe_cpu]
 
-Each recipe is the trainer's own set-up of its flags (``trainer.loop.lock_towers``, ``trainer.param_groups``):
+Each recipe is the trainer's own set-up of its flags (``trainer.param_groups``: ``lock_towers``, ``param_groups``):
 the full model (two optimizer groups), ``--layer-decay 0.8 --lr-text-scale 0.5`` (a group per layer and tower),
 ``--lock-image`` (the image tower without a backward graph), ``--lock-image --lock-image-unlocked-groups 1``
 (its projection trains), ``--lock-text``. Model: the ``tiny`` preset widened to a mid-size shape (ViT 96 px /
@@ -46,8 +46,7 @@ def build(flags: dict, shape: dict, ds_config: dict):
     from bmc_fast.model.clip import BMCLongCLIP
     from bmc_fast.model.config import load_model_config
     from bmc_fast.trainer.config import TrainConfig
-    from bmc_fast.trainer.loop import lock_towers
-    from bmc_fast.trainer.param_groups import param_groups, with_group_schedule
+    from bmc_fast.trainer.param_groups import lock_towers, param_groups, with_group_schedule
 
     torch.manual_seed(0)
     shape = {**shape, "text": {**shape.get("text", {}), **TEXT_IDS}}

@@ -129,7 +129,9 @@ def test_captions_are_cleaned_as_open_clips_tokenizer_cleans_them():
 
 @pytest.mark.slow  # ~0.45 B parameters built twice
 def test_paper_architecture_exports_key_for_key(modernbert_tokenizer, tmp_path):
-    cfg = load_model_config("bmc-longclip-l14-512").with_tokenizer(modernbert_tokenizer)
+    """The paper's widths, heads, patch and activation (depth cut: a block's keys are the same at any index)."""
+    cfg = load_model_config("bmc-longclip-l14-512", vision={"layers": 2},
+                            text={"num_hidden_layers": 4}).with_tokenizer(modernbert_tokenizer)
     model = BMCLongCLIP(cfg).eval()
     out = export(model, modernbert_tokenizer, cfg, tmp_path / "export")
     config = json.loads((out / CONFIG_NAME).read_text())["model_cfg"]

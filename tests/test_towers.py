@@ -13,6 +13,12 @@ from bmc_fast.model.text_tower import caption_buckets, masked_mean, varlen_sdpa_
 
 PRESET = "bmc-longclip-l14-512"
 ONE_TEXT_LAYER = {"num_hidden_layers": 1}  # the image-weight tests: ModernBERT-base's random init alone takes ~10 s
+# The real towers' widths, heads and names at a fraction of their depth: a block's keys and shapes are the same at
+# any index, and 24 ViT-L blocks or 22 ModernBERT layers cost the suite a minute. Four text layers keep global
+# and local (windowed) attention both.
+VIT_L_BLOCKS = 2
+TEXT_LAYERS = 4
+VIT_L = {"act": "gelu", "layers": VIT_L_BLOCKS}  # as open_clip's ViT-L-14 and timm's builds (GELU)
 
 
 def _perturbed(state):
@@ -28,7 +34,9 @@ def _relative_error(ours, reference):
 def open_clip_vit(tmp_path_factory):
     import open_clip
 
-    model = open_clip.create_model("ViT-L-14")  # random init (no hub), GELU
+    config = open_clip.get_model_config("ViT-L-14")
+    config["vision_cfg"]["layers"] = VIT_L_BLOCKS
+    model = open_clip.model.CLIP(**config)  # open_clip's ViT-L-14 config, random init (no hub), GELU
     model.load_state_dict(_perturbed(model.state_dict()))
     path = tmp_path_factory.mktemp("open_clip") / "vit-l-14.pt"
     torch.save(model.state_dict(), path)
@@ -37,7 +45,7 @@ def open_clip_vit(tmp_path_factory):
 
 def test_open_clip_vit_l14_loads_and_matches(open_clip_vit):
     reference, path = open_clip_vit
-    ours = create_model(PRESET, image_weights=path, vision={"act": "gelu"}, text=ONE_TEXT_LAYER).eval()  # strict load
+    ours = create_model(PRESET, image_weights=path, vision=VIT_L, text=ONE_TEXT_LAYER).eval()  # strict load
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want = reference.encode_image(images)
@@ -49,12 +57,13 @@ def test_open_clip_vit_l14_loads_and_matches(open_clip_vit):
 def test_timm_names_load_and_match(tmp_path):
     import timm
 
-    model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=768).eval()
+    model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=768,
+                              depth=VIT_L_BLOCKS).eval()
     state = _perturbed(model.state_dict())
     state["head.bias"] = torch.zeros(768)  # CLIP projections carry no bias
     model.load_state_dict(state)
     torch.save(state, tmp_path / "timm.pt")
-    ours = create_model(PRESET, image_weights=tmp_path / "timm.pt", vision={"act": "gelu"}, text=ONE_TEXT_LAYER)
+    ours = create_model(PRESET, image_weights=tmp_path / "timm.pt", vision=VIT_L, text=ONE_TEXT_LAYER)
     ours = ours.visual.eval()
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -63,7 +72,7 @@ def test_timm_names_load_and_match(tmp_path):
 
 def test_image_proj_linear_keeps_a_fresh_projection(open_clip_vit):
     reference, path = open_clip_vit
-    ours = create_model(PRESET, image_weights=path, image_proj="linear", vision={"act": "gelu"}, text=ONE_TEXT_LAYER)
+    ours = create_model(PRESET, image_weights=path, image_proj="linear", vision=VIT_L, text=ONE_TEXT_LAYER)
     assert not torch.equal(ours.visual.proj, reference.visual.proj)
     torch.testing.assert_close(ours.visual.ln_post.weight, reference.visual.ln_post.weight)
 
@@ -76,7 +85,7 @@ def test_checkpoint_with_wrong_keys_lists_them(open_clip_vit, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
     with pytest.raises(ConfigError, match=r"missing \['ln_pre.bias'\], unexpected \['extra.weight'\]"):
-        create_model(PRESET, image_weights=bad, vision={"act": "gelu"}, text=ONE_TEXT_LAYER)
+        create_model(PRESET, image_weights=bad, vision=VIT_L, text=ONE_TEXT_LAYER)
 
 
 # --------------------------------------------------------------------------------------------------- text
@@ -84,7 +93,7 @@ def test_checkpoint_with_wrong_keys_lists_them(open_clip_vit, tmp_path):
 def bioclinical_dir(tmp_path_factory):
     from transformers import ModernBertConfig, ModernBertModel
 
-    text = load_model_config(PRESET).text
+    text = load_model_config(PRESET, text={"num_hidden_layers": TEXT_LAYERS}).text
     config = ModernBertConfig(**{**text.to_hf_kwargs(), "pad_token_id": 50283, "cls_token_id": 50281,
                                  "sep_token_id": 50282, "bos_token_id": 50281, "eos_token_id": 50282})
     model = ModernBertModel(config)
@@ -99,6 +108,7 @@ SMALL_VISION = {"width": 64, "layers": 1, "heads": 2}  # the text-weight tests: 
 
 def _text_tower(weights, unpad=True, **text):
     """The text tower of the preset (``text`` overrides), built and then loaded from ``weights``."""
+    text = {"num_hidden_layers": TEXT_LAYERS, **text}
     return create_model(PRESET, text_weights=weights, text_unpad=unpad, vision=SMALL_VISION, text=text).text
 
 
@@ -142,7 +152,7 @@ def test_text_weights_with_a_missing_tensor(bioclinical_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"num_hidden_layers": 12}, r"'num_hidden_layers': \(22, 12\)"),
+    ({"num_hidden_layers": 12}, rf"'num_hidden_layers': \({TEXT_LAYERS}, 12\)"),
     ({"hidden_activation": "silu"}, r"'hidden_activation': \('gelu', 'silu'\)"),
     ({"global_attn_every_n_layers": 1}, r"'layer_types': \(\['full_attention', 'sliding_attention'"),
 ])

@@ -29,6 +29,7 @@ from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.grad_norm import set_grad_norm_dtype
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.nan_guard import Diverged, NanGuard, finite_weights, guard_loss
+from bmc_fast.trainer.param_groups import lock_towers, log_groups, param_groups, schedule_lr, with_group_schedule
 from bmc_fast.trainer.preemption import StopSignals
 from bmc_fast.trainer.prepare import Prepared
 from bmc_fast.trainer.run_data import TrainStream, log_token_waste, open_train_stream, total_skips
@@ -200,7 +201,6 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
 
     from bmc_fast.checkpoint.universal import convert_to_universal, remove_universal
     from bmc_fast.model.clip import model_from_config
-    from bmc_fast.trainer.param_groups import log_groups, param_groups, with_group_schedule
     from bmc_fast.trainer.warm_start import load_pretrained
 
     cfg = p.cfg
@@ -231,27 +231,6 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
         if p.env.rank == 0:
             remove_universal(p.run.checkpoints, p.resize.tag)
     return engine, client_state["step"] + 1, n_params
-
-
-def lock_towers(model, cfg) -> None:
-    """``--lock-image`` / ``--lock-text``: freeze the towers before the optimizer sees their parameters (frozen ones
-    join no group, so the optimizer holds no state for them and ZeRO partitions none)."""
-    for tower, locked, unlocked, flag in (
-            ("image", cfg.lock_image, cfg.lock_image_unlocked_groups, "--lock-image-unlocked-groups"),
-            ("text", cfg.lock_text, cfg.lock_text_unlocked_layers, "--lock-text-unlocked-layers")):
-        if not locked:
-            continue
-        getattr(model, f"lock_{tower}")(unlocked, flag)
-        module = model.visual if tower == "image" else model.text
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        _logger.info("%s tower locked: %s", tower, "every parameter frozen, run without a graph" if not trainable
-                     else f"the last {unlocked} group(s) train, {trainable / 1e6:.3f}M parameters")
-
-
-def schedule_lr(engine) -> float:
-    """The schedule's learning rate at this step (a scaled group's rate over its ``lr_scale``)."""
-    group = engine.optimizer.param_groups[0]
-    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def train_step(s: Session, step: int) -> tuple[float, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The optimizer's parameter groups, in the order DeepSpeed's engine receives them, and their learning rates.
+"""What the optimizer trains: the towers' locks (``lock_towers``), the parameter groups in the order DeepSpeed's
+engine receives them, and their learning rates.
 
 Without ``--lr-image-scale``, ``--lr-text-scale`` or ``--layer-decay`` there are two groups: the optimizer's own
 weight decay (from the DeepSpeed JSON), and none. With them, each (tower, layer, decay or not) is a group whose
@@ -117,3 +118,24 @@ def log_groups(groups: list[dict], base_lr: float | None) -> None:
         _logger.info("param group %d %s: %d tensors, %.3fM parameters, %s, weight decay %s", i,
                      group.get("name", ("decay", "no_decay")[i] if i < 2 else ""), len(group["params"]), n / 1e6,
                      lr, decay)
+
+
+def lock_towers(model, cfg) -> None:
+    """``--lock-image`` / ``--lock-text``: freeze the towers before the optimizer sees their parameters (frozen ones
+    join no group, so the optimizer holds no state for them and ZeRO partitions none)."""
+    for tower, locked, unlocked, flag in (
+            ("image", cfg.lock_image, cfg.lock_image_unlocked_groups, "--lock-image-unlocked-groups"),
+            ("text", cfg.lock_text, cfg.lock_text_unlocked_layers, "--lock-text-unlocked-layers")):
+        if not locked:
+            continue
+        getattr(model, f"lock_{tower}")(unlocked, flag)
+        module = model.visual if tower == "image" else model.text
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        _logger.info("%s tower locked: %s", tower, "every parameter frozen, run without a graph" if not trainable
+                     else f"the last {unlocked} group(s) train, {trainable / 1e6:.3f}M parameters")
+
+
+def schedule_lr(engine) -> float:
+    """The schedule's learning rate at this step (a scaled group's rate over its ``lr_scale``)."""
+    group = engine.optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
