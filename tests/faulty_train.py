@@ -89,7 +89,7 @@ def _dump_moments(session, path: Path, rank: int) -> None:
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
     moments = {name: {key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}
-               for name, param in session.engine.module.named_parameters()}
+               for name, param in session.engine.module.named_parameters() if param.requires_grad}  # locked: none
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(moments, path)

@@ -201,7 +201,7 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
 
     from bmc_fast.checkpoint.universal import convert_to_universal, remove_universal
     from bmc_fast.model.clip import model_from_config
-    from bmc_fast.trainer.warm_start import load_pretrained
+    from bmc_fast.trainer.warm_start import load_pretrained, restore_frozen
 
     cfg = p.cfg
     torch.manual_seed(cfg.seed)
@@ -209,6 +209,8 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     if cfg.pretrained is not None and not cfg.resume:
         load_pretrained(model, cfg.pretrained)
     lock_towers(model, cfg)
+    if p.resize is not None:  # the universal checkpoint holds the optimizer's parameters, not the locked ones
+        restore_frozen(model, p.run.checkpoints, p.resize.tag)
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
     base_lr = (p.ds_config.get("optimizer") or {}).get("params", {}).get("lr")
     groups = param_groups(model, cfg.lr_scales, base_lr)

@@ -107,3 +107,21 @@ def load_pretrained(model, source: str) -> None:
         raise ConfigError(f"{FLAG} {source!r}: {error}; pass a checkpoint of the --preset's architecture") from None
     _logger.info("%s: initialised every weight from %s (%s); the optimizer starts fresh", FLAG, source,
                  source_kind(source))
+
+
+def restore_frozen(model, checkpoints: Path, tag: str) -> None:
+    """Copy the checkpoint's values of ``model``'s frozen (locked) parameters into it. A resume on another number of
+    ranks loads DeepSpeed's universal checkpoint, which restores the optimizer's parameters only: locked ones would
+    keep the new process's initialisation (a warm start's weights lost)."""
+    import torch
+
+    from bmc_fast.checkpoint.zero_weights import fp32_state_dict
+
+    frozen = {name: param for name, param in model.named_parameters() if not param.requires_grad}
+    if not frozen:
+        return
+    state = fp32_state_dict(checkpoints, tag)
+    with torch.no_grad():
+        for name, param in frozen.items():
+            param.copy_(state[name])
+    _logger.info("--resume: %d locked tensors restored from %s", len(frozen), tag)
