@@ -221,3 +221,8 @@ def test_pretrained_reads_an_export_and_open_clips_own_checkpoints_alike(small_d
         load_pretrained(BMCLongCLIP(other), str(tmp_path / "epoch_3.pt"))
     with pytest.raises(ConfigError, match="--pretrained '/nowhere' is not an export directory"):
         pretrained_state("/nowhere")
+    from bmc_fast.eval import retrieval  # which evaluates an export too, and refuses a --tag for one
+
+    with pytest.raises(ConfigError, match=r"--tag 'step0000005': --checkpoint '.*export' is an export, which holds "
+                                          r"one model"):
+        retrieval.main(["--checkpoint", str(out), "--data", small_data["eval"], "--tag", "step0000005"])

@@ -229,7 +229,7 @@ def test_bench_recipe_times_each_recipe_beside_the_full_model(tmp_path):
     assert full["ratio_to_full"] == 1.0 and full["trainable"] == sum(p.numel() for p in model.parameters())
     assert rows["lock image"]["trainable"] == full["trainable"] - image
     assert rows["lock image, projection trains"]["trainable"] == full["trainable"] - image + model.visual.proj.numel()
-    assert rows["layer decay 0.8, text × 0.5"]["param_groups"] > 10 == full["param_groups"] + 8
+    assert full["param_groups"] == 2 and rows["layer decay 0.8, text × 0.5"]["param_groups"] > 10
     for row in rows.values():  # Adam's two fp32 moments of every trainable parameter, and of nothing else
         assert 8 * row["trainable"] <= row["adam_state_bytes"] < 8 * (row["trainable"] + 64 * row["param_groups"])
         assert row["median_s"] > 0

@@ -96,22 +96,28 @@ def load_run(run_dir: str | Path, tag: str | None = None, flag: str = "run_dir")
     """(model in eval mode with fp32 weights, tokenizer, ModelConfig) from a training run directory;
     ``tag``: a checkpoint tag (default: the one ``checkpoints/latest`` names); ``flag``: how the caller's
     command line names ``run_dir`` in its errors (``check_run``)."""
-    from bmc_fast.checkpoint.zero_weights import fp32_state_dict
     from bmc_fast.data.text_tokenizer import load_tokenizer
     from bmc_fast.model.clip import BMCLongCLIP
-    from bmc_fast.model.state_dict_adapters import TransformerEngine
 
     run = check_run(run_dir, tag, flag)
     model_cfg = ModelConfig.from_dict(run.read_config()["model"], source=str(run.config))
     tokenizer = load_tokenizer(run.tokenizer, flag=flag, clean=model_cfg.text_clean,
                                context_length=model_cfg.context_length)
-    state = fp32_state_dict(run.checkpoints, tag or run.latest_tag())
-    if model_cfg.te_precision != "none":  # trained on TE layers: evaluate the same weights on torch layers
-        state = TransformerEngine.from_te(state)
-        model_cfg = dataclasses.replace(model_cfg, te_precision="none")
+    state = run_state_dict(run, model_cfg, tag)
+    model_cfg = dataclasses.replace(model_cfg, te_precision="none")  # TE-trained: the same weights on torch layers
     model = BMCLongCLIP(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)  # lists persistent keys only
     if missing or unexpected:
         raise ConfigError(f"checkpoint in {str(run.checkpoints)!r} does not fit the run's model config: "
                           f"missing {missing}, unexpected {unexpected}")
     return model.eval(), tokenizer, model_cfg
+
+
+def run_state_dict(run: RunDir, model_cfg: ModelConfig, tag: str | None = None) -> dict[str, Any]:
+    """The fp32 weights of a run's checkpoint ``tag`` (default: ``latest``) in torch-layer names (a run trained on
+    Transformer Engine layers mapped back)."""
+    from bmc_fast.checkpoint.zero_weights import fp32_state_dict
+    from bmc_fast.model.state_dict_adapters import TransformerEngine
+
+    state = fp32_state_dict(run.checkpoints, tag or run.latest_tag())
+    return TransformerEngine.from_te(state) if model_cfg.te_precision != "none" else state

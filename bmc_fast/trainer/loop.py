@@ -209,7 +209,7 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
     if cfg.pretrained is not None and not cfg.resume:
         load_pretrained(model, cfg.pretrained)
     lock_towers(model, cfg)
-    if p.resize is not None:  # the universal checkpoint holds the optimizer's parameters, not the locked ones
+    if p.resize is not None and (cfg.lock_image or cfg.lock_text):  # the universal checkpoint has no locked tensor
         restore_frozen(model, p.run.checkpoints, p.resize.tag)
     n_params = sum(t.numel() for t in model.parameters())  # before ZeRO-3 partitions them
     base_lr = (p.ds_config.get("optimizer") or {}).get("params", {}).get("lr")

@@ -75,18 +75,15 @@ def pretrained_state(source: str) -> dict[str, Any]:
     """The source's weights in bmc-fast's torch-layer names, fp32."""
     from safetensors.torch import load_file
 
-    from bmc_fast.checkpoint.zero_weights import fp32_state_dict
-    from bmc_fast.model.state_dict_adapters import OpenClip, TransformerEngine
+    from bmc_fast.checkpoint.load import run_state_dict
+    from bmc_fast.model.state_dict_adapters import OpenClip
     from bmc_fast.model.weights import read_state_dict
 
     kind, path = source_kind(source), Path(source)
     if kind == "export":
         state = OpenClip.from_open_clip(load_file(str(path / WEIGHTS_NAME)))
     elif kind == "run":
-        run = RunDir(path)
-        state = fp32_state_dict(run.checkpoints, run.latest_tag())
-        if source_config(source).te_precision != "none":
-            state = TransformerEngine.from_te(state)
+        state = run_state_dict(RunDir(path), source_config(source))
     else:
         state = OpenClip.from_open_clip(read_state_dict(path, FLAG))
     return {k: v.float() for k, v in state.items()}
