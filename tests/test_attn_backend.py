@@ -14,6 +14,7 @@ from bmc_fast import create_model
 from bmc_fast.errors import ConfigError
 from bmc_fast.model import attn_backend, text_tower
 from bmc_fast.model.attn_backend import AttentionSupport, choose_attention
+from bmc_fast.model.caption_layout import GroupedCaptions
 from helpers import caption_batch
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -91,10 +92,14 @@ def test_varlen_torch_attention_equals_per_caption_attention_and_bucketed_sdpa(s
     qkv = [torch.randn(1, heads, total, d, requires_grad=True) for _ in range(3)]
     window = -1 if sliding_window is None else sliding_window - 1
     want = varlen_cpu.reference(*(t[0].transpose(0, 1) for t in qkv), cu, (window, window))  # (T, H, D) float64
+    packed, _ = text_tower.varlen_torch_attention(None, *qkv, None, scaling=d ** -0.5, sliding_window=sliding_window,
+                                                  cu_seq_lens_q=cu.clone(), max_length_q=max(LENGTHS))
+    layout = GroupedCaptions(LENGTHS, torch.device("cpu"))  # the same tokens, grouped, padded inside groups
+    grouped_qkv = [t.new_zeros(1, heads, layout.total, d).index_copy(2, layout.slots, t) for t in qkv]
+    grouped, _ = text_tower.varlen_sdpa_attention(None, *grouped_qkv, layout, scaling=d ** -0.5,
+                                                  sliding_window=sliding_window)
     grads = []
-    for fn in (text_tower.varlen_torch_attention, text_tower.varlen_sdpa_attention):
-        out, _ = fn(None, *qkv, None, scaling=d ** -0.5, sliding_window=sliding_window, cu_seq_lens_q=cu.clone(),
-                    max_length_q=max(LENGTHS))
+    for out in (packed, grouped[:, layout.slots]):
         assert out.shape == (1, total, heads, d)
         torch.testing.assert_close(out[0].double(), want, rtol=1e-5, atol=1e-6)
         weight = torch.linspace(-1, 1, out.numel()).view_as(out)

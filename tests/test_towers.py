@@ -8,8 +8,9 @@ import torch
 
 from bmc_fast import create_model
 from bmc_fast.errors import ConfigError
+from bmc_fast.model.caption_layout import GroupedCaptions, caption_buckets
 from bmc_fast.model.config import load_model_config
-from bmc_fast.model.text_tower import caption_buckets, masked_mean, varlen_sdpa_attention
+from bmc_fast.model.text_tower import masked_mean, varlen_sdpa_attention
 
 PRESET = "bmc-longclip-l14-512"
 ONE_TEXT_LAYER = {"num_hidden_layers": 1}  # the image-weight tests: ModernBERT-base's random init alone takes ~10 s
@@ -266,22 +267,27 @@ def test_caption_buckets_bound_padding_and_cover_every_caption():
     (5, [90, 7, 100]),  # 90 and 100 share a call: the 90's padded rows 95..99 see no key of the window
 ], ids=["global", "local", "local-padded-rows-outside-the-window"])
 def test_varlen_sdpa_equals_caption_by_caption_float64(window, lengths):
-    """Grouped, masked SDPA against plain per-caption attention in float64, values and gradients."""
+    """Grouped, masked SDPA on views of the GroupedCaptions sequence against plain per-caption attention in
+    float64, values and gradients (padding's outputs weigh nothing, and nothing flows into padding)."""
     g = torch.Generator().manual_seed(0)
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    q, k, v = (torch.randn(1, 2, sum(lengths), 8, generator=g, dtype=torch.float64, requires_grad=True)
+    layout = GroupedCaptions(lengths, torch.device("cpu"))
+    assert layout.total > layout.real == sum(lengths)  # some groups hold padding
+    q, k, v = (torch.randn(1, 2, layout.total, 8, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
-    got, _ = varlen_sdpa_attention(None, q, k, v, None, scaling=0.3, sliding_window=window, cu_seq_lens_q=cu)
-    pieces = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        scores = q[0, :, a:b] @ k[0, :, a:b].transpose(-1, -2) * 0.3  # (heads, n, n)
+    got, _ = varlen_sdpa_attention(None, q, k, v, layout, scaling=0.3, sliding_window=window)
+    assert got.shape == (1, layout.total, 2, 8)
+    want = torch.zeros_like(got)
+    for i, n in enumerate(lengths):
+        at = (layout.caption_of == i).nonzero()[:, 0]  # the caption's positions, in order
+        assert at.numel() == n and torch.equal(layout.positions[at], torch.arange(n))
+        scores = q[0][:, at] @ k[0][:, at].transpose(-1, -2) * 0.3  # (heads, n, n)
         if window is not None:
-            pos = torch.arange(b - a)
+            pos = torch.arange(n)
             scores = scores.masked_fill((pos[:, None] - pos[None, :]).abs() > window - 1, float("-inf"))
-        pieces.append((scores.softmax(-1) @ v[0, :, a:b]).transpose(0, 1))  # (n, heads, d)
-    want = torch.cat(pieces)[None]
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        want[0, at] = (scores.softmax(-1) @ v[0][:, at]).transpose(0, 1)  # (n, heads, d)
+    real = (layout.caption_of < len(lengths))[None, :, None, None]
+    torch.testing.assert_close(got * real, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64) * real
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     for ours, theirs in zip(got_grads, want_grads):
