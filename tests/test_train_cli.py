@@ -214,11 +214,16 @@ def test_schedule_follows_max_steps():
     assert with_total_steps(config, None)[1] == config["scheduler"]["params"]["total_num_steps"]
 
 
-def test_cpu_runs_train_with_torch_adamw_unless_the_json_chooses():
+def test_cpu_runs_train_with_torch_fused_adamw_unless_the_json_chooses():
     """DeepSpeed's CPU FusedAdam would make a resumed run drift (its bias correction); CUDA keeps FusedAdam."""
     config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    assert with_resumable_cpu_adam(config, "cpu")["optimizer"]["params"]["torch_adam"] is True
+    params = with_resumable_cpu_adam(config, "cpu")["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
     assert "torch_adam" not in config["optimizer"]["params"]  # the loaded JSON is not mutated
+    for choice in ({"fused": False}, {"foreach": True}):  # the JSON's choice of torch's implementation stands
+        chosen = {**config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, **choice}}}
+        assert with_resumable_cpu_adam(chosen, "cpu")["optimizer"]["params"] == {"lr": 1e-3, "torch_adam": True,
+                                                                                 **choice}
     assert with_resumable_cpu_adam(config, "cuda") == config
     chosen = {**config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": False}}}
     assert with_resumable_cpu_adam(chosen, "cpu") == chosen

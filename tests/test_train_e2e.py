@@ -398,7 +398,7 @@ def test_a_signal_then_kill_9_and_resume_end_with_the_weights_of_a_run_never_sto
     tag = f"step{resumed_from:07d}"
     assert f"resumed from {tag} at step {resumed_from}" in log
     assert f"resumed the data stream, RNG states and skip counts of {tag}" in log
-    assert 'optimizer: torch.optim.AdamW on CPU ("torch_adam": true)' in log
+    assert 'optimizer: torch.optim.AdamW, fused, on CPU ("torch_adam": true, "fused": true)' in log
     assert ("deterministic algorithms on" in log) == bool(deterministic)
     assert json.loads((stopped / "config.json").read_text()) == config  # the original set-up is kept
     last_resume = json.loads((stopped / f"config.resume-{2 if kill else 1}.json").read_text())["train"]["resume"]

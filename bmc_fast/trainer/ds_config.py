@@ -72,24 +72,31 @@ def check_precision_supported(config: dict[str, Any], device: str, supported: li
 
 
 def with_resumable_cpu_adam(config: dict[str, Any], device_type: str) -> dict[str, Any]:
-    """On CPU, train Adam/AdamW with ``torch.optim.AdamW`` (DeepSpeed's ``"torch_adam": true``) unless the JSON
-    chooses, so that a resumed run continues bit for bit.
+    """On CPU, train Adam/AdamW with torch's fused ``torch.optim.AdamW`` (DeepSpeed's ``"torch_adam": true``, and
+    ``"fused": true``, which DeepSpeed hands to the optimizer) unless the JSON chooses, so that a resumed run
+    continues bit for bit, at the cost of one pass over the weights.
 
     DeepSpeed 0.19's CPU FusedAdam keeps β₁ᵗ and β₂ᵗ in C++ as float32 running products (β·β·…) and, in a
     fresh process, starts them with ``pow(β, t)``: after a resume from step t ≥ 6 (β₂ = 0.95) the bias
     correction differs by one float32 ulp, so weights drift from the uninterrupted run's. torch's AdamW
-    computes ``1 - β ** t`` in float64 from the saved step. The CUDA FusedAdam calls ``pow`` every step, so
-    GPU runs keep DeepSpeed's default. ZeRO-Offload's DeepSpeedCPUAdam has the same running product.
+    computes the bias correction from the saved step (in float64). Its fused CPU kernel (``fused=True``)
+    updates weights and moments in one vectorised pass; the default single-tensor loop makes ~10 passes over
+    DeepSpeed's flat fp32 partition, of which ``sqrt`` alone took as long as open_clip's whole AdamW step
+    (``benchmarks/results/train_cpu.md``). The CUDA FusedAdam calls ``pow`` every step, so GPU runs keep
+    DeepSpeed's default. ZeRO-Offload's DeepSpeedCPUAdam has the same running product.
     """
     optimizer = config.get("optimizer") or {}
     params = optimizer.get("params") or {}
     if device_type != "cpu" or str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
         return config
-    if "torch_adam" in params:
-        _logger.info("optimizer: torch_adam %s as the DeepSpeed JSON sets it", params["torch_adam"])
+    if params.get("torch_adam") is False:
+        _logger.info("optimizer: DeepSpeed's CPU FusedAdam, as the DeepSpeed JSON sets \"torch_adam\": false")
         return config
-    config = copy.deepcopy(config)
-    config["optimizer"].setdefault("params", {})["torch_adam"] = True
-    _logger.info('optimizer: torch.optim.AdamW on CPU ("torch_adam": true), whose bias correction a resume '
-                 'reproduces exactly; set "torch_adam": false in the DeepSpeed JSON for DeepSpeed\'s CPU FusedAdam')
-    return config
+    if "fused" in params or "foreach" in params:
+        _logger.info("optimizer: torch.optim.AdamW with %s as the DeepSpeed JSON sets it",
+                     ", ".join(f"{key} {params[key]}" for key in ("fused", "foreach") if key in params))
+        return {**config, "optimizer": {**optimizer, "params": {**params, "torch_adam": True}}}
+    _logger.info('optimizer: torch.optim.AdamW, fused, on CPU ("torch_adam": true, "fused": true), whose bias '
+                 'correction a resume reproduces exactly; set "torch_adam": false in the DeepSpeed JSON for '
+                 "DeepSpeed's CPU FusedAdam")
+    return {**config, "optimizer": {**optimizer, "params": {**params, "torch_adam": True, "fused": True}}}
