@@ -29,6 +29,7 @@ from bmc_fast.trainer.ds_config import with_resumable_cpu_adam
 from bmc_fast.trainer.grad_norm import set_grad_norm_dtype
 from bmc_fast.trainer.metrics import MetricsWriter, ThroughputWindow
 from bmc_fast.trainer.nan_guard import Diverged, NanGuard, finite_weights, guard_loss
+from bmc_fast.trainer.one_rank import skip_gradient_buckets
 from bmc_fast.trainer.param_groups import lock_towers, log_groups, param_groups, schedule_lr, with_group_schedule
 from bmc_fast.trainer.preemption import StopSignals
 from bmc_fast.trainer.prepare import Prepared
@@ -224,6 +225,7 @@ def build_engine(p: Prepared) -> tuple[Any, int, int]:
         torch.distributed.barrier()
         config = {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    skip_gradient_buckets(engine)
     if not cfg.resume:
         return engine, 1, n_params
     load_path, client_state = engine.load_checkpoint(str(p.run.checkpoints))  # `latest` (`latest_universal`)

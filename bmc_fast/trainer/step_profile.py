@@ -42,7 +42,7 @@ class StepProfile:
         self._stack: list[str] = []
         self._marks: list[tuple[object, str]] = []  # (clock mark, the part charged from this mark on)
         self._handles: list = []
-        self._patched: list[tuple[object, str]] = []  # (object, method name) given a timed instance attribute
+        self._patched: list[tuple[object, str, object]] = []  # (object, method name, its own attribute before)
 
     def _clock(self):
         if not self.cuda:
@@ -110,8 +110,8 @@ class StepProfile:
                               (engine.optimizer, "reduce_independent_p_g_buckets_and_remove_grads"),
                               (engine.optimizer, "reduce_ready_partitions_and_remove_grads")):
             if callable(getattr(owner, method, None)):
+                self._patched.append((owner, method, vars(owner).get(method)))
                 setattr(owner, method, self._charged("communication", getattr(owner, method)))
-                self._patched.append((owner, method))
 
     @contextlib.contextmanager
     def watch_collectives(self) -> Iterator[None]:
@@ -131,8 +131,11 @@ class StepProfile:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for owner, method in self._patched:
-            delattr(owner, method)  # the class's method shows through again
+        for owner, method, before in self._patched:
+            if before is None:
+                delattr(owner, method)  # the class's method shows through again
+            else:
+                setattr(owner, method, before)  # one set on the instance (one_rank.skip_gradient_buckets)
         self._patched.clear()
 
 
