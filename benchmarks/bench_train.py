@@ -76,20 +76,20 @@ HEAP_PEAK_NOTE = (" (with heap malloc the resident set keeps the last step's mem
 _logger = logging.getLogger("bench_train")
 
 # (preset, context, lengths, batch, steps, extra options): each case runs in its own process, bmc-fast's steps
-# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision) on ZeRO-1. On a CPU they use
-# ZeRO-Offload (zero1_bf16_cpu_offload.json; the "offload" goes nowhere): DeepSpeed then keeps the fp32 gradients
-# in a persistent buffer and steps DeepSpeedCPUAdam on it. Without it, its ZeRO-1 step flattens the bf16
-# gradients and converts them into a new 1.8 GB fp32 buffer every step (stage_1_and_2.py), page faults that cost
-# ~3 s a step on a 2-core AMD EPYC here, against open_clip's 1 s AdamW. On a GPU, zero1_bf16.json (no offload).
-# contiguous_gradients is off: on one rank its second copy of every gradient (bucket, then partition buffer)
-# cost ~2 s a step here. Batch 8 is the most that fits both stacks in 24 GiB (12 ran out of memory).
-L14_OPTIONS = ("--ds_config", "ds_configs/zero1_bf16.json" if torch.cuda.is_available() else
-               "ds_configs/zero1_bf16_cpu_offload.json")
+# alternated with open_clip's. The ViT-L/14 cases train bf16 (the paper's precision) on ZeRO-1, zero1_bf16.json, on
+# CPU and GPU alike. On one rank the trainer skips DeepSpeed's gradient buckets (bmc_fast/trainer/one_rank.py), so
+# the step flattens the bf16 gradients into a new fp32 partition and runs torch's fused AdamW on it: 1.2 s a step on
+# a 2-core Xeon, as long as open_clip's AdamW. (ZeRO-Offload, zero1_bf16_cpu_offload.json, which this case used
+# before, keeps the buckets: they carry the gradients to the host buffer, 2.8 s a step.) contiguous_gradients is off:
+# on several ranks it copies every gradient twice (bucket, then partition buffer). Batch 8 is the most that fits
+# both stacks in 24 GiB (12 ran out of memory).
+L14_OPTIONS = ("--ds_config", "ds_configs/zero1_bf16.json")
+# Ten timed steps a case (the median is reported): the machines are noisy, and a speedup read against 1.0 needs them.
 SUITES = {
-    "quick": [("tiny", c, lengths, 32, 3, ()) for lengths in LENGTHS for c in (77, 154, 512)]
-    + [("bmc-longclip-l14-512", 512, "biomedica", 8, 2, L14_OPTIONS)],
-    "full": [("tiny", c, lengths, 64, 5, ()) for lengths in LENGTHS for c in (77, 154, 512)]
-    + [("bmc-longclip-l14-512", c, lengths, 8, 2, L14_OPTIONS) for lengths in LENGTHS for c in (77, 154, 512)],
+    "quick": [("tiny", c, lengths, 32, 10, ()) for lengths in LENGTHS for c in (77, 154, 512)]
+    + [("bmc-longclip-l14-512", 512, "biomedica", 8, 10, L14_OPTIONS)],
+    "full": [("tiny", c, lengths, 64, 10, ()) for lengths in LENGTHS for c in (77, 154, 512)]
+    + [("bmc-longclip-l14-512", c, lengths, 8, 10, L14_OPTIONS) for lengths in LENGTHS for c in (77, 154, 512)],
 }
 # glibc's default malloc against one that keeps freed memory (--cpu-malloc heap), on cases of the quick suite; the
 # ViT-L/14 one on plain ZeRO-1 (no offload), whose step allocates its fp32 gradients anew
@@ -97,7 +97,11 @@ HEAP, ZERO1_BF16 = ("--cpu-malloc", "heap"), ("--ds_config", "ds_configs/zero1_b
 SUITES["malloc"] = [("bmc-longclip-l14-512", 512, "biomedica", 8, 2, options) for options in (ZERO1_BF16,
                                                                                                 ZERO1_BF16 + HEAP)]
 SUITES["malloc"] += [("tiny", 512, lengths, 32, 3, options) for lengths in LENGTHS for options in ((), HEAP)]
-LOADER_CASES = {"quick": [("tiny", 512, "real", 32, 3, ())], "full": [("tiny", 512, "real", 64, 5, ())]}
+LOADER_CASES = {"quick": [("tiny", 512, "real", 32, 10, ())], "full": [("tiny", 512, "real", 64, 10, ())]}
+# Where the operators' time goes (--profile-ops) in the case where the fixed per-step cost weighs most (a small
+# model, short captions), on one rank and on two: (case, ranks)
+PROFILE_CASES = [(("tiny", 77, "biomedica", 32, 10, ("--profile-ops", "25")), ranks) for ranks in (1, 2)]
+SUITES["profile"] = [case for case, _ in PROFILE_CASES]  # run by write_profile's path, at their ranks
 
 
 # ---------------------------------------------------------------- case data
@@ -280,6 +284,43 @@ class LossRecorder(torch.nn.Module):
         return loss
 
 
+class OpProfile:
+    """``--profile-ops N``: self time per operator of each stack's timed steps (torch.profiler: host time on CPU,
+    device time on CUDA), averaged per step, the N largest kept. A profiled step also pays the profiler's own
+    overhead: read the split, not the step times, of a profiled run."""
+
+    def __init__(self, top: int, device: torch.device):
+        self.top, self.cuda = top, device.type == "cuda"
+        self.ms: dict[str, dict[str, float]] = {}
+        self.steps: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def step(self, stack: str, timed: bool):
+        if not self.top or not timed:
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=activities) as prof:
+            yield
+        table = self.ms.setdefault(stack, {})
+        for event in prof.key_averages():
+            us = event.self_device_time_total if self.cuda else event.self_cpu_time_total
+            table[event.key] = table.get(event.key, 0.0) + us / 1e3
+        self.steps[stack] = self.steps.get(stack, 0) + 1
+
+    def summary(self) -> dict[str, dict]:
+        """Per stack: ``ops`` [[name, ms/step], ...] largest first, ``total_ms`` over every operator."""
+        out = {}
+        for stack, table in self.ms.items():
+            n = self.steps[stack]
+            ranked = sorted(table.items(), key=lambda kv: -kv[1])
+            out[stack] = {"ops": [[name, ms / n] for name, ms in ranked[:self.top]],
+                          "total_ms": sum(table.values()) / n, "steps": n}
+        return out
+
+
 # ---------------------------------------------------------------- one case
 def run_case(args: argparse.Namespace) -> dict:
     """One case in this process; its shards, run directory and export go to --work-dir (kept) or to a
@@ -318,7 +359,8 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
                       save_every=0, log_every=10 ** 9, output_dir=str(work / "run"), overwrite=True,
                       seed=args.seed, workers=args.workers, loader=args.loader, loss_backend=args.loss_backend,
                       te_precision=args.te_precision, text_unpad=args.text_unpad,
-                      grad_checkpointing=args.grad_checkpointing, grad_norm_dtype=args.grad_norm_dtype)
+                      grad_checkpointing=args.grad_checkpointing, grad_norm_dtype=args.grad_norm_dtype,
+                      drop_path=0.0)  # off in both stacks: their random masks differ, and the first losses must agree
     p = prepare(cfg, env)
     held: list[dict] = []  # without --with-loaders: the steps' batches, in memory, for both stacks
     seen: list[int] = []  # real caption lengths of the batches bmc-fast takes this step
@@ -347,18 +389,20 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
     if args.with_loaders:
         open_clip_batches = baseline.loader(p.train_urls, args.batch, max(args.workers, 1)) if baseline else None
     trace = _trace(args.trace, s.device) if args.trace else contextlib.nullcontext()
+    ops = OpProfile(args.profile_ops, s.device)
     with trace as profiler, s.profile.watch_collectives():
         for step in range(1, steps + 1):
             record = {"step": step, "warmup": step <= args.warmup}
             lr = s.engine.get_lr()[0]
-            with _region("bmc_fast step"), meters["bmc_fast"].step(record):
+            with _region("bmc_fast step"), ops.step("bmc_fast", step > args.warmup), meters["bmc_fast"].step(record):
                 loop.train_step(s, step)
             record["loss"] = float(s.loss_fn.last)
             record["lengths"], seen[:] = list(seen), []
             if baseline is not None:
                 other = {"step": step, "warmup": step <= args.warmup}
                 prof = meters["open_clip"].profile
-                with _region("open_clip step"), meters["open_clip"].step(other):
+                with (_region("open_clip step"), ops.step("open_clip", step > args.warmup),
+                      meters["open_clip"].step(other)):
                     with prof.part("data"):
                         if args.with_loaders:
                             pixels, ids = (t.to(s.device) for t in next(open_clip_batches))
@@ -372,6 +416,8 @@ def _run_case(args: argparse.Namespace, work: Path) -> dict:
             _logger.info("step %d: %s", step, "  ".join(f"{name} {m.steps[-1]['seconds']:.2f} s (loss "
                                                        f"{m.steps[-1]['loss']:.4f})" for name, m in meters.items()))
     result = summarize(args, p, s.dtype, meters, peak, peak_source, real_tokenizer)
+    if args.profile_ops:
+        result["op_profile"] = ops.summary()
     loop.finish(s)
     return result
 
@@ -490,10 +536,11 @@ def use_cpu_malloc(mode: str) -> None:
 
 
 # ---------------------------------------------------------------- suites and the report
-def _spawn(case: tuple, baseline: str, with_loaders: bool, extra: list[str], timeout: float) -> dict:
+def _spawn(case: tuple, baseline: str, with_loaders: bool, extra: list[str], timeout: float, ranks: int = 1) -> dict:
+    """One case in a fresh process, or under the deepspeed launcher on ``ranks`` local ranks (one thread each)."""
     preset, context, lengths, batch, steps, options = case
-    command = [sys.executable, __file__, "--preset", preset, "--context", str(context), "--lengths", lengths,
-               "--batch", str(batch), "--steps", str(steps), "--baseline", baseline, "--json", *options, *extra]
+    command = [__file__, "--preset", preset, "--context", str(context), "--lengths", lengths, "--batch", str(batch),
+               "--steps", str(steps), "--baseline", baseline, "--json", *options, *extra]
     if with_loaders:
         command.append("--with-loaders")
     name = f"{preset} ctx{context} {lengths} b{batch}" + (" +loaders" if with_loaders else "")
@@ -502,12 +549,28 @@ def _spawn(case: tuple, baseline: str, with_loaders: bool, extra: list[str], tim
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.setdefault(THP, "1")  # both stacks' CPU tensors on 2 MB pages: page faults, not work, were seconds a step
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as work:
+        if ranks == 1:
+            command = [sys.executable, *command]
+        else:
+            launcher = str(Path(sys.executable).parent / "deepspeed")
+            command = [launcher, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--no_local_rank",
+                       *command, "--work-dir", work]
+            env["OMP_NUM_THREADS"] = "1"
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"case"')][-1])
     sys.stderr.write(f"{name}: {describe(result)} ({time.perf_counter() - started:.0f} s)\n")
     return {**result, "status": "ok"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def describe(r: dict) -> str:
@@ -521,7 +584,7 @@ def describe(r: dict) -> str:
 
 
 PART_LABELS = {"data": "data", "image_forward": "image fwd", "text_forward": "text fwd", "forward": "fwd other",
-               "loss": "loss", "backward": "backward", "optimizer": "optimizer", "communication": "comm",
+               "loss": "loss", "backward": "backward", "optimizer": "optimizer", "communication": "grad reduction",
                "other": "other"}
 
 
@@ -583,6 +646,33 @@ def write_suite(rows: list[dict], suite: str, info: dict, extra: list[str], out:
                         plot=lambda path: plot(ok, path))
 
 
+PROFILE_ROWS = 15  # operators shown per case: the costliest in either stack
+
+
+def write_profile(rows: list[dict], info: dict, extra: list[str], out: Path, before: str | None = None) -> str:
+    """OUT.{json,md} of the profile suite: per case, the operators that cost each stack most (ms per step)."""
+    where = info.get("gpu", info.get("cpu_model", info["cpu"]))
+    columns = ["case", "ranks", "operator", "bmc-fast ms/step", "open_clip ms/step"]
+    table = []
+    for r in rows:
+        ops = {stack: dict(p["ops"]) for stack, p in r["op_profile"].items()}
+        a, b = ops["bmc_fast"], ops.get("open_clip", {})
+        names = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, 0.0), b.get(k, 0.0)))[:PROFILE_ROWS]
+        case = (r["case"], str(r["world_size"]))
+        table += [[*case, f"`{name}`", f"{a[name]:.2f}" if name in a else "<", f"{b[name]:.2f}" if name in b else "<"]
+                  for name in names]
+        table.append([*case, "**all operators**", *(f"**{r['op_profile'][stack]['total_ms']:.1f}**"
+                                                    for stack in ("bmc_fast", "open_clip"))])
+    header = (f"`bench_train.py --suite profile`{' ' + ' '.join(extra) if extra else ''}: self time per operator "
+              f"(torch.profiler, ms per timed step, mean of {rows[0]['steps']}) of bmc-fast's and open_clip 3.3's "
+              f"steps on the same batches{'; ' + before if before else ''}. \"<\": below that stack's "
+              f"{rows[0]['op_profile']['bmc_fast']['ops'][-1][1]:.2f} ms cut-off, or absent. A profiled step pays the "
+              f"profiler too: step times come from unprofiled runs (train_{info.get('device', 'cpu')}.md). "
+              f"Machine: {info['cores']} cores {where}, torch {info['torch']}.")
+    return write_report(out, {"machine": info, "suite": "profile", "extra_args": extra, "before": before,
+                              "rows": rows}, header, columns, table)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Stacked step breakdown, bmc-fast beside open_clip, per case."""
     import matplotlib
@@ -635,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-loaders", action="store_true",
                         help="batches from the loaders (bmc-fast's --loader vs open_clip's webdataset + PIL)")
     parser.add_argument("--trace", default=None, help="write a torch.profiler trace of the steps to this directory")
+    parser.add_argument("--profile-ops", type=int, default=0, metavar="N",
+                        help="record each stack's N costliest operators (self time per step, torch.profiler)")
     parser.add_argument("--ds_config", "--ds-config", default="ds_configs/zero2.json",
                         help="DeepSpeed JSON (its micro batch is replaced by --batch)")
     parser.add_argument("--loss-backend", default="auto", help="fused loss kernels: auto, triton, torch")
@@ -652,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=None, help="shards and run directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print the case's result as one JSON line last")
     parser.add_argument("--timeout", type=float, default=3600, help="--suite: seconds per case")
+    parser.add_argument("--note", default=None, help="--suite profile: a line for the report (which code ran)")
     parser.add_argument("--out", default=None,
                         help="--suite: output path without suffix (default benchmarks/results/train_<device>)")
     return parser
@@ -666,6 +759,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 (seconds per case), got {args.timeout}")
+    if args.profile_ops < 0 or (args.profile_ops and args.trace):
+        raise ConfigError(f"--profile-ops {args.profile_ops}: give a count >= 0, and not with --trace (one "
+                          "torch.profiler at a time)")
     if not args.rerender:
         load_ds_config(ds_config_path(args.ds_config))  # a missing or malformed JSON stops here, not in each case
     if not args.rerender and not args.suite:  # a suite's cases name their presets
@@ -677,11 +773,20 @@ def main(argv: list[str] | None = None) -> dict:
                      name.lstrip("-").replace("-", "_"))]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out = Path(args.out) if args.out else RESULTS / f"train_{device}"
+        if args.suite == "profile" and not args.out:
+            out = RESULTS / f"train_profile_{device}"
         if args.rerender:
             saved = read_json_object(out.with_suffix(".json"), f"--rerender: {str(out.with_suffix('.json'))!r}",
                                      "run the suite without --rerender first, or fix --out")
-            write_suite(saved["rows"], saved["suite"], saved["machine"], saved["extra_args"], out)
+            if saved["suite"] == "profile":
+                write_profile(saved["rows"], saved["machine"], saved["extra_args"], out, saved.get("before"))
+            else:
+                write_suite(saved["rows"], saved["suite"], saved["machine"], saved["extra_args"], out)
             return saved
+        if args.suite == "profile":
+            rows = [_spawn(case, "open_clip", False, extra, args.timeout, ranks) for case, ranks in PROFILE_CASES]
+            write_profile(rows, machine(device), extra, out, args.note)
+            return {"rows": rows}
         rows = [_spawn(case, "open_clip", False, extra, args.timeout) for case in SUITES[args.suite]]
         rows += [_spawn(case, "open_clip", True, extra, args.timeout) for case in LOADER_CASES.get(args.suite, [])]
         write_suite(rows, args.suite, machine(device), extra, out)

@@ -148,7 +148,8 @@ def test_bench_train_against_open_clip_on_two_ranks_under_the_launcher(tmp_path)
     proc = launch_deepspeed(["--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
                              str(REPO / "benchmarks" / "bench_train.py"), "--preset", "tiny", "--context", "77",
                              "--lengths", "biomedica", "--batch", "8", "--steps", "1", "--baseline", "open_clip",
-                             "--work-dir", str(tmp_path / "work"), "--json"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+                             "--work-dir", str(tmp_path / "work"), "--json", "--profile-ops", "8"], tmp_path,
+                            env={"OMP_NUM_THREADS": "1"})
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"case"')]
     assert len(results) == 1  # rank 0 alone prints it
     r = results[0]
@@ -167,3 +168,18 @@ def test_bench_train_against_open_clip_on_two_ranks_under_the_launcher(tmp_path)
     assert r["speedup"] == pytest.approx(b["seconds"] / a["seconds"])
     assert r["peak_source"].startswith("measured here: float32 4096x4096 matmul")
     assert r["switches"]["zero_stage"] == 2 and r["switches"]["loss_backend"] == "auto"
+    # --profile-ops: each stack's 8 costliest operators of the timed step, and the report that shows them
+    for stack in ("bmc_fast", "open_clip"):
+        profile = r["op_profile"][stack]
+        assert profile["steps"] == 1 and len(profile["ops"]) == 8
+        times = [ms for _, ms in profile["ops"]]
+        assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_ms"]
+    assert any(name == "aten::mm" for name, _ in r["op_profile"]["bmc_fast"]["ops"])
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_train import write_profile
+    from report import machine
+
+    markdown = write_profile([r], machine("cpu"), [], tmp_path / "profile", before="a note")
+    name, ms = r["op_profile"]["bmc_fast"]["ops"][0]
+    assert f"| `{name}` | {ms:.2f} |" in markdown and "; a note." in markdown
+    assert (tmp_path / "profile.json").is_file()
