@@ -19,7 +19,8 @@ MARKED = {
     "docs/gpu.md": {"gpu_*.md"},  # the latest make gpu-check, or none yet
     "docs/kernels.md": {"loss_cpu.md#2"},
     "docs/models.md": {"text_cpu.md"},
-    "docs/performance.md": {"train_cpu.md", "train_malloc_cpu.md"},
+    "docs/performance.md": {"train_cpu.md", "train_malloc_cpu.md", "train_profile_before_cpu.md",
+                            "train_profile_cpu.md"},
     "docs/training.md": {"plan_paper.md", "accumulation_cpu.md", "recipe_cpu.md"},
 }
 
