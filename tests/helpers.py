@@ -131,6 +131,23 @@ def deepspeed_config(tmp_path, stage: int, steps: int, batch: int, bf16: bool = 
     return path
 
 
+def run_one_rank_script(script: str):
+    """Run ``script`` (python source) in a fresh process as rank 0 of a world of one, without the launcher (the
+    variables DeepSpeed reads set by hand, one thread); returns (the JSON object of its last stdout line, the
+    finished process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
 def launch_deepspeed(args, tmp_path, check: bool = True, env: dict | None = None, log: str = "launcher.log"):
     """Run the real ``deepspeed`` launcher from the repo root; its output goes to ``tmp_path / log``;
     ``check``: assert it exited 0; ``env``: added to the environment."""

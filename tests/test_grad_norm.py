@@ -1,8 +1,5 @@
 """``grad_norm_dtype``: DeepSpeed's ZeRO optimizers take the clipping norm in the chosen dtype, and the norm
 still equals a float64 torch reference."""
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import torch
 from bmc_fast.errors import ConfigError
 from bmc_fast.trainer.config import TrainConfig
 from bmc_fast.trainer.grad_norm import resolve_grad_norm_dtype, set_grad_norm_dtype
-from helpers import REPO, free_port
+from helpers import run_one_rank_script
 
 # One process, one rank over gloo: a ZeRO engine per (stage, choice); each takes a step of the same loss on the
 # same weights and reports DeepSpeed's global gradient norm and the dtypes its norms were taken in.
@@ -50,14 +47,7 @@ print(json.dumps(out))
 
 
 def test_zero_norm_in_the_chosen_dtype_equals_a_float64_reference(tmp_path):
-    import os
-
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got, _ = run_one_rank_script(ENGINE_SCRIPT)
 
     torch.manual_seed(0)  # the same draws as the script, in float64
     x, y = torch.randn(16, 32), torch.randn(16, 8)

@@ -3,12 +3,7 @@ same weights, bit for bit, as DeepSpeed's own path: with accumulation, with clip
 non-finite step, in fp32 and bf16, with the fused CPU AdamW the trainer uses (itself within fp32 rounding of
 torch's single-tensor AdamW); where the buckets do more than
 reduce (bf16 weights with fp32 gradient accumulation), they stay, and the result is DeepSpeed's anyway."""
-import json
-import os
-import subprocess
-import sys
-
-from helpers import REPO, free_port
+from helpers import run_one_rank_script
 
 # One process, one rank over gloo. For each case, two engines from the same weights take the same steps (loss
 # scaled so that clipping acts; step 3's loss is NaN, which DeepSpeed must skip), one with the buckets skipped.
@@ -67,12 +62,7 @@ print(json.dumps(out))
 
 
 def test_one_rank_without_buckets_trains_to_the_same_weights_bit_for_bit():
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got, proc = run_one_rank_script(ENGINE_SCRIPT)
     fused = got.pop("fused-vs-loop")
     for ours, theirs in zip(fused["losses"][:2], fused["ref_losses"][:2]):
         assert abs(ours - theirs) <= 1e-6 * abs(theirs)
