@@ -53,6 +53,33 @@ def test_part_errors_name_the_part():
         profile.leave("backward")
 
 
+def test_watch_reduction_charges_and_then_restores_an_instance_method():
+    """``close`` gives back what each object had: its class's method, or one set on the instance (the trainer
+    sets DeepSpeed's bucketing call on the optimizer instance on one rank: ``one_rank``)."""
+    class Optimizer:
+        def reduce_ready_partitions_and_remove_grads(self, param, i):
+            return "class"
+
+    class Engine:
+        def allreduce_gradients(self):
+            _busy(0.002)
+
+    engine, own = Engine(), lambda param, i: "instance"
+    engine.optimizer = Optimizer()
+    engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads = own
+    profile = StepProfile(torch.device("cpu"))
+    profile.watch_reduction(engine)
+    profile.begin_step()
+    engine.allreduce_gradients()
+    assert engine.optimizer.reduce_independent_p_g_buckets_and_remove_grads(None, 0) == "instance"
+    assert engine.optimizer.reduce_ready_partitions_and_remove_grads(None, 0) == "class"
+    assert profile.end_step()["communication"] >= 0.002
+    profile.close()
+    assert vars(engine.optimizer)["reduce_independent_p_g_buckets_and_remove_grads"] is own
+    assert "reduce_ready_partitions_and_remove_grads" not in vars(engine.optimizer)
+    assert "allreduce_gradients" not in vars(engine)
+
+
 def test_tower_hooks_and_collectives_are_charged_and_removed(tmp_path):
     """Forward hooks time the towers; a blocking collective inside a part is charged to communication,
     and the patched torch.distributed functions are restored on exit."""

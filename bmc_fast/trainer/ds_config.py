@@ -81,9 +81,10 @@ def with_resumable_cpu_adam(config: dict[str, Any], device_type: str) -> dict[st
     correction differs by one float32 ulp, so weights drift from the uninterrupted run's. torch's AdamW
     computes the bias correction from the saved step (in float64). Its fused CPU kernel (``fused=True``)
     updates weights and moments in one vectorised pass; the default single-tensor loop makes ~10 passes over
-    DeepSpeed's flat fp32 partition, of which ``sqrt`` alone took as long as open_clip's whole AdamW step
-    (``benchmarks/results/train_cpu.md``). The CUDA FusedAdam calls ``pow`` every step, so GPU runs keep
-    DeepSpeed's default. ZeRO-Offload's DeepSpeedCPUAdam has the same running product.
+    DeepSpeed's flat fp32 partition, each out-of-place op a fresh temporary (open_clip's same loop spent 12 ms
+    a step in ``sqrt`` at ``tiny``: ``benchmarks/results/train_profile_cpu.md``). The CUDA FusedAdam calls
+    ``pow`` every step, so GPU runs keep DeepSpeed's default. ZeRO-Offload's DeepSpeedCPUAdam has the same
+    running product.
     """
     optimizer = config.get("optimizer") or {}
     params = optimizer.get("params") or {}

@@ -14,9 +14,10 @@ The clock is ``time.perf_counter`` on CPU and CUDA events on the current stream 
   (forward hooks; with activation checkpointing their recomputation in the backward counts here);
 - ``loss``, ``backward`` (``engine.backward``), ``optimizer`` (``engine.step``: clipping, AdamW, the
   ZeRO-2 gradient partitions' all-gather);
-- ``communication``: inside any of the above, DeepSpeed's gradient reduction (``watch_reduction``: the
-  engine's ``allreduce_gradients`` and the ZeRO optimizer's bucket reduction, their flattening and copies
-  included, which is all they do on one rank) and every blocking ``torch.distributed`` collective
+- ``communication`` (reported as "grad reduction"): inside any of the above, DeepSpeed's gradient reduction
+  (``watch_reduction``: the engine's ``allreduce_gradients`` and the ZeRO optimizer's bucket reduction,
+  their flattening and copies included; on one rank the trainer skips the buckets, ``one_rank``, and only
+  the epilogue is left) and every blocking ``torch.distributed`` collective
   (``watch_collectives``). An ``async_op=True`` collective's time is in its ``wait()`` and stays with the
   part that waits; NCCL work that DeepSpeed overlaps on its own streams is not separated on GPU.
 """
