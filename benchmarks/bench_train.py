@@ -538,8 +538,9 @@ def trim_heap_if_large(fraction: float = 0.5) -> None:
         return
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        pass
+    except (OSError, AttributeError) as e:  # not glibc: nothing to trim this way
+        _logger.warning("resident set above %.0f%% of memory, but glibc's malloc_trim is unavailable (%s): the "
+                        "heap is not trimmed", 100 * fraction, e)
 
 
 def use_cpu_malloc(mode: str) -> None:

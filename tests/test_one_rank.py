@@ -55,8 +55,7 @@ for stage, accumulation, bf16, fp32_accumulation in CASES:
 _, losses, state, *_ = train(2, 1, False, False, skip=True)
 _, loop_losses, loop_state, *_ = train(2, 1, False, False, skip=False, fused=False)
 out["fused-vs-loop"] = {"losses": losses, "ref_losses": loop_losses,
-                        "diff": max(float((state[k] - loop_state[k]).abs().max()) for k in state),
-                        "bitwise": all(torch.equal(state[k], loop_state[k]) for k in state)}
+                        "diff": max(float((state[k] - loop_state[k]).abs().max()) for k in state)}
 print(json.dumps(out))
 """
 
